@@ -1,0 +1,1 @@
+"""alma_jax: anytime learning at macroscale in JAX."""

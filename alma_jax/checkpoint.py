@@ -1,0 +1,68 @@
+"""Orbax checkpoints of the whole run state, one per arrival.
+
+The run state is saved as a plain tree and restored without a target, so a tree whose shapes
+changed over the stream (a grown ensemble) restores as saved; the learner then rebuilds its own
+structure from it. A checkpoint that fails to restore is moved aside (never deleted) and the one
+before it is used.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from absl import logging
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, max_to_keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, tree) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(tree))
+
+  def restore(self, step: int):
+    return self.manager.restore(step, args=ocp.args.StandardRestore())
+
+  def restore_latest(self, is_valid=lambda tree: None):
+    """(step, tree) of the newest checkpoint that restores, or (0, None) if there is none.
+
+    `is_valid(tree)` may raise ValueError to reject a restored tree as corrupt.
+    """
+    for step in reversed(self.steps()):
+      try:
+        tree = self.restore(step)
+        is_valid(tree)
+        return step, tree
+      except Exception as error:  # Any failure to read a step is treated as a corrupt step.
+        aside = self._move_aside(step)
+        logging.warning('checkpoint %d could not be restored (%s: %s); moved it to %s and '
+                        'falling back to the one before it', step, type(error).__name__, error,
+                        aside)
+        print(f'WARNING: checkpoint {step} is corrupt ({type(error).__name__}); kept it at '
+              f'{aside} and resumed from the previous one.', flush=True)
+    return 0, None
+
+  def _move_aside(self, step: int) -> str:
+    corrupt_dir = self.directory + '_corrupt'
+    os.makedirs(corrupt_dir, exist_ok=True)
+    target = os.path.join(corrupt_dir, str(step))
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(corrupt_dir, f'{step}.{suffix}')
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,119 @@
+"""Config defaults shared by every config file, and the checks a config must pass before any work.
+
+A config has sections: data, stream, model, learner, optimizer, train, mesh, checkpoint, and
+the top-level `seed`. Config files under configs/ start from `base()` and set what differs.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Sections that may change when a run is resumed: they do not change what the run computes.
+RESUMABLE_SECTIONS = ('checkpoint', 'mesh', 'log')
+
+
+def base() -> ml_collections.ConfigDict:
+  """The ALMA protocol with the reference's MNIST defaults (ALMA.md sections 1, 3, 4)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # model initialization and shuffling; the stream has its own seed
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='idx', name='', path='', tfds_data_dir='', num_classes=10,
+      mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0))
+
+  c.stream = ml_collections.ConfigDict(dict(
+      num_megabatches=10,        # T
+      permutation_seed=432,      # the reference's numpy seed for the one permutation
+      waiting_time=1,            # w: train after arrivals w, 2w, 3w, ...
+      train_on_last=False,       # also train after arrival T when T is not a multiple of w
+      replay='none',             # none | all | fraction | reservoir
+      replay_fraction=0.5,       # p, for replay='fraction'
+      reservoir_size=10000,      # K, for replay='reservoir'
+      validation_fraction=0.1))  # held out of every round's data for early stopping
+
+  c.model = ml_collections.ConfigDict(dict(name='mlp', hidden=64, num_layers=2))
+  c.learner = ml_collections.ConfigDict(dict(name='finetune', reset_optimizer=True))
+  c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
+                                               weight_decay=0.0, nesterov=False))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000))
+  c.mesh = ml_collections.ConfigDict(dict(data=0))  # 0: every device present
+  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3))
+  c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a seconds-long smoke run (the `:tiny` variant of every config file)."""
+  c.data.update(max_train_examples=2000, max_test_examples=1000)
+  c.stream.num_megabatches = 4
+  c.train.update(max_epochs=3, patience=2)
+  return c
+
+
+def _fail(key: str, value, why: str):
+  raise ValueError(f'config.{key}={value!r}: {why}')
+
+
+def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer_names) -> None:
+  """Raises ValueError naming the first bad key; called before any data or compute."""
+  s, t = c.stream, c.train
+  if c.data.source not in ('idx', 'tfds'):
+    _fail('data.source', c.data.source, "must be 'idx' or 'tfds'")
+  if c.data.source == 'idx' and not c.data.path:
+    _fail('data.path', c.data.path, 'an idx data set needs a folder')
+  if c.data.source == 'tfds' and not c.data.name:
+    _fail('data.name', c.data.name, 'a TFDS data set needs a name')
+  for key in ('max_train_examples', 'max_test_examples'):
+    if c.data[key] < 0:
+      _fail(f'data.{key}', c.data[key], 'must be >= 0 (0: all)')
+  if s.num_megabatches < 1:
+    _fail('stream.num_megabatches', s.num_megabatches, 'must be >= 1')
+  if not 1 <= s.waiting_time <= s.num_megabatches:
+    _fail('stream.waiting_time', s.waiting_time,
+          f'the waiting time must be between 1 and num_megabatches={s.num_megabatches}')
+  if s.replay not in ('none', 'all', 'fraction', 'reservoir'):
+    _fail('stream.replay', s.replay, "must be one of 'none', 'all', 'fraction', 'reservoir'")
+  if not 0.0 <= s.replay_fraction <= 1.0:
+    _fail('stream.replay_fraction', s.replay_fraction, 'must be in [0, 1]')
+  if s.reservoir_size < 1:
+    _fail('stream.reservoir_size', s.reservoir_size, 'must be >= 1')
+  if not 0.0 < s.validation_fraction < 1.0:
+    _fail('stream.validation_fraction', s.validation_fraction, 'must be in (0, 1)')
+  if c.learner.name not in learner_names:
+    _fail('learner.name', c.learner.name, f'must be one of {sorted(learner_names)}')
+  if c.model.name not in model_names:
+    _fail('model.name', c.model.name, f'must be one of {sorted(model_names)}')
+  if c.optimizer.name not in optimizer_names:
+    _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
+  if c.optimizer.learning_rate <= 0:
+    _fail('optimizer.learning_rate', c.optimizer.learning_rate, 'must be > 0')
+  for key in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size'):
+    if t[key] < 1:
+      _fail(f'train.{key}', t[key], 'must be >= 1')
+  if t.patience_delta < 0:
+    _fail('train.patience_delta', t.patience_delta, 'must be >= 0')
+  for key in ('hidden', 'num_layers'):
+    if key in c.model and c.model[key] < 1:
+      _fail(f'model.{key}', c.model[key], 'must be >= 1')
+  if c.mesh.data < 0:
+    _fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
+  if c.checkpoint.max_to_keep < 2:
+    _fail('checkpoint.max_to_keep', c.checkpoint.max_to_keep,
+          'keep at least 2, so a corrupt latest checkpoint can fall back to the one before')
+
+
+def protocol_differences(saved: dict, current: dict) -> list[str]:
+  """Keys (dotted) whose values differ between two configs, outside RESUMABLE_SECTIONS."""
+
+  def flatten(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flatten(v, f'{prefix}{k}.'))
+      else:
+        out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+    return out
+
+  a, b = flatten(saved), flatten(current)
+  return sorted(k for k in set(a) | set(b)
+                if k.split('.')[0] not in RESUMABLE_SECTIONS and a.get(k) != b.get(k))

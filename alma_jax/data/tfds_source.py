@@ -1,0 +1,44 @@
+"""TFDS catalog data sets (mnist, fashion_mnist, cifar10, ...) read through `tfds.data_source`.
+
+Reading a prepared data set needs no TensorFlow. Preparing one (the first download) does, and
+needs internet: without them the user gets a message naming what to install or run.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from alma_jax.data import DataNotFoundError
+
+
+def _split(name: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as not_prepared:  # TFDS raises several types for "not prepared here".
+    if importlib.util.find_spec('tensorflow') is None:
+      raise DataNotFoundError(
+          f'TFDS data set {name!r} ({split}) is not prepared in '
+          f'{data_dir or "the default TFDS data_dir"}, and preparing it needs TensorFlow and '
+          f'internet. Install the optional extra (pip install tensorflow) and run again, or use '
+          f'an offline config such as configs/fashion_mnist.py.') from not_prepared
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+  except Exception as failed:
+    raise DataNotFoundError(
+        f'TFDS data set {name!r} could not be downloaded and prepared ({failed}). It needs '
+        f'internet the first time; or use an offline config such as configs/fashion_mnist.py.'
+    ) from failed
+
+
+def load(name: str, data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'train': (images uint8 (N, H, W, C), labels (N,)), 'test': (...)} of a TFDS image set."""
+  out = {}
+  for split in ('train', 'test'):
+    source = _split(name, split, data_dir)
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([r['image'] for r in records]).astype(np.uint8)
+    labels = np.asarray([r['label'] for r in records], np.int32)
+    out[split] = (images, labels)
+  return out

@@ -1,0 +1,107 @@
+"""The ALMA numbers, computed once: anytime error curve, CER, parameters, FLOPs.
+
+The per-arrival history is a dict of arrays of length T (one entry per arrival, NaN until the
+arrival happened); it lives in the run state, so it is checkpointed with the model it describes.
+Everything that reports a number (console, JSON lines, TensorBoard, analysis) reads it from here.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+# name -> dtype of the per-arrival history.
+HISTORY_FIELDS = {
+    'trained': np.float64,          # 1 if a training round ran after this arrival
+    'test_error': np.float64,       # E_t: 1 - accuracy on the full test set
+    'test_loss': np.float64,        # mean test cross-entropy (nats)
+    'train_flops': np.float64,      # this round: compiled train step FLOPs x steps run
+    'valid_flops': np.float64,      # this round: forward FLOPs x validation examples evaluated
+    'reference_flops': np.float64,  # the reference's convention: forward FLOPs x examples seen
+    'train_examples': np.float64,   # examples seen in training this round (all epochs)
+    'epochs': np.float64,           # epochs run this round
+    'params': np.float64,           # parameters of the predictor after this arrival
+    'inference_flops': np.float64,  # forward FLOPs per test example of the predictor
+    'seconds': np.float64,          # wall time of this arrival (training + evaluation)
+}
+
+
+def empty_history(num_arrivals: int) -> dict[str, np.ndarray]:
+  return {name: np.full(num_arrivals, np.nan, dtype) for name, dtype in HISTORY_FIELDS.items()}
+
+
+def record(history: dict, t: int, **values) -> dict:
+  """A copy of `history` with arrival `t` (1-based) filled in."""
+  unknown = set(values) - set(HISTORY_FIELDS)
+  if unknown:
+    raise KeyError(f'unknown history fields {sorted(unknown)}')
+  new = {k: v.copy() for k, v in history.items()}
+  for name, value in values.items():
+    new[name][t - 1] = value
+  return new
+
+
+def num_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def cer(errors) -> float:
+  """Cumulative error rate: the area under the anytime error curve, sum_t E_t."""
+  return float(np.sum(errors))
+
+
+def rows(history: dict) -> list[dict]:
+  """One dict per arrival so far, with cumulative FLOPs: what the table and JSON lines show."""
+  done = int(np.sum(~np.isnan(history['test_error'])))
+  cumulative = np.nancumsum(history['train_flops'] + history['valid_flops'])
+  out = []
+  for i in range(done):
+    row = {'t': i + 1}
+    row.update({name: float(values[i]) for name, values in history.items()})
+    row['trained'] = bool(row['trained'])
+    row['cumulative_flops'] = float(cumulative[i])
+    out.append(row)
+  return out
+
+
+def summary(history: dict) -> dict:
+  """Final error, CER, CER/T, total training FLOPs (both conventions), params, wall time."""
+  errors = history['test_error']
+  done = errors[~np.isnan(errors)]
+  total = len(errors)
+  return {
+      'arrivals': int(len(done)),
+      'num_megabatches': total,
+      'final_error': float(done[-1]) if len(done) else math.nan,
+      'cer': cer(done),
+      'cer_per_t': cer(done) / total,
+      'final_test_loss': float(history['test_loss'][len(done) - 1]) if len(done) else math.nan,
+      'rounds': int(np.nansum(history['trained'])),
+      'train_flops': float(np.nansum(history['train_flops'])),
+      'valid_flops': float(np.nansum(history['valid_flops'])),
+      'reference_flops': float(np.nansum(history['reference_flops'])),
+      'train_examples': float(np.nansum(history['train_examples'])),
+      'params': float(history['params'][len(done) - 1]) if len(done) else math.nan,
+      'inference_flops': float(history['inference_flops'][len(done) - 1]) if len(done) else math.nan,
+      'seconds': float(np.nansum(history['seconds'])),
+  }
+
+
+def format_row(row: dict) -> str:
+  return (f"{row['t']:>4d}  {'yes' if row['trained'] else 'no':>7s}  {row['test_error']:10.4f}  "
+          f"{row['cumulative_flops']:14.4e}  {int(row['params']):>10,d}  {row['seconds']:8.2f}")
+
+
+TABLE_HEADER = f"{'t':>4s}  {'trained':>7s}  {'test_error':>10s}  {'cum_flops':>14s}  {'params':>10s}  {'seconds':>8s}"
+
+
+def format_table(history: dict) -> str:
+  return '\n'.join([TABLE_HEADER] + [format_row(r) for r in rows(history)])
+
+
+def format_summary(s: dict) -> str:
+  return (f"final error {s['final_error']:.4f} | CER {s['cer']:.4f} | CER/T {s['cer_per_t']:.4f} | "
+          f"training FLOPs {s['train_flops']:.3e} (+ validation {s['valid_flops']:.3e}; "
+          f"reference convention {s['reference_flops']:.3e}) | params {int(s['params']):,d} | "
+          f"{s['rounds']} rounds in {s['seconds']:.1f} s")

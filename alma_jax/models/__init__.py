@@ -1,0 +1,18 @@
+"""Flax (Linen) models, built from the `model` section of a config."""
+from __future__ import annotations
+
+from alma_jax.models.mlp import MLP
+
+_MODELS = {'mlp': MLP}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_MODELS)
+
+
+def build(config, num_classes: int):
+  """The Flax module that `config` (the `model` section) names."""
+  if config.name not in _MODELS:
+    raise ValueError(f'config.model.name={config.name!r}: must be one of {sorted(_MODELS)}')
+  kwargs = {k: v for k, v in config.items() if k != 'name'}
+  return _MODELS[config.name](num_classes=num_classes, **kwargs)

@@ -1,0 +1,164 @@
+"""The driver: stream -> learner -> evaluation -> checkpoint, one arrival at a time.
+
+The run is a fold of one transition over the stream's T arrivals. After arrival t the learner
+trains if the waiting time says so, the predictor it holds is evaluated on the test set (whether
+or not it trained), and the whole run state {stream, learner, history} is checkpointed, so a
+killed run resumes exactly where it stopped. The driver knows no learner, model or data set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from alma_jax import checkpoint, config as alma_config, data, learners, metrics, models, optim
+from alma_jax import sharding, stream as alma_stream
+from alma_jax.learners import base
+
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+class WorkdirError(ValueError):
+  """The workdir holds something this run must not touch."""
+
+
+def _config_dict(config) -> dict:
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def prepare_workdir(config, workdir: str) -> None:
+  """Creates `workdir`, or checks that it holds a run of the same protocol (resume)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    differences = alma_config.protocol_differences(saved, _config_dict(config))
+    if differences:
+      shown = ', '.join(f'{k} (saved {_lookup(saved, k)!r}, now {_lookup(_config_dict(config), k)!r})'
+                        for k in differences[:5])
+      raise WorkdirError(
+          f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
+          f'--workdir, or the saved config ({path}) to resume it.')
+    return
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise WorkdirError(f'workdir {workdir!r} is not empty and holds no {CONFIG_FILE}: it is not '
+                       f'an alma_jax run; refusing to write into it.')
+  os.makedirs(workdir, exist_ok=True)
+  _write_atomic(path, json.dumps(_config_dict(config), indent=2, sort_keys=True))
+
+
+def _lookup(tree: dict, dotted: str):
+  for part in dotted.split('.'):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _device_data(dataset, mesh) -> base.DeviceData:
+  replicated = sharding.replicated(mesh)
+  put = lambda x: jax.device_put(x, replicated)
+  return base.DeviceData(put(dataset.train_images), put(dataset.train_labels),
+                         put(dataset.test_images), put(dataset.test_labels))
+
+
+class _Writers:
+  """The run's outputs, all read from the history: JSON lines, TensorBoard, the console."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.workdir = workdir
+    self.tensorboard = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def arrival(self, history: dict, t: int) -> None:
+    rows = metrics.rows(history)
+    _write_atomic(os.path.join(self.workdir, METRICS_FILE),
+                  ''.join(json.dumps(r) + '\n' for r in rows))
+    row = rows[t - 1]
+    if self.tensorboard:
+      for name in ('test_error', 'test_loss', 'cumulative_flops', 'params', 'epochs'):
+        self.tensorboard.add_scalar(name, row[name], t)
+      self.tensorboard.flush()
+    print(metrics.format_row(row), flush=True)
+
+  def close(self, history: dict) -> dict:
+    s = metrics.summary(history)
+    _write_atomic(os.path.join(self.workdir, SUMMARY_FILE), json.dumps(s, indent=2))
+    if self.tensorboard:
+      self.tensorboard.close()
+    return s
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) the ALMA protocol of `config` in `workdir`; returns the summary."""
+  alma_config.validate(config, learners.names(), models.names(), optim.names())
+  prepare_workdir(config, workdir)
+  mesh = sharding.make_mesh(config.mesh.data)
+  if config.train.batch_size % mesh.size:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size}: must divide evenly '
+                     f'over the {mesh.size} devices of the data axis')
+
+  dataset = data.load(config.data)
+  stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
+                                   config.stream.permutation_seed,
+                                   config.stream.validation_fraction)
+  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  key = jax.random.key(config.seed)
+  num_arrivals = stream.num_megabatches
+
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         config.checkpoint.max_to_keep)
+  start, tree = checkpointer.restore_latest()
+  if tree is None:
+    stream_state = alma_stream.init_state(stream.num_examples)
+    history = metrics.empty_history(num_arrivals)
+    learner_state = learner.init(jax.random.fold_in(key, 0))
+  else:
+    stream_state, history = tree['stream'], tree['history']
+    learner_state = learner.restore(tree['learner'])
+    print(f'Resuming {workdir} after arrival {start} of {num_arrivals}.', flush=True)
+
+  writers = _Writers(workdir, config.log.tensorboard)
+  print(metrics.TABLE_HEADER, flush=True)
+  for row in metrics.rows(history):
+    print(metrics.format_row(row), flush=True)
+  for t in range(start + 1, num_arrivals + 1):
+    began = time.perf_counter()
+    stream_state = alma_stream.arrive(stream_state)
+    report = base.RoundReport(epochs=0)
+    trained = alma_stream.should_train(t, config.stream.waiting_time, num_arrivals,
+                                       config.stream.train_on_last)
+    if trained:
+      round_data, stream_state = alma_stream.next_round(stream_state, stream, config.stream,
+                                                        config.seed)
+      learner_state, report = learner.train_round(learner_state, round_data,
+                                                  jax.random.fold_in(key, t))
+    test = learner.evaluate(learner_state)
+    history = metrics.record(
+        history, t, trained=float(trained), test_error=test['error'], test_loss=test['loss'],
+        train_flops=report.train_flops, valid_flops=report.valid_flops,
+        reference_flops=report.reference_flops, train_examples=report.train_examples,
+        epochs=report.epochs, params=learner.params(learner_state),
+        inference_flops=learner.inference_flops(learner_state),
+        seconds=time.perf_counter() - began)
+    checkpointer.save(t, {'stream': stream_state, 'learner': base.to_tree(learner_state),
+                          'history': history})
+    writers.arrival(history, t)
+  checkpointer.close()
+  summary = writers.close(history)
+  print(metrics.format_summary(summary), flush=True)
+  return summary

@@ -1,0 +1,133 @@
+"""The stream of mega-batches: arrivals, waiting time, replay. Indices only, no data.
+
+The training set is cut once into T mega-batches by one seeded permutation and an equal split
+(the reference's `numpy.random.seed(432)`, `permutation`, `array_split`). Every mega-batch holds
+out a fixed `validation_fraction` of its examples for early stopping, so a replayed example keeps
+its role. The stream state is plain data (counters and index arrays) inside the run state.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+  """What one training round sees: indices into the training set."""
+  train: np.ndarray
+  valid: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """The fixed part of a stream: its mega-batches, each split into (train, valid) indices."""
+  train: tuple[np.ndarray, ...]
+  valid: tuple[np.ndarray, ...]
+
+  @property
+  def num_megabatches(self) -> int:
+    return len(self.train)
+
+  @property
+  def num_examples(self) -> int:
+    return sum(len(a) for a in self.train + self.valid)
+
+
+def make_stream(num_examples: int, num_megabatches: int, seed: int = 432,
+                validation_fraction: float = 0.1) -> Stream:
+  if num_megabatches > num_examples:
+    raise ValueError(f'config.stream.num_megabatches={num_megabatches}: more mega-batches than '
+                     f'the {num_examples} training examples')
+  permutation = np.random.RandomState(seed).permutation(num_examples).astype(np.int32)
+  train, valid = [], []
+  for k, chunk in enumerate(np.array_split(permutation, num_megabatches)):
+    held_out = np.random.RandomState([seed, k]).permutation(len(chunk))
+    n_valid = max(1, int(round(validation_fraction * len(chunk))))
+    valid.append(np.sort(chunk[held_out[:n_valid]]))
+    train.append(np.sort(chunk[held_out[n_valid:]]))
+  return Stream(tuple(train), tuple(valid))
+
+
+def should_train(t: int, waiting_time: int, num_megabatches: int, train_on_last: bool) -> bool:
+  """Whether a round runs after arrival t (1-based): at t = w, 2w, ... (and T if asked)."""
+  return t % waiting_time == 0 or (train_on_last and t == num_megabatches)
+
+
+def init_state(num_examples: int) -> dict:
+  """Nothing arrived or trained yet; the replay memory (a mask over the training set) is empty.
+
+  `seen_train` / `seen_valid` count the examples offered to a reservoir so far.
+  """
+  return {'arrivals': np.int64(0), 'last_round': np.int64(0),
+          'memory': np.zeros(num_examples, bool),
+          'seen_train': np.int64(0), 'seen_valid': np.int64(0)}
+
+
+def arrive(state: dict) -> dict:
+  return {**state, 'arrivals': np.int64(state['arrivals'] + 1)}
+
+
+def _subsample(indices: np.ndarray, fraction: float, rng) -> np.ndarray:
+  return rng.choice(indices, int(round(fraction * len(indices))), replace=False)
+
+
+def _reservoir(memory: np.ndarray, seen: int, new: np.ndarray, size: int, rng) -> tuple:
+  """Reservoir sampling: keeps a uniform sample of at most `size` of all examples offered."""
+  memory = list(memory)
+  for index in new:
+    seen += 1
+    if len(memory) < size:
+      memory.append(index)
+    elif rng.integers(seen) < size:
+      memory[rng.integers(size)] = index
+  return np.asarray(memory, np.int32), seen
+
+
+def next_round(state: dict, stream: Stream, config, seed: int) -> tuple[Round, dict]:
+  """The data of the round run now (after arrival `state['arrivals']`) and the next state.
+
+  Replay policies (`config` is the `stream` section):
+    none       the mega-batches that arrived since the last round;
+    all        every mega-batch so far;
+    fraction   the new mega-batches plus a fresh sample of `replay_fraction` of the replay memory,
+               which then becomes this round's data, so old data decays geometrically (reference);
+    reservoir  the new mega-batches plus a uniform reservoir of at most `reservoir_size` past
+               examples (ours).
+  Validation examples stay validation examples when replayed.
+  """
+  t, last = int(state['arrivals']), int(state['last_round'])
+  new_train = np.concatenate(stream.train[last:t])
+  new_valid = np.concatenate(stream.valid[last:t])
+  rng = np.random.default_rng([seed, t])
+  memory = state['memory'].copy()
+  is_valid = np.zeros_like(memory)
+  is_valid[np.concatenate(stream.valid)] = True
+  old_train = np.flatnonzero(memory & ~is_valid).astype(np.int32)
+  old_valid = np.flatnonzero(memory & is_valid).astype(np.int32)
+  seen_train, seen_valid = int(state['seen_train']), int(state['seen_valid'])
+  policy = config.replay
+  if policy == 'none':
+    train, valid = new_train, new_valid
+  elif policy == 'all':
+    train, valid = np.concatenate(stream.train[:t]), np.concatenate(stream.valid[:t])
+  elif policy == 'fraction':
+    train = np.concatenate([new_train, _subsample(old_train, config.replay_fraction, rng)])
+    valid = np.concatenate([new_valid, _subsample(old_valid, config.replay_fraction, rng)])
+    memory[:] = False
+    memory[train] = memory[valid] = True
+  elif policy == 'reservoir':
+    train = np.concatenate([new_train, old_train])
+    valid = np.concatenate([new_valid, old_valid])
+    size_valid = max(1, int(round(config.validation_fraction * config.reservoir_size)))
+    kept_train, seen_train = _reservoir(old_train, seen_train, new_train,
+                                        config.reservoir_size - size_valid, rng)
+    kept_valid, seen_valid = _reservoir(old_valid, seen_valid, new_valid, size_valid, rng)
+    memory[:] = False
+    memory[kept_train] = memory[kept_valid] = True
+  else:
+    raise ValueError(f'config.stream.replay={policy!r}: unknown replay policy')
+  new_state = {**state, 'last_round': np.int64(t), 'memory': memory,
+               'seen_train': np.int64(seen_train), 'seen_valid': np.int64(seen_valid)}
+  return Round(train.astype(np.int32), valid.astype(np.int32)), new_state

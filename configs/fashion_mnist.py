@@ -1,0 +1,16 @@
+"""ALMA on Fashion-MNIST from the Debian package `dataset-fashion-mnist`: offline, full size.
+
+Variants: `--config=configs/fashion_mnist.py:tiny` is a seconds-long smoke run.
+"""
+from alma_jax import config as alma_config
+
+
+def get_config(variant: str = ''):
+  c = alma_config.base()
+  c.data.update(source='idx', name='fashion_mnist', path='/usr/share/datasets/fashion-mnist',
+                mean=(0.2860,), std=(0.3530,))
+  if variant == 'tiny':
+    alma_config.tiny(c)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/fashion_mnist.py (known: 'tiny')")
+  return c

@@ -1,0 +1,16 @@
+"""ALMA on MNIST (TFDS catalog `mnist`) with the reference's defaults (ALMA.md section 4).
+
+Needs the prepared TFDS data set (internet and TensorFlow the first time).
+Variants: `--config=configs/mnist.py:tiny` is a seconds-long smoke run.
+"""
+from alma_jax import config as alma_config
+
+
+def get_config(variant: str = ''):
+  c = alma_config.base()
+  c.data.update(source='tfds', name='mnist')
+  if variant == 'tiny':
+    alma_config.tiny(c)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/mnist.py (known: 'tiny')")
+  return c
