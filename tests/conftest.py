@@ -1,0 +1,54 @@
+"""Shared fixtures: a small synthetic idx data set and a tiny config over it."""
+import gzip
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from alma_jax import config as alma_config  # noqa: E402
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_dataset(directory: str, n_train=1200, n_test=400, side=12, seed=0) -> str:
+  """Ten classes of noisy prototype images: learnable, but not in one epoch."""
+  rng = np.random.default_rng(seed)
+  prototypes = rng.integers(0, 256, (10, side, side))
+  os.makedirs(directory, exist_ok=True)
+  for split, n in (('train', n_train), ('t10k', n_test)):
+    labels = rng.integers(0, 10, n)
+    noise = rng.normal(0, 90, (n, side, side))
+    images = np.clip(0.5 * prototypes[labels] + noise + 64, 0, 255)
+    write_idx(os.path.join(directory, f'{split}-images-idx3-ubyte.gz'), images)
+    write_idx(os.path.join(directory, f'{split}-labels-idx1-ubyte.gz'), labels)
+  return directory
+
+
+@pytest.fixture(scope='session')
+def idx_dir(tmp_path_factory):
+  return make_idx_dataset(str(tmp_path_factory.mktemp('synthetic_idx')))
+
+
+def tiny_config(path: str):
+  """A seconds-long protocol over the synthetic data set."""
+  c = alma_config.base()
+  c.data.update(source='idx', name='synthetic', path=path, mean=(0.5,), std=(0.3,))
+  c.stream.num_megabatches = 5
+  c.model.hidden = 16
+  c.train.update(max_epochs=4, patience=2, eval_batch_size=256)
+  c.log.tensorboard = False
+  return c
+
+
+@pytest.fixture
+def config(idx_dir):
+  return tiny_config(idx_dir)

@@ -1,0 +1,71 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from alma_jax import data
+from alma_jax.data import idx, tfds_source
+from conftest import write_idx
+
+
+def test_idx_round_trip_and_shapes(idx_dir):
+  arrays = idx.load(idx_dir)
+  images, labels = arrays['train']
+  assert images.shape == (1200, 12, 12, 1) and images.dtype == np.uint8
+  assert labels.shape == (1200,) and set(np.unique(labels)) <= set(range(10))
+  assert arrays['test'][0].shape == (400, 12, 12, 1)
+
+
+def test_idx_rejects_a_corrupt_file(tmp_path):
+  path = str(tmp_path / 'x.gz')
+  write_idx(path, np.zeros((4, 3, 3)))
+  import gzip
+  with gzip.open(path, 'rb') as f:
+    raw = f.read()
+  with gzip.open(path, 'wb') as f:
+    f.write(raw[:-5])  # truncated
+  with pytest.raises(ValueError, match='header says'):
+    idx.read(path)
+  (tmp_path / 'y').write_bytes(b'\x01\x02\x03\x04rubbish')
+  with pytest.raises(ValueError, match='not an idx file'):
+    idx.read(str(tmp_path / 'y'))
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+  missing = str(tmp_path / 'fashion-mnist')
+  os.makedirs(missing)
+  with pytest.raises(data.DataNotFoundError, match='apt-get install -y dataset-fashion-mnist'):
+    idx.load(missing)
+
+
+def test_fashion_mnist_from_the_debian_package():
+  arrays = idx.load('/usr/share/datasets/fashion-mnist')
+  assert arrays['train'][0].shape == (60000, 28, 28, 1)
+  assert arrays['test'][0].shape == (10000, 28, 28, 1)
+  assert np.bincount(arrays['test'][1]).tolist() == [1000] * 10
+
+
+def test_tfds_source_reads_catalog_sets_under_mock_data():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=24):
+    arrays = tfds_source.load('mnist')
+  assert arrays['train'][0].shape == (24, 28, 28, 1) and arrays['train'][0].dtype == np.uint8
+  assert arrays['test'][1].shape == (24,)
+
+
+def test_tfds_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # as if TensorFlow were not installed
+  monkeypatch.setattr(tfds_source.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(data.DataNotFoundError, match='pip install tensorflow'):
+    tfds_source.load('mnist', str(tmp_path / 'empty_tfds'))
+
+
+def test_preprocess_normalizes(idx_dir):
+  from conftest import tiny_config
+  c = tiny_config(idx_dir)
+  c.data.max_train_examples = 100
+  dataset = data.load(c.data)
+  assert len(dataset.train_labels) == 100
+  x = np.asarray(dataset.preprocess(np.full((1, 2, 2, 1), 255, np.uint8)))
+  np.testing.assert_allclose(x, (1.0 - 0.5) / 0.3, rtol=1e-6)

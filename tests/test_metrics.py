@@ -1,0 +1,48 @@
+import jax
+import numpy as np
+import pytest
+
+from alma_jax import learners, metrics, sharding
+from alma_jax import data as alma_data
+from alma_jax.run import _device_data
+
+
+def test_cer_is_the_sum_of_the_anytime_errors():
+  h = metrics.empty_history(4)
+  for t, e in enumerate([0.9, 0.5, 0.25, 0.2], start=1):
+    h = metrics.record(h, t, test_error=e, trained=1.0, train_flops=10.0, valid_flops=1.0,
+                       params=5.0)
+  s = metrics.summary(h)
+  assert s['cer'] == pytest.approx(1.85) and s['cer_per_t'] == pytest.approx(1.85 / 4)
+  assert s['final_error'] == 0.2 and s['train_flops'] == 40.0
+  assert [r['cumulative_flops'] for r in metrics.rows(h)] == [11.0, 22.0, 33.0, 44.0]
+
+
+def test_partial_history_counts_only_arrivals_so_far():
+  h = metrics.record(metrics.empty_history(10), 1, test_error=0.5)
+  s = metrics.summary(h)
+  assert s['arrivals'] == 1 and s['cer'] == 0.5 and s['cer_per_t'] == 0.05
+
+
+def test_record_rejects_unknown_fields():
+  with pytest.raises(KeyError):
+    metrics.record(metrics.empty_history(2), 1, accuracy=0.5)
+
+
+def test_flops_match_an_analytic_count_for_the_mlp(config):
+  config.model.update(hidden=32, num_layers=2)
+  dataset = alma_data.load(config.data)
+  mesh = sharding.make_mesh()
+  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  state = learner.init(jax.random.key(0))
+  d, h, c, b = 144, 32, 10, config.train.batch_size
+  matmul = 2 * (d * h + h * h + h * c)  # multiply-adds x 2, per example
+  forward = learner.flops(state)['forward']
+  assert matmul <= forward <= 1.15 * matmul
+  # Backward costs about twice the forward pass (gradients of inputs and of weights, but no
+  # input gradient for the first layer); the optimizer update adds a few FLOPs per parameter.
+  step = learner.flops(state)['step']
+  backward = 2 * (d * h + 2 * h * h + 2 * h * c)
+  params = metrics.num_params(state['params'])
+  assert b * (matmul + backward) <= step <= b * (matmul + backward) * 1.2 + 30 * params
+  assert learner.params(state) == params == d * h + h + h * h + h + h * c + c

@@ -1,0 +1,116 @@
+"""End-to-end runs of the driver on the synthetic data set: protocol, resume, bad workdirs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from alma_jax import run
+from conftest import REPO
+
+
+def errors(workdir):
+  with open(os.path.join(workdir, run.METRICS_FILE)) as f:
+    return [json.loads(line)['test_error'] for line in f]
+
+
+def test_tiny_run_end_to_end(config, tmp_path):
+  config.stream.waiting_time = 2
+  config.stream.train_on_last = True
+  summary = run.run(config, str(tmp_path))
+  with open(tmp_path / run.METRICS_FILE) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['trained'] for r in rows] == [False, True, False, True, True]
+  assert rows[0]['test_error'] > 0.7  # the untrained predictor is evaluated too: near chance
+  assert rows[0]['train_flops'] == 0 and rows[1]['train_flops'] > 0
+  assert rows[-1]['test_error'] < 0.5
+  assert summary['cer'] == pytest.approx(sum(r['test_error'] for r in rows))
+  assert summary['rounds'] == 3 and summary['params'] == 144 * 16 + 16 + 16 * 16 + 16 + 170
+  assert os.path.exists(tmp_path / run.SUMMARY_FILE)
+  assert sorted(os.listdir(tmp_path / 'checkpoints'))[-1] == '5'
+
+
+def test_finished_run_is_not_recomputed(config, tmp_path, capsys):
+  first = run.run(config, str(tmp_path))
+  mtime = os.path.getmtime(tmp_path / 'checkpoints' / '5')
+  again = run.run(config, str(tmp_path))
+  assert again['cer'] == first['cer']
+  assert os.path.getmtime(tmp_path / 'checkpoints' / '5') == mtime
+  assert 'Resuming' in capsys.readouterr().out
+
+
+def test_resume_with_a_different_protocol_is_refused(config, tmp_path):
+  run.run(config, str(tmp_path))
+  config.stream.waiting_time = 2
+  with pytest.raises(run.WorkdirError, match='stream.waiting_time'):
+    run.run(config, str(tmp_path))
+
+
+def test_a_foreign_workdir_is_refused(config, tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  with pytest.raises(run.WorkdirError, match='not empty'):
+    run.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == ['notes.txt']
+
+
+def test_from_scratch_and_replay_run(config, tmp_path):
+  config.learner.name = 'from_scratch'
+  config.stream.replay = 'all'
+  summary = run.run(config, str(tmp_path))
+  assert summary['rounds'] == 5 and summary['final_error'] < 0.5
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(config, tmp_path):
+  reference = run.run(config, str(tmp_path / 'a'))
+  workdir = tmp_path / 'b'
+  run.run(config, str(workdir))
+  latest = workdir / 'checkpoints' / '5'
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  summary = run.run(config, str(workdir))
+  assert summary['cer'] == pytest.approx(reference['cer'], abs=1e-7)
+  assert os.listdir(workdir / 'checkpoints_corrupt') == ['5']  # moved aside, not deleted
+  assert errors(workdir) == errors(tmp_path / 'a')
+
+
+def write_config(config, path):
+  """A config file that rebuilds `config` (for runs in a subprocess)."""
+  path.write_text(
+      'import ml_collections\n'
+      f'def get_config():\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
+  return str(path)
+
+
+def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path):
+  config.stream.num_megabatches = 8
+  config.train.max_epochs = 12
+  config.train.patience = 12
+  config_file = write_config(config, tmp_path / 'cfg.py')
+  command = [sys.executable, '-m', 'alma_jax.main', f'--config={config_file}']
+  subprocess.run(command + [f'--workdir={tmp_path}/straight'], cwd=REPO, check=True,
+                 capture_output=True, timeout=300)
+
+  killed = tmp_path / 'killed'
+  for stop_after in (2, 5):  # kill twice, at different points of the stream
+    process = subprocess.Popen(command + [f'--workdir={killed}'], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      steps = [int(s) for s in os.listdir(killed / 'checkpoints')
+               if s.isdigit()] if os.path.isdir(killed / 'checkpoints') else []
+      if steps and max(steps) >= stop_after:
+        break
+      time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  assert len(errors(killed)) < 8  # it really was stopped mid-stream
+  subprocess.run(command + [f'--workdir={killed}'], cwd=REPO, check=True, capture_output=True,
+                 timeout=300)
+  assert errors(killed) == errors(tmp_path / 'straight')
+  assert len(errors(killed)) == 8

@@ -1,0 +1,98 @@
+import ml_collections
+import numpy as np
+import pytest
+
+from alma_jax import stream as alma_stream
+
+
+def stream_config(**overrides):
+  c = dict(replay='none', replay_fraction=0.5, reservoir_size=100, validation_fraction=0.1)
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
+def test_megabatches_are_a_deterministic_partition_of_equal_size():
+  s = alma_stream.make_stream(1003, 10, seed=432)
+  everything = np.concatenate(s.train + s.valid)
+  assert sorted(everything.tolist()) == list(range(1003))  # complete and disjoint
+  sizes = [len(a) + len(b) for a, b in zip(s.train, s.valid)]
+  assert max(sizes) - min(sizes) <= 1
+  again = alma_stream.make_stream(1003, 10, seed=432)
+  assert all(np.array_equal(a, b) for a, b in zip(s.train + s.valid, again.train + again.valid))
+  other = alma_stream.make_stream(1003, 10, seed=1)
+  assert not np.array_equal(s.train[0], other.train[0])
+
+
+def test_megabatch_k_follows_the_reference_permutation():
+  s = alma_stream.make_stream(500, 5, seed=432)
+  chunks = np.array_split(np.random.RandomState(432).permutation(500), 5)
+  for k, chunk in enumerate(chunks):
+    assert sorted(np.concatenate([s.train[k], s.valid[k]]).tolist()) == sorted(chunk.tolist())
+    assert len(s.valid[k]) == 10  # 10% held out of every mega-batch
+
+
+@pytest.mark.parametrize('w,last,expected', [
+    (1, False, list(range(1, 11))),
+    (3, False, [3, 6, 9]),
+    (3, True, [3, 6, 9, 10]),
+    (10, False, [10]),
+])
+def test_waiting_time_schedule(w, last, expected):
+  assert [t for t in range(1, 11) if alma_stream.should_train(t, w, 10, last)] == expected
+
+
+def rounds(policy, w=1, t_max=6, **overrides):
+  s = alma_stream.make_stream(600, 6, seed=432)
+  state = alma_stream.init_state(600)
+  out = []
+  for t in range(1, t_max + 1):
+    state = alma_stream.arrive(state)
+    if alma_stream.should_train(t, w, 6, False):
+      r, state = alma_stream.next_round(state, s, stream_config(replay=policy, **overrides), 0)
+      out.append(r)
+  return s, out
+
+
+def test_no_replay_trains_on_what_arrived_since_the_last_round():
+  s, rs = rounds('none', w=2)
+  assert len(rs) == 3
+  for i, r in enumerate(rs):
+    assert sorted(r.train) == sorted(np.concatenate(s.train[2 * i:2 * i + 2]))
+    assert sorted(r.valid) == sorted(np.concatenate(s.valid[2 * i:2 * i + 2]))
+
+
+def test_replay_all_trains_on_everything_so_far():
+  s, rs = rounds('all')
+  for t, r in enumerate(rs, start=1):
+    assert sorted(r.train) == sorted(np.concatenate(s.train[:t]))
+    assert sorted(r.valid) == sorted(np.concatenate(s.valid[:t]))
+
+
+def test_fraction_replay_resamples_a_fraction_of_the_previous_round():
+  s, rs = rounds('fraction', replay_fraction=0.5)
+  for t in range(1, len(rs)):
+    previous, r, new = set(rs[t - 1].train.tolist()), rs[t], set(s.train[t].tolist())
+    replayed = set(r.train.tolist()) - new
+    assert new <= set(r.train.tolist())
+    assert replayed <= previous and len(replayed) == round(0.5 * len(previous))
+    assert set(r.valid.tolist()) - set(s.valid[t].tolist()) <= set(rs[t - 1].valid.tolist())
+  # so old data decays geometrically: mega-batch 0 keeps about 1/2, 1/4, ... of its examples
+  first = set(s.train[0].tolist())
+  kept = [len(first & set(r.train.tolist())) for r in rs]
+  assert kept[0] == len(first) and kept[-1] < kept[2] < kept[0]
+
+
+def test_reservoir_is_bounded_and_holds_only_past_examples():
+  s, rs = rounds('reservoir', reservoir_size=50)
+  for t, r in enumerate(rs, start=1):
+    new = set(s.train[t - 1].tolist())
+    old = set(r.train.tolist()) - new
+    assert len(old) <= 45 and len(set(r.valid.tolist()) - set(s.valid[t - 1].tolist())) <= 5
+    assert old <= set(np.concatenate(s.train[:t - 1]).tolist()) if t > 1 else not old
+  assert len(set(rs[-1].train.tolist()) - set(s.train[5].tolist())) == 45
+
+
+def test_rounds_are_deterministic():
+  _, a = rounds('fraction')
+  _, b = rounds('fraction')
+  assert all(np.array_equal(x.train, y.train) for x, y in zip(a, b))
