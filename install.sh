@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs what alma_jax needs on a fresh machine: Python packages and the offline data set.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq dataset-fashion-mnist
+fi
+python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
