@@ -31,7 +31,12 @@ def base() -> ml_collections.ConfigDict:
       validation_fraction=0.1))  # held out of every round's data for early stopping
 
   c.model = ml_collections.ConfigDict(dict(name='mlp', hidden=64, num_layers=2))
-  c.learner = ml_collections.ConfigDict(dict(name='finetune', reset_optimizer=True))
+  c.learner = ml_collections.ConfigDict(dict(
+      name='finetune',
+      reset_optimizer=True,      # a fresh optimizer every round, as the reference
+      num_members=3,             # k: k-ensemble and agg-ensemble members; bagging's per round
+      new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
+      prediction='mean_logits'))  # gEns: 'mean_logits' or 'vote'
   c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
                                                weight_decay=0.0, nesterov=False))
   c.train = ml_collections.ConfigDict(dict(
@@ -83,6 +88,12 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('learner.name', c.learner.name, f'must be one of {sorted(learner_names)}')
   if c.model.name not in model_names:
     _fail('model.name', c.model.name, f'must be one of {sorted(model_names)}')
+  if c.learner.num_members < 1:
+    _fail('learner.num_members', c.learner.num_members, 'must be >= 1')
+  if c.learner.new_member not in ('copy', 'fresh'):
+    _fail('learner.new_member', c.learner.new_member, "must be 'copy' or 'fresh'")
+  if c.learner.prediction not in ('mean_logits', 'vote'):
+    _fail('learner.prediction', c.learner.prediction, "must be 'mean_logits' or 'vote'")
   if c.optimizer.name not in optimizer_names:
     _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
   if c.optimizer.learning_rate <= 0:

@@ -5,6 +5,10 @@ device for the whole run. Index vectors are padded to a few bucket sizes (`pad_i
 stream whose rounds differ in size compiles a handful of programs, not one per round; `n` says how
 many entries are real. A whole epoch runs as one compiled loop over batches; the host decides only
 between epochs.
+
+Learners train a stack of members (parameters with a leading member axis, one member for a single
+model): the epoch is `vmap`ped over members, each with its own indices, example weights and
+shuffling, so k members train in one compiled program.
 """
 from __future__ import annotations
 
@@ -18,34 +22,24 @@ import optax
 
 from alma_jax import sharding
 
-# loss_fn(params, images, labels, weights, key) -> scalar: weights are 0 for padding examples.
+# loss_fn(params, images, labels, weights, key) -> scalar, for one member; weights are 0 on
+# padding. metric_fn(params, images, labels, weights) -> dict of sums over the batch.
 LossFn = Callable[..., jax.Array]
-# metric_fn(params, images, labels, weights) -> dict of per-set sums (e.g. {'correct': ...}).
 MetricFn = Callable[..., dict]
 
 
-def pad_indices(indices: np.ndarray, multiple: int, minimum: int = 1024) -> tuple[np.ndarray, int]:
-  """Pads `indices` to the next power of two (at least `minimum`, a multiple of `multiple`)."""
-  n = len(indices)
+def bucket_size(n: int, multiple: int, minimum: int = 1024) -> int:
+  """The next power of two >= n (at least `minimum`), rounded up to a multiple of `multiple`."""
   size = max(minimum, 1 << max(n - 1, 0).bit_length())
-  size = -(-size // multiple) * multiple
-  padded = np.zeros(size, np.int32)
-  padded[:n] = indices
+  return -(-size // multiple) * multiple
+
+
+def pad_indices(indices: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+  """`indices` (..., n) zero-padded on the last axis to a bucket size; and n."""
+  n = indices.shape[-1]
+  padded = np.zeros(indices.shape[:-1] + (bucket_size(n, multiple),), np.int32)
+  padded[..., :n] = indices
   return padded, n
-
-
-def masked_batch(indices, n, start, batch_size):
-  """The index block [start, start + batch_size) and its 0/1 weights (0 past `n`)."""
-  block = jax.lax.dynamic_slice_in_dim(indices, start, batch_size)
-  weights = (start + jnp.arange(batch_size) < n).astype(jnp.float32)
-  return block, weights
-
-
-def shuffle_first(indices, n, key):
-  """A random permutation of the first `n` entries of `indices`, padding kept at the end."""
-  keys = jnp.where(jnp.arange(indices.shape[0]) < n,
-                   jax.random.uniform(key, indices.shape), 2.0)
-  return indices[jnp.argsort(keys)]
 
 
 def cost_flops(compiled) -> float | None:
@@ -58,59 +52,82 @@ def cost_flops(compiled) -> float | None:
   return float(analysis['flops'])
 
 
+def _block(array, start, size):
+  return jax.lax.dynamic_slice_in_dim(array, start, size)
+
+
+def _valid(n, start, size):
+  return (start + jnp.arange(size) < n).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
-class Trainer:
-  """Compiled epoch and evaluation functions for one loss, metric and optimizer."""
-  loss_fn: LossFn
+class Evaluator:
+  """Sums `metric_fn` over an index set, one compiled loop over blocks of `batch_size`."""
   metric_fn: MetricFn
-  optimizer: optax.GradientTransformation
   batch_size: int
-  eval_batch_size: int
   mesh: Any
 
   def __post_init__(self):
-    object.__setattr__(self, 'train_epoch', jax.jit(self._train_epoch, donate_argnums=(0, 1)))
-    object.__setattr__(self, 'evaluate', jax.jit(self._evaluate))
+    object.__setattr__(self, 'sums', jax.jit(self._sums))
 
-  def _gather(self, images, labels, block):
-    block = jax.lax.with_sharding_constraint(block, sharding.batch_sharded(self.mesh))
-    return images[block], labels[block]
+  def _sums(self, params, images, labels, indices, n):
+    def block_sums(i):
+      block = _block(indices, i * self.batch_size, self.batch_size)
+      block = jax.lax.with_sharding_constraint(block, sharding.batch_sharded(self.mesh))
+      return self.metric_fn(params, images[block], labels[block],
+                            _valid(n, i * self.batch_size, self.batch_size))
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(block_sums, 0))
+    num_blocks = (n + self.batch_size - 1) // self.batch_size
+    return jax.lax.fori_loop(0, num_blocks, lambda i, t: jax.tree.map(jnp.add, t, block_sums(i)),
+                             zeros)
+
+  def __call__(self, params, images, labels, indices: np.ndarray) -> dict:
+    """Host sums of the metric over `indices` (a 1-D array of any length)."""
+    padded, n = pad_indices(indices, self.batch_size)
+    return jax.device_get(self.sums(params, images, labels, padded, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Compiled epochs of a stack of members for one loss and optimizer."""
+  loss_fn: LossFn
+  optimizer: optax.GradientTransformation
+  batch_size: int
+  mesh: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, 'train_epoch', jax.jit(
+        jax.vmap(self._member_epoch, in_axes=(0, 0, None, None, 0, 0, None, 0)),
+        donate_argnums=(0, 1)))
 
   def train_step(self, params, opt_state, images, labels, weights, key):
-    """One optimizer update on one (masked) batch."""
+    """One optimizer update of one member on one (weighted, padded) batch."""
     grads = jax.grad(self.loss_fn)(params, images, labels, weights, key)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  def _train_epoch(self, params, opt_state, images, labels, indices, n, key):
-    order = shuffle_first(indices, n, jax.random.fold_in(key, 0))
-    num_steps = (n + self.batch_size - 1) // self.batch_size
+  def _member_epoch(self, params, opt_state, images, labels, indices, weights, n, key):
+    """One epoch of one member over its first `n` indices, in a fresh random order."""
+    order = jnp.argsort(jnp.where(jnp.arange(indices.shape[0]) < n,
+                                  jax.random.uniform(jax.random.fold_in(key, 0), indices.shape),
+                                  2.0))
+    indices, weights = indices[order], weights[order]
+    b = self.batch_size
 
     def body(step, carry):
-      params, opt_state = carry
-      block, weights = masked_batch(order, n, step * self.batch_size, self.batch_size)
-      x, y = self._gather(images, labels, block)
-      return self.train_step(params, opt_state, x, y, weights, jax.random.fold_in(key, step + 1))
+      block = jax.lax.with_sharding_constraint(_block(indices, step * b, b),
+                                               sharding.batch_sharded(self.mesh))
+      return self.train_step(*carry, images[block], labels[block], _block(weights, step * b, b),
+                             jax.random.fold_in(key, step + 1))
 
-    return jax.lax.fori_loop(0, num_steps, body, (params, opt_state))
-
-  def _evaluate(self, params, images, labels, indices, n):
-    num_blocks = (n + self.eval_batch_size - 1) // self.eval_batch_size
-    block0, w0 = masked_batch(indices, n, 0, self.eval_batch_size)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        self.metric_fn, params, *self._gather(images, labels, block0), w0))
-
-    def body(i, totals):
-      block, weights = masked_batch(indices, n, i * self.eval_batch_size, self.eval_batch_size)
-      sums = self.metric_fn(params, *self._gather(images, labels, block), weights)
-      return jax.tree.map(jnp.add, totals, sums)
-
-    return jax.lax.fori_loop(0, num_blocks, body, zeros)
+    return jax.lax.fori_loop(0, (n + b - 1) // b, body, (params, opt_state))
 
   def step_flops(self, params, opt_state, images, labels) -> float | None:
-    """FLOPs of one compiled train step on a full batch (forward + backward + update)."""
-    x = jax.ShapeDtypeStruct((self.batch_size,) + images.shape[1:], images.dtype)
-    y = jax.ShapeDtypeStruct((self.batch_size,) + labels.shape[1:], labels.dtype)
+    """FLOPs of one member's compiled train step on a full batch (forward, backward, update)."""
+    shape = lambda a, dtype=None: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:],
+                                                       dtype or a.dtype)
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
-    key = jax.random.key(0)
-    return cost_flops(jax.jit(self.train_step).lower(params, opt_state, x, y, w, key).compile())
+    lowered = jax.jit(self.train_step).lower(params, opt_state, shape(images), shape(labels), w,
+                                             jax.random.key(0))
+    return cost_flops(lowered.compile())

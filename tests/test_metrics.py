@@ -37,11 +37,11 @@ def test_flops_match_an_analytic_count_for_the_mlp(config):
   state = learner.init(jax.random.key(0))
   d, h, c, b = 144, 32, 10, config.train.batch_size
   matmul = 2 * (d * h + h * h + h * c)  # multiply-adds x 2, per example
-  forward = learner.flops(state)['forward']
+  forward = learner.flops()['forward']
   assert matmul <= forward <= 1.15 * matmul
   # Backward costs about twice the forward pass (gradients of inputs and of weights, but no
   # input gradient for the first layer); the optimizer update adds a few FLOPs per parameter.
-  step = learner.flops(state)['step']
+  step = learner.flops()['step']
   backward = 2 * (d * h + 2 * h * h + 2 * h * c)
   params = metrics.num_params(state['params'])
   assert b * (matmul + backward) <= step <= b * (matmul + backward) * 1.2 + 30 * params

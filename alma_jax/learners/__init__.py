@@ -1,20 +1,30 @@
-"""Learners by config name. Each is a small module of pure functions over its own state."""
+"""Learners by config name. Each is a small module of pure functions over its own state.
+
+Most learners are a stack of members of one model (`members.MemberLearner`) that differ only by
+their `Plan`: which members a round trains, on what, and how members combine.
+"""
 from __future__ import annotations
 
-import functools
+from alma_jax import models
+from alma_jax.learners import agg_ensemble, bagging, boosting, gens, k_ensemble, members, single
 
-from alma_jax.learners import single
-
-_LEARNERS = {
-    'finetune': functools.partial(single.SingleModel, warm_start=True),
-    'from_scratch': functools.partial(single.SingleModel, warm_start=False),
+_PLANS = {
+    'finetune': single.finetune,
+    'from_scratch': single.from_scratch,
+    'k_ensemble': k_ensemble.k_ensemble,
+    'gens': gens.gens,
+    'bagging': bagging.bagging,
+    'boosting': boosting.boosting,
+    'agg_ensemble': agg_ensemble.agg_ensemble,
 }
 
 
 def names() -> tuple[str, ...]:
-  return tuple(_LEARNERS)
+  return tuple(_PLANS)
 
 
 def create(config, dataset, data, mesh):
   """The learner that `config.learner.name` names, over `dataset` (already on the devices)."""
-  return _LEARNERS[config.learner.name](config, dataset, data, mesh)
+  plan = _PLANS[config.learner.name](config.learner)
+  model = plan.model(models.build(config.model, dataset.num_classes))
+  return members.MemberLearner(config, dataset, data, mesh, plan, model)

@@ -1,10 +1,10 @@
-"""The learner protocol and the common ALMA training round.
+"""The learner protocol, and the common ALMA training round over a stack of members.
 
 A learner is a set of pure functions over its own state (a pytree of arrays):
 
   init(key) -> state                     the predictor before any data (evaluated too)
   train_round(state, round, key) -> (state, RoundReport)
-  evaluate(state, indices) -> {'error', 'loss'} on the test set
+  evaluate(state) -> {'error', 'loss'}   on the test set
   params(state), inference_flops(state)  what the predictor costs to hold and to use
   restore(tree) -> state                 rebuild the state from a checkpointed tree
 
@@ -42,10 +42,13 @@ class RoundReport:
   steps: int = 0
   train_examples: int = 0
   valid_examples: int = 0
-  best_valid_accuracy: float = float('nan')
   train_flops: float = 0.0
   valid_flops: float = 0.0
   reference_flops: float = 0.0
+
+  def __add__(self, other: 'RoundReport') -> 'RoundReport':
+    return RoundReport(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                               dataclasses.astuple(other))))
 
 
 class Learner(Protocol):
@@ -62,74 +65,83 @@ def to_tree(state):
   return serialization.to_state_dict(state)
 
 
-def classification_losses(apply_fn):
-  """(loss_fn, metric_fn) of a classifier `apply_fn(params, images) -> logits`."""
+def restore_like(template, tree):
+  """`tree` (restored without a target) in the structure of `template`."""
+  return serialization.from_state_dict(template, tree)
+
+
+def cross_entropy_loss(apply_fn):
+  """Weighted mean cross-entropy of a classifier `apply_fn(params, images) -> logits`."""
 
   def loss_fn(params, images, labels, weights, key):
     del key
     ce = optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, images), labels)
-    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights > 0), 1.0)
 
-  def metric_fn(params, images, labels, weights):
-    logits = apply_fn(params, images)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {'correct': jnp.sum(weights * correct), 'loss': jnp.sum(weights * ce)}
-
-  return loss_fn, metric_fn
+  return loss_fn
 
 
-def forward_flops_per_example(apply_fn, params, images, batch_size: int) -> float | None:
-  x = jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype)
-  flops = steps.cost_flops(jax.jit(apply_fn).lower(params, x).compile())
-  return None if flops is None else flops / batch_size
+def classification_sums(log_probs, predicted, labels, weights) -> dict:
+  """Weighted sums of correct predictions and of cross-entropy (nats) over a batch."""
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
+  return {'correct': jnp.sum(weights * (predicted == labels)), 'loss': jnp.sum(weights * nll),
+          'count': jnp.sum(weights)}
 
 
-def evaluate(trainer: steps.Trainer, params, images, labels, indices: np.ndarray) -> dict:
-  """Error (1 - accuracy) and mean cross-entropy of `params` on `indices` of (images, labels)."""
-  padded, n = steps.pad_indices(indices, trainer.eval_batch_size)
-  sums = jax.device_get(trainer.evaluate(params, images, labels, padded, n))
-  return {'error': 1.0 - float(sums['correct']) / n, 'loss': float(sums['loss']) / n}
+def error_and_loss(sums: dict) -> dict:
+  return {'error': 1.0 - float(sums['correct']) / float(sums['count']),
+          'loss': float(sums['loss']) / float(sums['count'])}
 
 
-def fit(trainer: steps.Trainer, params, opt_state, data: DeviceData, round: Round, key,
-        train_config, flops: dict) -> tuple[Any, Any, RoundReport]:
-  """The common ALMA round: epochs with early stopping on validation accuracy.
+@jax.jit
+def _keep_improved(improved, new, old):
+  """Per member: `new` where it improved, else `old` (the best-validation parameters)."""
+  def pick(n, o):
+    return jnp.where(improved.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+  return jax.tree.map(pick, new, old)
 
-  Trains up to `max_epochs`; after every epoch measures validation accuracy; stops once it has not
-  improved on the best by more than `patience_delta` for `patience` epochs. Returns the
-  best-validation parameters, the final optimizer state and what the round cost.
-  `flops` holds 'step' (one train step) and 'forward' (per example), either possibly None.
+
+def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, data: DeviceData,
+        train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
+        weights: np.ndarray | None = None) -> tuple[Any, Any, RoundReport]:
+  """The common ALMA round for a stack of M members trained side by side.
+
+  `params` and `opt_state` have a leading member axis; `train` holds each member's training
+  indices (M, n) (members may see different data, e.g. bootstrap samples), `weights` their
+  example weights (default 1). Every epoch shuffles each member's data with its own key, then
+  measures each member's validation accuracy on `valid`. A member's best-validation parameters
+  are kept; training stops once no member has improved on its best by more than
+  `patience_delta` for `patience` epochs, or after `max_epochs`. `flops` holds 'step' (one
+  member's train step) and 'forward' (one member, one example); either may be None.
   """
-  train_idx, n_train = steps.pad_indices(round.train, trainer.batch_size)
-  valid_idx, n_valid = steps.pad_indices(round.valid, trainer.eval_batch_size)
-  best_accuracy, best_params, bad_epochs, epochs = -np.inf, params, 0, 0
-  steps_per_epoch = -(-n_train // trainer.batch_size)
+  members, n_train = train.shape
+  train_idx, _ = steps.pad_indices(train, trainer.batch_size)
+  example_weights = np.zeros(train_idx.shape, np.float32)
+  example_weights[:, :n_train] = 1.0 if weights is None else weights
+  keys = jax.random.split(key, members)
+  best_accuracy = np.full(members, -np.inf)
+  bad_epochs = np.zeros(members, int)
+  best_params, epochs = None, 0
   for epoch in range(train_config.max_epochs):
-    params, opt_state = trainer.train_epoch(params, opt_state, data.train_images,
-                                            data.train_labels, train_idx, n_train,
-                                            jax.random.fold_in(key, epoch))
-    sums = trainer.evaluate(params, data.train_images, data.train_labels, valid_idx, n_valid)
-    accuracy = float(sums['correct']) / n_valid
+    params, opt_state = trainer.train_epoch(
+        params, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
+        n_train, jax.vmap(jax.random.fold_in, (0, None))(keys, epoch))
+    sums = validator(params, data.train_images, data.train_labels, valid)
+    accuracy = np.asarray(sums['correct']) / len(valid)
+    improved = accuracy > best_accuracy + train_config.patience_delta
+    best_accuracy = np.where(improved, accuracy, best_accuracy)
+    bad_epochs = np.where(improved, 0, bad_epochs + 1)
+    best_params = (jax.tree.map(jnp.copy, params) if best_params is None
+                   else _keep_improved(jnp.asarray(improved), params, best_params))
     epochs = epoch + 1
-    if accuracy > best_accuracy + train_config.patience_delta:
-      best_accuracy, bad_epochs = accuracy, 0
-      best_params = jax.tree.map(jnp.copy, params)
-    else:
-      bad_epochs += 1
-      if bad_epochs >= train_config.patience:
-        break
-  train_examples = epochs * n_train
-  valid_examples = epochs * n_valid
-  forward = flops['forward'] or 0.0
+    if np.all(bad_epochs >= train_config.patience):
+      break
+  steps_per_epoch = -(-n_train // trainer.batch_size)
+  forward = (flops['forward'] or 0.0) * members
   report = RoundReport(
-      epochs=epochs, steps=epochs * steps_per_epoch, train_examples=train_examples,
-      valid_examples=valid_examples, best_valid_accuracy=best_accuracy,
-      train_flops=(flops['step'] or 0.0) * epochs * steps_per_epoch,
-      valid_flops=forward * valid_examples, reference_flops=forward * train_examples)
+      epochs=epochs, steps=epochs * steps_per_epoch, train_examples=epochs * n_train * members,
+      valid_examples=epochs * len(valid),
+      train_flops=(flops['step'] or 0.0) * members * epochs * steps_per_epoch,
+      valid_flops=forward * epochs * len(valid),
+      reference_flops=(flops['forward'] or 0.0) * epochs * n_train * members)
   return best_params, opt_state, report
-
-
-def restore_like(template, tree):
-  """`tree` (restored without a target) in the structure of `template`."""
-  return serialization.from_state_dict(template, tree)

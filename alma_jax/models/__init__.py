@@ -1,6 +1,7 @@
 """Flax (Linen) models, built from the `model` section of a config."""
 from __future__ import annotations
 
+from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
 
 _MODELS = {'mlp': MLP}

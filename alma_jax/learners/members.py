@@ -1,0 +1,217 @@
+"""The engine shared by every learner whose predictor is a stack of members of one model.
+
+State: {'params': member parameters stacked on a leading axis (M, ...),
+        'member_weights': (M,) weights of the members in the prediction,
+        'rounds': rounds trained so far,
+        'opt_state': stacked optimizer states, only when optimizers are kept across rounds}.
+
+A learner module supplies a `Plan`: which members a round trains, from what start, on what data,
+how they join the ensemble, and how members combine into one prediction. Everything else
+(compiled training of the members side by side, early stopping, FLOPs, evaluation, restore) is
+here, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alma_jax import metrics, optim, steps
+from alma_jax.learners import base
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+  """What a round trains: m members from `start` (stacked params), each on its own indices."""
+  start: Any
+  train: np.ndarray                 # (m, n) training indices per member
+  weights: np.ndarray | None = None  # (m, n) example weights, default 1
+  opt_state: Any = None             # kept optimizer states to continue from, else fresh
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A learner, as the few pure functions in which learners differ.
+
+  initial_members: members of the untrained predictor.
+  work(learner, state, round, key) -> Work
+  merge(learner, state, trained params, work, round) -> state: how trained members join.
+  combine(member logits (M, B, C), member weights (M,)) -> (log-probabilities, predicted class).
+  model(module) -> module: the member model built from the config's model (default: itself).
+  """
+  initial_members: int
+  work: Callable
+  merge: Callable
+  combine: Callable
+  model: Callable = lambda module: module
+
+
+def mean_logits(logits, weights):
+  del weights
+  mean = jnp.mean(logits, 0)
+  return jax.nn.log_softmax(mean), jnp.argmax(mean, -1)
+
+
+def mean_probs(logits, weights):
+  del weights
+  log_probs = jax.nn.logsumexp(jax.nn.log_softmax(logits), 0) - jnp.log(logits.shape[0])
+  return log_probs, jnp.argmax(log_probs, -1)
+
+
+def weighted_logits(logits, weights):
+  total = jnp.einsum('m,mbc->bc', weights, logits)
+  return jax.nn.log_softmax(total), jnp.argmax(total, -1)
+
+
+def majority_vote(logits, weights):
+  """Most members' class; a tie goes to the class of the most confident member among the tied."""
+  del weights
+  num_classes = logits.shape[-1]
+  votes = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes).sum(0)  # (B, C)
+  confidence = jnp.max(jax.nn.softmax(logits), -1)  # (M, B)
+  member_class = jnp.argmax(logits, -1)  # (M, B)
+  tied = jnp.take_along_axis(votes, member_class.T, -1).T == votes.max(-1)  # (M, B)
+  best = jnp.argmax(jnp.where(tied, confidence, -1.0), 0)  # (B,)
+  predicted = jnp.take_along_axis(member_class, best[None], 0)[0]
+  return mean_probs(logits, None)[0], predicted
+
+
+class MemberLearner:
+  """A learner over a stack of members of one model; `plan` says how it trains and predicts."""
+
+  def __init__(self, config, dataset, data: base.DeviceData, mesh, plan: Plan, model):
+    self.plan = plan
+    self.config = config
+    self.keep_optimizer = not config.learner.reset_optimizer
+    self.data = data
+    self.num_classes = dataset.num_classes
+    self.test_indices = np.arange(len(dataset.test_labels))
+    self.model = model
+    self.optimizer = optim.build(config.optimizer)
+    self.example = np.zeros((1,) + dataset.image_shape, np.uint8)
+
+    def apply_fn(params, images):
+      return self.model.apply({'params': params}, dataset.preprocess(images))
+
+    def member_metric(params, images, labels, weights):
+      logits = apply_fn(params, images)
+      return base.classification_sums(jax.nn.log_softmax(logits), jnp.argmax(logits, -1),
+                                      labels, weights)
+
+    def ensemble(state_params, member_weights, images):
+      logits = jax.vmap(apply_fn, (0, None))(state_params, images)
+      return plan.combine(logits, member_weights)
+
+    def test_metric(params_and_weights, images, labels, weights):
+      return base.classification_sums(*ensemble(*params_and_weights, images), labels, weights)
+
+    self.apply_fn = apply_fn
+    self.ensemble = ensemble
+    self.trainer = steps.Trainer(base.cross_entropy_loss(apply_fn), self.optimizer,
+                                 config.train.batch_size, mesh)
+    self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None)),
+                                     config.train.eval_batch_size, mesh)
+    self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh)
+    self._flops = None
+
+  # Members.
+  def new_members(self, key, count: int):
+    """`count` freshly initialized members, stacked."""
+    return jax.vmap(lambda k: self.model.init(k, self.example)['params'])(
+        jax.random.split(key, count))
+
+  def member(self, params, i: int, count: int = 1):
+    """Members i .. i + count - 1 of a stack (negative i counts from the end)."""
+    i = i % jax.tree.leaves(params)[0].shape[0]
+    return jax.tree.map(lambda p: p[i:i + count], params)
+
+  def repeat(self, params, count: int):
+    """A stack of `count` copies of the first member of `params`."""
+    return jax.tree.map(lambda p: jnp.repeat(p[:1], count, axis=0), params)
+
+  def num_members(self, state) -> int:
+    return int(jax.tree.leaves(state['params'])[0].shape[0])
+
+  def init(self, key):
+    m = self.plan.initial_members
+    state = {'params': self.new_members(key, m), 'member_weights': jnp.ones(m, jnp.float32),
+             'rounds': np.int64(0)}
+    if self.keep_optimizer:
+      state['opt_state'] = jax.vmap(self.optimizer.init)(state['params'])
+    return state
+
+  def flops(self) -> dict:
+    """One member's train step FLOPs and forward FLOPs per example (computed once)."""
+    if self._flops is None:
+      params = jax.eval_shape(lambda: jax.tree.map(lambda p: p[0], self.new_members(
+          jax.random.key(0), 1)))
+      opt_state = jax.eval_shape(self.optimizer.init, params)
+      x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
+      forward = steps.cost_flops(jax.jit(self.apply_fn).lower(params, x).compile())
+      self._flops = {
+          'step': self.trainer.step_flops(params, opt_state, self.data.train_images,
+                                          self.data.train_labels),
+          'forward': None if forward is None else forward / self.trainer.batch_size}
+    return self._flops
+
+  # Training.
+  def fit(self, work: Work, round, key):
+    """Trains the members of `work` side by side; returns (params, opt_state, report)."""
+    opt_state = (work.opt_state if work.opt_state is not None
+                 else jax.vmap(self.optimizer.init)(work.start))
+    return base.fit(self.trainer, self.validator, work.start, opt_state, self.data, work.train,
+                    round.valid, key, self.config.train, self.flops(), work.weights)
+
+  def train_round(self, state, round, key):
+    work_key, fit_key = jax.random.split(key)
+    work = self.plan.work(self, state, round, work_key)
+    params, opt_state, report = self.fit(work, round, fit_key)
+    state = self.plan.merge(self, state, params, work, round)
+    if self.keep_optimizer:
+      state = {**state, 'opt_state': opt_state}
+    return {**state, 'rounds': np.int64(state['rounds'] + 1)}, report
+
+  # The predictor.
+  def evaluate(self, state) -> dict:
+    sums = self.tester((state['params'], state['member_weights']), self.data.test_images,
+                       self.data.test_labels, self.test_indices)
+    return base.error_and_loss(sums)
+
+  def params(self, state) -> int:
+    return metrics.num_params(state['params'])
+
+  def inference_flops(self, state) -> float:
+    forward = self.flops()['forward']
+    return float('nan') if forward is None else forward * self.num_members(state)
+
+  def restore(self, tree):
+    # Only the structure of the template matters: the arrays (any number of members) are the
+    # restored ones.
+    return base.restore_like(jax.eval_shape(self.init, jax.random.key(0)), tree)
+
+
+# Helpers for plans.
+def same_data(round, members: int) -> np.ndarray:
+  return np.broadcast_to(round.train, (members, len(round.train)))
+
+
+def replace(learner, state, params, work, round):
+  """The trained members become the whole predictor."""
+  del learner, work, round
+  m = jax.tree.leaves(params)[0].shape[0]
+  return {**state, 'params': params, 'member_weights': jnp.ones(m, jnp.float32)}
+
+
+def append(learner, state, params, work, round, weights=None):
+  """The trained members join the frozen ones (or replace the untrained start, first round)."""
+  del learner, work, round
+  m = jax.tree.leaves(params)[0].shape[0]
+  weights = jnp.ones(m, jnp.float32) if weights is None else weights
+  if int(state['rounds']) == 0:
+    return {**state, 'params': params, 'member_weights': weights}
+  return {**state,
+          'params': jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['params'], params),
+          'member_weights': jnp.concatenate([state['member_weights'], weights])}

@@ -1,0 +1,169 @@
+"""alma_jax against a plain PyTorch baseline on the demo protocol, side by side.
+
+The demo protocol is configs/fashion_mnist.py: Fashion-MNIST, T=10 mega-batches, waiting time 1,
+no replay, `finetune` of an MLP 784->64->64->10 with Adadelta (lr 1.0, rho 0.9, eps 1e-6), batch
+128, early stopping (patience 25, delta 0.001, at most 100 epochs), a fresh optimizer every round
+and the best-validation parameters kept. Both implementations see the same arrays, mega-batches
+and validation splits. Run from the repository root:
+
+  python experiments/benchmark_torch.py [--variant=tiny] [--out=results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+try:
+  import torch
+except ImportError:
+  sys.exit('benchmark_torch.py needs PyTorch, which is not a dependency of alma_jax. '
+           'Install it with: pip install torch==2.13.0')
+import numpy as np
+
+from alma_jax import data, stream as alma_stream
+from alma_jax import run as alma_run
+
+
+def load_config(variant: str):
+  """The config of configs/fashion_mnist.py (with `variant`), TensorBoard off."""
+  spec = importlib.util.spec_from_file_location(
+      'fashion_mnist_config', os.path.join(ROOT, 'configs', 'fashion_mnist.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  config.log.tensorboard = False
+  return config
+
+
+def bench_alma_jax(config) -> dict:
+  """Runs alma_jax end to end in a fresh workdir; its summary, epochs and timings."""
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = os.path.join(tmp, 'run')
+    began = time.perf_counter()
+    summary = alma_run.run(config, workdir)
+    wall = time.perf_counter() - began
+    with open(os.path.join(workdir, alma_run.METRICS_FILE)) as f:
+      rows = [json.loads(line) for line in f]
+  return {'wall_s': wall, 'rounds_s': summary['seconds'], 'final_error': summary['final_error'],
+          'train_examples': summary['train_examples'],
+          'epochs': [int(r['epochs']) for r in rows if r['trained']]}
+
+
+def _mlp(config, in_features: int) -> torch.nn.Module:
+  layers, width = [], in_features
+  for _ in range(config.model.num_layers):
+    layers += [torch.nn.Linear(width, config.model.hidden), torch.nn.ReLU()]
+    width = config.model.hidden
+  layers.append(torch.nn.Linear(width, config.data.num_classes))
+  return torch.nn.Sequential(*layers)
+
+
+def _tensors(dataset, images, labels):
+  """uint8 images -> normalized, flattened float32 (as `Dataset.preprocess`); int64 labels."""
+  x = images.astype(np.float32) / 255.0
+  x = (x - np.asarray(dataset.mean, np.float32)) / np.asarray(dataset.std, np.float32)
+  return torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(labels.astype(np.int64))
+
+
+@torch.no_grad()
+def _accuracy(model, x, y) -> float:
+  model.eval()
+  return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def _fit(model, x, y, train, valid, config, generator) -> int:
+  """One round as `alma_jax.learners.base.fit`; loads the best-validation state; epochs run."""
+  optimizer = torch.optim.Adadelta(model.parameters(), lr=config.optimizer.learning_rate,
+                                   rho=0.9, eps=1e-6)
+  train_config = config.train
+  train, valid = torch.from_numpy(train).long(), torch.from_numpy(valid).long()
+  best_accuracy, bad_epochs, best_state = -float('inf'), 0, None
+  for epoch in range(train_config.max_epochs):
+    model.train()
+    order = train[torch.randperm(len(train), generator=generator)]
+    for batch in order.split(train_config.batch_size):
+      optimizer.zero_grad()
+      torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+      optimizer.step()
+    accuracy = _accuracy(model, x[valid], y[valid])
+    if accuracy > best_accuracy + train_config.patience_delta:
+      best_accuracy, bad_epochs, best_state = accuracy, 0, copy.deepcopy(model.state_dict())
+    else:
+      bad_epochs += 1
+    if bad_epochs >= train_config.patience:
+      break
+  model.load_state_dict(best_state)
+  return epoch + 1
+
+
+def bench_torch(config) -> dict:
+  """The same protocol in plain PyTorch on the CPU, timed end to end and per arrival."""
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(config.seed)
+  generator = torch.Generator().manual_seed(config.seed)
+  began = time.perf_counter()
+  dataset = data.load(config.data)
+  x, y = _tensors(dataset, dataset.train_images, dataset.train_labels)
+  x_test, y_test = _tensors(dataset, dataset.test_images, dataset.test_labels)
+  s = config.stream
+  stream = alma_stream.make_stream(len(y), s.num_megabatches, s.permutation_seed,
+                                   s.validation_fraction)
+  state = alma_stream.init_state(stream.num_examples)
+  model = _mlp(config, x.shape[1])
+  rounds_s, train_examples, epochs, error = 0.0, 0, [], float('nan')
+  print(f"{'t':>4s}  {'epochs':>6s}  {'test_error':>10s}  {'seconds':>8s}  (torch)", flush=True)
+  for t in range(1, stream.num_megabatches + 1):
+    arrival_began = time.perf_counter()
+    state = alma_stream.arrive(state)
+    n = 0
+    if alma_stream.should_train(t, s.waiting_time, stream.num_megabatches, s.train_on_last):
+      round_data, state = alma_stream.next_round(state, stream, s, config.seed)
+      n = _fit(model, x, y, round_data.train, round_data.valid, config, generator)
+      epochs.append(n)
+      train_examples += n * len(round_data.train)
+    error = 1.0 - _accuracy(model, x_test, y_test)
+    seconds = time.perf_counter() - arrival_began
+    rounds_s += seconds
+    print(f'{t:>4d}  {n:>6d}  {error:10.4f}  {seconds:8.2f}', flush=True)
+  return {'wall_s': time.perf_counter() - began, 'rounds_s': rounds_s, 'final_error': error,
+          'train_examples': float(train_examples), 'epochs': epochs}
+
+
+def table(results: dict) -> str:
+  """The markdown table of both results, and the speed-up of alma_jax over torch."""
+  lines = ['| implementation | wall time (s) | train examples/s (rounds) | '
+           'train examples/s (end to end) | final test error | epochs per round |',
+           '|---|---:|---:|---:|---:|---|']
+  for name, r in results.items():
+    lines.append(f"| {name} | {r['wall_s']:.1f} | {r['train_examples'] / r['rounds_s']:,.0f} | "
+                 f"{r['train_examples'] / r['wall_s']:,.0f} | {r['final_error']:.4f} | "
+                 f"{', '.join(map(str, r['epochs']))} |")
+  speedup = results['torch']['wall_s'] / results['alma_jax']['wall_s']
+  return '\n'.join(lines) + f'\n\nspeed-up (torch wall time / alma_jax wall time): {speedup:.2f}x'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--variant', default='', help="'' for the full protocol, 'tiny' for a smoke run")
+  parser.add_argument('--out', default='', help='optional path of a JSON file for the results')
+  args = parser.parse_args()
+  config = load_config(args.variant)
+  results = {'alma_jax': bench_alma_jax(config), 'torch': bench_torch(config)}
+  print('\n' + table(results))
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'variant': args.variant, 'torch_version': torch.__version__,
+                 'cpu_count': os.cpu_count(), 'results': results}, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
