@@ -36,7 +36,10 @@ def base() -> ml_collections.ConfigDict:
       reset_optimizer=True,      # a fresh optimizer every round, as the reference
       num_members=3,             # k: k-ensemble and agg-ensemble members; bagging's per round
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
-      prediction='mean_logits'))  # gEns: 'mean_logits' or 'vote'
+      prediction='mean_logits',  # gEns: 'mean_logits' or 'vote'
+      num_experts=2,             # MoE / gMoE: experts per mixture layer at the start
+      grow_every=2,              # gMoE: grow before every grow_every-th round
+      growth='usage'))           # gMoE: split the most used leaf expert, or a 'random' one
   c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
                                                weight_decay=0.0, nesterov=False))
   c.train = ml_collections.ConfigDict(dict(
@@ -94,6 +97,12 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('learner.new_member', c.learner.new_member, "must be 'copy' or 'fresh'")
   if c.learner.prediction not in ('mean_logits', 'vote'):
     _fail('learner.prediction', c.learner.prediction, "must be 'mean_logits' or 'vote'")
+  if c.learner.num_experts < 1:
+    _fail('learner.num_experts', c.learner.num_experts, 'must be >= 1')
+  if c.learner.grow_every < 1:
+    _fail('learner.grow_every', c.learner.grow_every, 'must be >= 1')
+  if c.learner.growth not in ('usage', 'random'):
+    _fail('learner.growth', c.learner.growth, "must be 'usage' or 'random'")
   if c.optimizer.name not in optimizer_names:
     _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
   if c.optimizer.learning_rate <= 0:

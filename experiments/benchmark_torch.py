@@ -77,7 +77,7 @@ def _tensors(dataset, images, labels):
 @torch.no_grad()
 def _accuracy(model, x, y) -> float:
   model.eval()
-  return (model(x).argmax(-1) == y).float().mean().item()
+  return (model(x).argmax(-1) == y).sum().item() / len(y)
 
 
 def _fit(model, x, y, train, valid, config, generator) -> int:

@@ -30,6 +30,7 @@ class Work:
   train: np.ndarray                 # (m, n) training indices per member
   weights: np.ndarray | None = None  # (m, n) example weights, default 1
   opt_state: Any = None             # kept optimizer states to continue from, else fresh
+  extra_flops: float = 0.0          # work done to prepare the round (e.g. measuring for growth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +110,14 @@ class MemberLearner:
       return base.classification_sums(*ensemble(*params_and_weights, images), labels, weights)
 
     self.apply_fn = apply_fn
+    self.preprocess = dataset.preprocess
     self.ensemble = ensemble
     self.trainer = steps.Trainer(base.cross_entropy_loss(apply_fn), self.optimizer,
                                  config.train.batch_size, mesh)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None)),
                                      config.train.eval_batch_size, mesh)
     self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh)
-    self._flops = None
+    self._flops = {}
 
   # Members.
   def new_members(self, key, count: int):
@@ -143,27 +145,32 @@ class MemberLearner:
       state['opt_state'] = jax.vmap(self.optimizer.init)(state['params'])
     return state
 
-  def flops(self) -> dict:
-    """One member's train step FLOPs and forward FLOPs per example (computed once)."""
-    if self._flops is None:
-      params = jax.eval_shape(lambda: jax.tree.map(lambda p: p[0], self.new_members(
-          jax.random.key(0), 1)))
+  def flops(self, params=None) -> dict:
+    """One member's train step FLOPs and forward FLOPs per example, for members shaped like
+    `params` (default: a new member). Computed once per shape: growth changes it."""
+    if params is None:
+      params = jax.eval_shape(lambda: self.member(self.new_members(jax.random.key(0), 1), 0))
+    params = jax.eval_shape(lambda p: jax.tree.map(lambda a: a[0], p), params)
+    signature = str(jax.tree.map(lambda a: a.shape, params))
+    if signature not in self._flops:
       opt_state = jax.eval_shape(self.optimizer.init, params)
       x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
       forward = steps.cost_flops(jax.jit(self.apply_fn).lower(params, x).compile())
-      self._flops = {
+      self._flops[signature] = {
           'step': self.trainer.step_flops(params, opt_state, self.data.train_images,
                                           self.data.train_labels),
           'forward': None if forward is None else forward / self.trainer.batch_size}
-    return self._flops
+    return self._flops[signature]
 
   # Training.
   def fit(self, work: Work, round, key):
     """Trains the members of `work` side by side; returns (params, opt_state, report)."""
     opt_state = (work.opt_state if work.opt_state is not None
                  else jax.vmap(self.optimizer.init)(work.start))
-    return base.fit(self.trainer, self.validator, work.start, opt_state, self.data, work.train,
-                    round.valid, key, self.config.train, self.flops(), work.weights)
+    params, opt_state, report = base.fit(
+        self.trainer, self.validator, work.start, opt_state, self.data, work.train, round.valid,
+        key, self.config.train, self.flops(work.start), work.weights)
+    return params, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
 
   def train_round(self, state, round, key):
     work_key, fit_key = jax.random.split(key)
@@ -184,13 +191,16 @@ class MemberLearner:
     return metrics.num_params(state['params'])
 
   def inference_flops(self, state) -> float:
-    forward = self.flops()['forward']
+    forward = self.flops(state['params'])['forward']
     return float('nan') if forward is None else forward * self.num_members(state)
 
   def restore(self, tree):
-    # Only the structure of the template matters: the arrays (any number of members) are the
-    # restored ones.
-    return base.restore_like(jax.eval_shape(self.init, jax.random.key(0)), tree)
+    """The state saved as `tree`, whatever its number of members or tree of experts."""
+    state = {**tree, 'rounds': np.int64(tree['rounds'])}
+    if self.keep_optimizer:  # optax states are named tuples: rebuild them from a template
+      template = jax.eval_shape(jax.vmap(self.optimizer.init), tree['params'])
+      state['opt_state'] = base.restore_like(template, tree['opt_state'])
+    return state
 
 
 # Helpers for plans.
