@@ -38,7 +38,7 @@ def base() -> ml_collections.ConfigDict:
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
       prediction='mean_logits',  # gEns: 'mean_logits' or 'vote'
       num_experts=2,             # MoE / gMoE: experts per mixture layer at the start
-      grow_every=2,              # gMoE: grow before every grow_every-th round
+      grow_every=1,              # gMoE: grow before rounds 0, g, 2g, ... (reference MNIST: 1)
       growth='usage'))           # gMoE: split the most used leaf expert, or a 'random' one
   c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
                                                weight_decay=0.0, nesterov=False))

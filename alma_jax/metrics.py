@@ -46,6 +46,45 @@ def num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def cost_flops(compiled) -> float | None:
+  """FLOPs of a compiled computation from XLA's cost analysis (None where the backend has none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
+
+
+def multiply_adds(fn, *args) -> int:
+  """Multiply-adds of the matrix products and convolutions of `fn(*args)`, read off its jaxpr.
+
+  This is the reference's FLOP convention (fvcore: one multiply-add is one FLOP; biases,
+  activations and normalization are not counted).
+  """
+  return _multiply_adds(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _multiply_adds(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    out = math.prod(eqn.outvars[0].aval.shape)
+    if eqn.primitive.name == 'dot_general':
+      (contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += out * math.prod(lhs[d] for d in contracting)
+    elif eqn.primitive.name == 'conv_general_dilated':
+      rhs, spec = eqn.invars[1].aval.shape, eqn.params['dimension_numbers'].rhs_spec
+      total += out * math.prod(rhs[d] for d in spec[1:])  # input features x kernel window
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, 'eqns'):
+          total += _multiply_adds(sub)
+        elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
+          total += _multiply_adds(sub.jaxpr)
+  return total
+
+
 def cer(errors) -> float:
   """Cumulative error rate: the area under the anytime error curve, sum_t E_t."""
   return float(np.sum(errors))

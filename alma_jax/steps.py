@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alma_jax import sharding
+from alma_jax import metrics, sharding
 
 # loss_fn(params, images, labels, weights, key) -> scalar, for one member; weights are 0 on
 # padding. metric_fn(params, images, labels, weights) -> dict of sums over the batch.
@@ -40,16 +40,6 @@ def pad_indices(indices: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
   padded = np.zeros(indices.shape[:-1] + (bucket_size(n, multiple),), np.int32)
   padded[..., :n] = indices
   return padded, n
-
-
-def cost_flops(compiled) -> float | None:
-  """FLOPs of a compiled computation from XLA's cost analysis (None where the backend has none)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    return None
-  return float(analysis['flops'])
 
 
 def _block(array, start, size):
@@ -90,11 +80,17 @@ class Evaluator:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-  """Compiled epochs of a stack of members for one loss and optimizer."""
+  """Compiled epochs of a stack of members for one loss and optimizer.
+
+  An epoch visits each member's examples once in a random order, weighting each example's loss
+  by its weight; with `resample`, it instead draws as many examples with replacement, with
+  probabilities proportional to the weights (bagging's bootstrap, boosting by sampling).
+  """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   batch_size: int
   mesh: Any
+  resample: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'train_epoch', jax.jit(
@@ -108,11 +104,17 @@ class Trainer:
     return optax.apply_updates(params, updates), opt_state
 
   def _member_epoch(self, params, opt_state, images, labels, indices, weights, n, key):
-    """One epoch of one member over its first `n` indices, in a fresh random order."""
-    order = jnp.argsort(jnp.where(jnp.arange(indices.shape[0]) < n,
-                                  jax.random.uniform(jax.random.fold_in(key, 0), indices.shape),
-                                  2.0))
-    indices, weights = indices[order], weights[order]
+    """One epoch of one member over its first `n` indices (weights are 0 past `n`)."""
+    real = jnp.arange(indices.shape[0]) < n
+    if self.resample:
+      order = jax.random.choice(jax.random.fold_in(key, 0), indices.shape[0], indices.shape,
+                                p=weights / jnp.sum(weights))
+      weights = real.astype(jnp.float32)
+    else:
+      order = jnp.argsort(jnp.where(
+          real, jax.random.uniform(jax.random.fold_in(key, 0), indices.shape), 2.0))
+      weights = weights[order]
+    indices = indices[order]
     b = self.batch_size
 
     def body(step, carry):
@@ -130,4 +132,4 @@ class Trainer:
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
     lowered = jax.jit(self.train_step).lower(params, opt_state, shape(images), shape(labels), w,
                                              jax.random.key(0))
-    return cost_flops(lowered.compile())
+    return metrics.cost_flops(lowered.compile())

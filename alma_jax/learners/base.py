@@ -95,7 +95,7 @@ def error_and_loss(sums: dict) -> dict:
 
 @jax.jit
 def _keep_improved(improved, new, old):
-  """Per member: `new` where it improved, else `old` (the best-validation parameters)."""
+  """Per member: `new` where it improved, else `old` (trees with a leading member axis)."""
   def pick(n, o):
     return jnp.where(improved.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
   return jax.tree.map(pick, new, old)
@@ -110,9 +110,10 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, d
   indices (M, n) (members may see different data, e.g. bootstrap samples), `weights` their
   example weights (default 1). Every epoch shuffles each member's data with its own key, then
   measures each member's validation accuracy on `valid`. A member's best-validation parameters
-  are kept; training stops once no member has improved on its best by more than
-  `patience_delta` for `patience` epochs, or after `max_epochs`. `flops` holds 'step' (one
-  member's train step) and 'forward' (one member, one example); either may be None.
+  (and optimizer state) are kept; training stops once no member has improved on its best by
+  more than `patience_delta` for `patience` epochs, or after `max_epochs`. `flops` holds
+  'step' (one member's train step) and 'forward' (one member, one example), either may be None,
+  and 'multiply_adds' (one member, one example).
   """
   members, n_train = train.shape
   train_idx, _ = steps.pad_indices(train, trainer.batch_size)
@@ -121,7 +122,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, d
   keys = jax.random.split(key, members)
   best_accuracy = np.full(members, -np.inf)
   bad_epochs = np.zeros(members, int)
-  best_params, epochs = None, 0
+  best, epochs = None, 0
   for epoch in range(train_config.max_epochs):
     params, opt_state = trainer.train_epoch(
         params, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
@@ -131,8 +132,8 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, d
     improved = accuracy > best_accuracy + train_config.patience_delta
     best_accuracy = np.where(improved, accuracy, best_accuracy)
     bad_epochs = np.where(improved, 0, bad_epochs + 1)
-    best_params = (jax.tree.map(jnp.copy, params) if best_params is None
-                   else _keep_improved(jnp.asarray(improved), params, best_params))
+    best = (jax.tree.map(jnp.copy, (params, opt_state)) if best is None
+            else _keep_improved(jnp.asarray(improved), (params, opt_state), best))
     epochs = epoch + 1
     if np.all(bad_epochs >= train_config.patience):
       break
@@ -143,5 +144,5 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, d
       valid_examples=epochs * len(valid),
       train_flops=(flops['step'] or 0.0) * members * epochs * steps_per_epoch,
       valid_flops=forward * epochs * len(valid),
-      reference_flops=(flops['forward'] or 0.0) * epochs * n_train * members)
-  return best_params, opt_state, report
+      reference_flops=flops['multiply_adds'] * epochs * n_train * members)
+  return best[0], best[1], report

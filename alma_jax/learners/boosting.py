@@ -1,9 +1,10 @@
 """Boosting (SAMME, multi-class AdaBoost): one member per round, trained on re-weighted examples.
 
-An example's weight is exp(sum of the alphas of the members that misclassify it), normalized to
-mean 1, so the new member focuses on what the ensemble gets wrong. The new member's weight is
-alpha = log((1 - eps) / eps) + log(C - 1), with eps its weighted error on the validation split.
-Prediction: the alpha-weighted sum of the members' logits.
+SAMME, over the members in order, from uniform example weights w: eps_m = sum(w * miss_m) /
+sum(w), alpha_m = log((1 - eps_m) / eps_m) + log(C - 1), w *= exp(alpha_m * miss_m). The new
+member trains on the round's data drawn by the weights SAMME leaves on it (sampling, reference);
+then every member's alpha is recomputed by SAMME on the round's validation split. Prediction:
+the alpha-weighted sum of the members' logits. The new member starts as a copy of the last.
 """
 from __future__ import annotations
 
@@ -27,45 +28,38 @@ def _member_mistakes(apply_fn, params, images, labels, indices, block):
   return jnp.moveaxis(mistakes, 1, 0).reshape(mistakes.shape[1], -1)
 
 
-def example_weights(learner, params, member_weights, indices: np.ndarray) -> np.ndarray:
-  """SAMME weights of `indices` under the current members, normalized to mean 1."""
+def mistakes(learner, params, indices: np.ndarray) -> np.ndarray:
+  """(M, n) 1.0 where member m of `params` misclassifies training example indices[i]."""
   block = learner.config.train.eval_batch_size
   padded, n = steps.pad_indices(indices, block)
-  mistakes = _member_mistakes(learner.apply_fn, params, learner.data.train_images,
-                              learner.data.train_labels, padded, block)
-  score = np.asarray(jnp.einsum('m,mn->n', member_weights, mistakes))[:n]
-  w = np.exp(score - score.max())
-  return (w / w.mean()).astype(np.float32)
+  return np.asarray(_member_mistakes(learner.apply_fn, params, learner.data.train_images,
+                                     learner.data.train_labels, padded, block))[:, :n]
 
 
-def member_alpha(learner, params, valid_weights, valid: np.ndarray, num_classes: int) -> float:
-  """alpha = log((1 - eps) / eps) + log(C - 1) of one new member on the weighted validation set."""
-  block = learner.config.train.eval_batch_size
-  padded, n = steps.pad_indices(valid, block)
-  mistakes = np.asarray(_member_mistakes(learner.apply_fn, params, learner.data.train_images,
-                                         learner.data.train_labels, padded, block))[0, :n]
-  eps = float(np.clip(np.sum(valid_weights * mistakes) / np.sum(valid_weights), 1e-6, 1 - 1e-6))
-  return float(np.log((1 - eps) / eps) + np.log(num_classes - 1))
+def samme(miss: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(alphas (M,), example weights (n,) normalized to mean 1) of members with mistakes `miss`."""
+  w = np.full(miss.shape[1], 1.0 / miss.shape[1])
+  alphas = []
+  for m in miss:
+    eps = float(np.clip(np.sum(w * m) / np.sum(w), 1e-6, 1 - 1e-6))
+    alphas.append(np.log((1 - eps) / eps) + np.log(num_classes - 1))
+    w = w * np.exp(alphas[-1] * m)
+    w = w / np.sum(w)
+  return np.asarray(alphas, np.float32), (w * len(w)).astype(np.float32)
 
 
 def boosting(config) -> members.Plan:
   start = gens.new_member_start(config)
 
   def work(learner, state, round, key):
-    first = int(state['rounds']) == 0
-    weights = (np.ones(len(round.train), np.float32) if first else
-               example_weights(learner, state['params'], state['member_weights'], round.train))
+    weights = (np.ones(len(round.train), np.float32) if int(state['rounds']) == 0 else
+               samme(mistakes(learner, state['params'], round.train), learner.num_classes)[1])
     return members.Work(start=start(learner, state, key, 1), train=members.same_data(round, 1),
                         weights=weights[None])
 
   def merge(learner, state, params, work, round):
-    del work
-    first = int(state['rounds']) == 0
-    valid_weights = (np.ones(len(round.valid), np.float32) if first else
-                     example_weights(learner, state['params'], state['member_weights'],
-                                     round.valid))
-    alpha = member_alpha(learner, params, valid_weights, round.valid, learner.num_classes)
-    return members.append(learner, state, params, None, round,
-                          weights=jnp.asarray([alpha], jnp.float32))
+    state = members.append(learner, state, params, work, round)
+    alphas, _ = samme(mistakes(learner, state['params'], round.valid), learner.num_classes)
+    return {**state, 'member_weights': jnp.asarray(alphas)}
 
-  return members.Plan(1, work, merge, members.weighted_logits)
+  return members.Plan(1, work, merge, members.weighted_logits, resample=True)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alma_jax import metrics, optim, steps
+from alma_jax import metrics, optim, sharding, steps
 from alma_jax.learners import base
 
 
@@ -42,12 +42,14 @@ class Plan:
   merge(learner, state, trained params, work, round) -> state: how trained members join.
   combine(member logits (M, B, C), member weights (M,)) -> (log-probabilities, predicted class).
   model(module) -> module: the member model built from the config's model (default: itself).
+  resample: epochs draw examples with replacement by weight instead of visiting each once.
   """
   initial_members: int
   work: Callable
   merge: Callable
   combine: Callable
   model: Callable = lambda module: module
+  resample: bool = False
 
 
 def mean_logits(logits, weights):
@@ -113,7 +115,7 @@ class MemberLearner:
     self.preprocess = dataset.preprocess
     self.ensemble = ensemble
     self.trainer = steps.Trainer(base.cross_entropy_loss(apply_fn), self.optimizer,
-                                 config.train.batch_size, mesh)
+                                 config.train.batch_size, mesh, plan.resample)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None)),
                                      config.train.eval_batch_size, mesh)
     self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh)
@@ -146,20 +148,22 @@ class MemberLearner:
     return state
 
   def flops(self, params=None) -> dict:
-    """One member's train step FLOPs and forward FLOPs per example, for members shaped like
-    `params` (default: a new member). Computed once per shape: growth changes it."""
+    """For one member shaped like the stack `params` (default: a new member): its train step's
+    FLOPs, its forward FLOPs per example, and its forward multiply-adds per example (the
+    reference's convention). Computed once per shape: growth changes it."""
     if params is None:
-      params = jax.eval_shape(lambda: self.member(self.new_members(jax.random.key(0), 1), 0))
-    params = jax.eval_shape(lambda p: jax.tree.map(lambda a: a[0], p), params)
-    signature = str(jax.tree.map(lambda a: a.shape, params))
+      params = jax.eval_shape(self.new_members, jax.random.key(0), 1)
+    signature = str(jax.tree.map(lambda a: a.shape[1:], params))
     if signature not in self._flops:
-      opt_state = jax.eval_shape(self.optimizer.init, params)
+      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+      opt_state = jax.eval_shape(self.optimizer.init, one)
       x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
-      forward = steps.cost_flops(jax.jit(self.apply_fn).lower(params, x).compile())
+      forward = metrics.cost_flops(jax.jit(self.apply_fn).lower(one, x).compile())
       self._flops[signature] = {
-          'step': self.trainer.step_flops(params, opt_state, self.data.train_images,
+          'step': self.trainer.step_flops(one, opt_state, self.data.train_images,
                                           self.data.train_labels),
-          'forward': None if forward is None else forward / self.trainer.batch_size}
+          'forward': None if forward is None else forward / self.trainer.batch_size,
+          'multiply_adds': metrics.multiply_adds(self.apply_fn, one, self.example)}
     return self._flops[signature]
 
   # Training.
@@ -167,8 +171,12 @@ class MemberLearner:
     """Trains the members of `work` side by side; returns (params, opt_state, report)."""
     opt_state = (work.opt_state if work.opt_state is not None
                  else jax.vmap(self.optimizer.init)(work.start))
+    # Fresh buffers (training donates them; the state may still hold `work.start`), placed like
+    # a train epoch's outputs, so that the epoch compiles once per shape.
+    start, opt_state = jax.device_put((work.start, opt_state),
+                                      sharding.replicated(self.trainer.mesh), may_alias=False)
     params, opt_state, report = base.fit(
-        self.trainer, self.validator, work.start, opt_state, self.data, work.train, round.valid,
+        self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
         key, self.config.train, self.flops(work.start), work.weights)
     return params, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
 

@@ -1,10 +1,10 @@
 """MoE and gMoE: the configured network with every hidden layer a mixture of experts.
 
 `moe`: a fixed mixture of `learner.num_experts` experts per layer, warm-started every round.
-`gmoe`: every `learner.grow_every` rounds, before training, each mixture layer's most used leaf
-expert (usage: the product of the nested gate probabilities on the path to it, summed over the
-round's validation split) is split into a new mixture of two copies with a fresh gate
-(`learner.growth='random'`: a random leaf instead). Growth is function-preserving.
+`gmoe`: every `learner.grow_every` rounds (the first included), before training, each mixture
+layer's most used leaf expert (usage: the product of the nested gate probabilities on the path
+to it, summed over the round's validation split) is split into a new mixture of two copies with
+a fresh gate (`learner.growth='random'`: a random leaf instead). Growth is function-preserving.
 """
 from __future__ import annotations
 
@@ -52,8 +52,7 @@ def gmoe(config) -> members.Plan:
   plan = moe(config)
 
   def work(learner, state, round, key):
-    rounds = int(state['rounds'])
-    if rounds == 0 or rounds % config.grow_every:
+    if int(state['rounds']) % config.grow_every:
       return single.warm_start(learner, state, round, key)
     one = jax.tree.map(lambda p: p[0], state['params'])
     grown = grow(learner, one, round.valid, key, by_usage=config.growth == 'usage')

@@ -1,11 +1,28 @@
-"""The MNIST multi-layer perceptron of the ALMA reference: input -> (Dense h, ReLU) x n -> classes."""
+"""The MNIST multi-layer perceptron of the ALMA reference: input -> (Linear h, ReLU) x n -> classes."""
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
-# PyTorch's nn.Linear default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which the reference
-# uses; biases start at zero (ours).
-torch_linear_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+def torch_linear_params(key, fan_in: int, fan_out: int) -> dict:
+  """PyTorch's default nn.Linear init, which the reference uses: U(+-1/sqrt(fan_in)) for both."""
+  bound = fan_in ** -0.5
+  kernel_key, bias_key = jax.random.split(key)
+  return {'kernel': jax.random.uniform(kernel_key, (fan_in, fan_out), minval=-bound, maxval=bound),
+          'bias': jax.random.uniform(bias_key, (fan_out,), minval=-bound, maxval=bound)}
+
+
+class Linear(nn.Module):
+  """A dense layer initialized as PyTorch's nn.Linear."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    bound = x.shape[-1] ** -0.5
+    init = lambda key, shape: jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+    kernel = self.param('kernel', init, (x.shape[-1], self.features))
+    return x @ kernel + self.param('bias', init, (self.features,))
 
 
 class MLP(nn.Module):
@@ -18,5 +35,5 @@ class MLP(nn.Module):
     del train  # No dropout or normalization: the same function in training and evaluation.
     x = x.reshape((x.shape[0], -1))
     for _ in range(self.num_layers):
-      x = nn.relu(nn.Dense(self.hidden, kernel_init=torch_linear_init)(x))
-    return nn.Dense(self.num_classes, kernel_init=torch_linear_init)(x)
+      x = nn.relu(Linear(self.hidden)(x))
+    return Linear(self.num_classes)(x)

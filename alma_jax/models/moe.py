@@ -16,11 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alma_jax.models.mlp import torch_linear_init
-
-
-def _dense_init(key, fan_in: int, fan_out: int):
-  return {'kernel': torch_linear_init(key, (fan_in, fan_out)), 'bias': jnp.zeros((fan_out,))}
+from alma_jax.models.mlp import torch_linear_params as _dense_init
 
 
 def _dense(params, x):
