@@ -46,3 +46,5 @@ def test_flops_match_an_analytic_count_for_the_mlp(config):
   params = metrics.num_params(state['params'])
   assert b * (matmul + backward) <= step <= b * (matmul + backward) * 1.2 + 30 * params
   assert learner.params(state) == params == d * h + h + h * h + h + h * c + c
+  # The reference's convention counts multiply-adds of the forward pass only (fvcore).
+  assert learner.flops()['multiply_adds'] == d * h + h * h + h * c

@@ -152,7 +152,7 @@ class MemberLearner:
     FLOPs, its forward FLOPs per example, and its forward multiply-adds per example (the
     reference's convention). Computed once per shape: growth changes it."""
     if params is None:
-      params = jax.eval_shape(self.new_members, jax.random.key(0), 1)
+      params = jax.eval_shape(lambda key: self.new_members(key, 1), jax.random.key(0))
     signature = str(jax.tree.map(lambda a: a.shape[1:], params))
     if signature not in self._flops:
       one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)

@@ -1,0 +1,181 @@
+"""Ensembles and growing learners: growth, parameter counts, vmapped members, resume."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alma_jax import data as alma_data, learners, run, sharding, steps, stream as alma_stream
+from alma_jax.learners import boosting, moe as moe_learner
+from alma_jax.models import moe as moe_model
+from alma_jax.run import _device_data
+
+ALL = learners.names()
+
+
+def make_learner(config, name, **learner_overrides):
+  config.learner.name = name
+  config.learner.update(learner_overrides)
+  dataset = alma_data.load(config.data)
+  mesh = sharding.make_mesh()
+  return learners.create(config, dataset, _device_data(dataset, mesh), mesh), dataset
+
+
+def first_round(dataset, config):
+  s = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches)
+  state = alma_stream.arrive(alma_stream.init_state(s.num_examples))
+  return alma_stream.next_round(state, s, config.stream, 0)[0]
+
+
+def errors(workdir):
+  with open(os.path.join(workdir, run.METRICS_FILE)) as f:
+    return [json.loads(line)['test_error'] for line in f]
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_every_learner_runs_and_resumes_mid_stream_exactly(config, tmp_path, name):
+  config.learner.name = name
+  config.stream.num_megabatches = 4
+  config.train.update(max_epochs=3, patience=2)
+  straight = run.run(config, str(tmp_path / 'straight'))
+  rows = [json.loads(l) for l in open(tmp_path / 'straight' / run.METRICS_FILE)]
+  assert min(r['test_error'] for r in rows) < 0.8  # chance is 0.9: it learns
+  assert straight['train_flops'] > 0 and straight['inference_flops'] > 0
+  # A run stopped after arrival 2 (later checkpoints gone, as if killed) resumes to the same end.
+  shutil.copytree(tmp_path / 'straight', tmp_path / 'stopped')
+  for step in ('3', '4'):
+    shutil.rmtree(tmp_path / 'stopped' / 'checkpoints' / step)
+  resumed = run.run(config, str(tmp_path / 'stopped'))
+  assert errors(tmp_path / 'stopped') == errors(tmp_path / 'straight')
+  assert resumed['params'] == straight['params']
+
+
+def member_count_params(learner, state):
+  one = jax.tree.map(lambda p: p[:1], state['params'])
+  return learner.num_members(state), learner.params({'params': one})
+
+
+def test_gens_grows_one_member_per_round_and_params_count_all_members(config):
+  learner, dataset = make_learner(config, 'gens')
+  state = learner.init(jax.random.key(0))
+  r = first_round(dataset, config)
+  counts = []
+  for t in range(3):
+    state, _ = learner.train_round(state, r, jax.random.key(t))
+    members, per_member = member_count_params(learner, state)
+    counts.append(members)
+    assert learner.params(state) == members * per_member
+    assert learner.inference_flops(state) == pytest.approx(members * learner.flops()['forward'])
+  assert counts == [1, 2, 3]
+
+
+def test_a_copied_gens_member_starts_as_the_function_of_the_last(config):
+  learner, dataset = make_learner(config, 'gens')
+  state = learner.init(jax.random.key(0))
+  state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
+  x = dataset.test_images[:64]
+  before = learner.ensemble(state['params'], state['member_weights'], x)[0]
+  start = learner.plan.work(learner, state, first_round(dataset, config), jax.random.key(2)).start
+  grown = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['params'], start)
+  logits = jax.vmap(learner.apply_fn, (0, None))(grown, x)
+  np.testing.assert_array_equal(logits[-1], logits[-2])  # the new member is the last one
+  # With one member so far, the ensemble's mean logits are unchanged by the copy.
+  after = learner.ensemble(grown, jnp.ones(2), x)[0]
+  np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+@pytest.mark.parametrize('name,k', [('k_ensemble', 3), ('bagging', 3), ('agg_ensemble', 3)])
+def test_ensembles_hold_k_members(config, name, k):
+  learner, dataset = make_learner(config, name, num_members=k)
+  single, _ = make_learner(config, 'finetune')
+  state = learner.init(jax.random.key(0))
+  per_member = single.params(single.init(jax.random.key(0)))
+  assert learner.params(state) == k * per_member
+  state, report = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
+  grows = name == 'bagging'
+  state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(2))
+  assert learner.params(state) == (2 * k if grows else k) * per_member
+  trained = 1 if name == 'agg_ensemble' else k  # agg: one model holding the k members
+  assert report.train_flops == pytest.approx(trained * report.steps * learner.flops()['step'])
+
+
+def test_vmapped_members_train_exactly_like_members_alone(config):
+  learner, dataset = make_learner(config, 'k_ensemble', num_members=3)
+  trainer = learner.trainer
+  params = learner.new_members(jax.random.key(0), 3)
+  opt = jax.vmap(learner.optimizer.init)(params)
+  r = first_round(dataset, config)
+  idx, n = steps.pad_indices(np.broadcast_to(r.train, (3, len(r.train))), trainer.batch_size)
+  weights = (np.arange(idx.shape[1]) < n).astype(np.float32)[None].repeat(3, 0)
+  keys = jax.random.split(jax.random.key(5), 3)
+  copy = lambda t: jax.tree.map(jnp.copy, t)
+  together, _ = trainer.train_epoch(copy(params), copy(opt), learner.data.train_images,
+                                    learner.data.train_labels, idx, weights, n, keys)
+  for m in range(3):
+    alone, _ = trainer.train_epoch(copy(learner.member(params, m)), copy(learner.member(opt, m)),
+                                   learner.data.train_images, learner.data.train_labels,
+                                   idx[m:m + 1], weights[m:m + 1], n, keys[m:m + 1])
+    for a, b in zip(jax.tree.leaves(learner.member(together, m)), jax.tree.leaves(alone)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # and the members really differ: each had its own shuffling
+  leaves = jax.tree.leaves(together)[0]
+  assert not np.allclose(leaves[0], leaves[1])
+
+
+@pytest.mark.parametrize('path', ['layer_0/0', 'layer_0/1', 'layer_1/1'])
+def test_splitting_an_expert_preserves_the_function_under_any_gate(path):
+  model = moe_model.MoEMLP(hidden=8, num_layers=2, num_experts=2)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))['params']
+  x = jax.random.normal(jax.random.key(1), (16, 6))
+  before = model.apply({'params': params}, x)
+  grown = params
+  for i in range(3):  # split, then split a child of the new node, under random fresh gates
+    grown = moe_model.split_leaf(grown, path + '/0' * i, jax.random.key(10 + i))
+    np.testing.assert_allclose(model.apply({'params': grown}, x), before, atol=1e-5)
+  assert len(moe_model.leaf_paths(grown)[path.split('/')[0]]) == 5
+  assert 'children' not in moe_model.leaf_paths(params)  # the input was not modified
+  assert len(moe_model.leaf_paths(params)['layer_0']) == 2
+
+
+@pytest.mark.parametrize('growth', ['usage', 'random'])
+def test_gmoe_adds_one_expert_per_mixture_layer_per_growth(config, growth):
+  learner, dataset = make_learner(config, 'gmoe', grow_every=2, growth=growth)
+  state = learner.init(jax.random.key(0))
+  r = first_round(dataset, config)
+  h, d = config.model.hidden, 144
+  leaves = []
+  for t in range(4):
+    before = learner.params(state)
+    state, _ = learner.train_round(state, r, jax.random.key(t))
+    one = jax.tree.map(lambda p: p[0], state['params'])
+    leaves.append([len(v) for v in moe_model.leaf_paths(one).values()])
+    grew = t % 2 == 0
+    # +1 expert and +1 gate of 2 outputs per layer: layer 0 sees the input, layer 1 the hidden
+    added = (d * h + h) + (d * 2 + 2) + (h * h + h) + (h * 2 + 2)
+    assert learner.params(state) == before + (added if grew else 0)
+  assert leaves == [[3, 3], [3, 3], [4, 4], [4, 4]]
+
+
+def test_gmoe_splits_the_most_used_expert(config):
+  learner, dataset = make_learner(config, 'gmoe')
+  state = learner.init(jax.random.key(0))
+  one = jax.tree.map(lambda p: p[0], state['params'])
+  # Make expert 1 of layer 0 dominate its gate.
+  one['layer_0']['gate']['bias'] = jnp.array([-5.0, 5.0])
+  r = first_round(dataset, config)
+  usage = moe_learner.leaf_usage(learner, one, r.valid)
+  assert usage['layer_0/1'] > usage['layer_0/0']
+  assert sum(v for k, v in usage.items() if k.startswith('layer_0')) == pytest.approx(len(r.valid))
+  grown = moe_learner.grow(learner, one, r.valid, jax.random.key(3))
+  assert moe_model.leaf_paths(grown)['layer_0'] == ['layer_0/0', 'layer_0/1/0', 'layer_0/1/1']
+
+
+def test_samme_weights_and_alphas():
+  miss = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
+  alphas, weights = boosting.samme(miss, num_classes=10)
+  assert alphas[0] == pytest.approx(np.log(3) + np.log(9))
+  assert weights.mean() == pytest.approx(1.0)
+  assert weights[0] > weights[2] and weights[1] > weights[2]  # missed examples gain weight
