@@ -5,6 +5,9 @@ the top-level `seed`. Config files under configs/ start from `base()` and set wh
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Sections that may change when a run is resumed: they do not change what the run computes.
@@ -48,6 +51,15 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3))
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
   return c
+
+
+def load(path: str, variant: str = '') -> ml_collections.ConfigDict:
+  """The config of a config file (what `--config=path:variant` gives main), for scripts."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0] + '_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

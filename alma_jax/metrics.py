@@ -46,9 +46,10 @@ def num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def cost_flops(compiled) -> float | None:
-  """FLOPs of a compiled computation from XLA's cost analysis (None where the backend has none)."""
-  analysis = compiled.cost_analysis()
+def cost_flops(lowered) -> float | None:
+  """FLOPs of a lowered computation from XLA's cost analysis of the program it compiles (None
+  where the backend has none). Read before optimization, so no compile is needed."""
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:

@@ -94,7 +94,7 @@ class Trainer:
 
   def __post_init__(self):
     object.__setattr__(self, 'train_epoch', jax.jit(
-        jax.vmap(self._member_epoch, in_axes=(0, 0, None, None, 0, 0, None, 0)),
+        jax.vmap(self._member_epoch, in_axes=(0, 0, None, None, 0, 0, None, 0, None)),
         donate_argnums=(0, 1)))
 
   def train_step(self, params, opt_state, images, labels, weights, key):
@@ -103,8 +103,9 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  def _member_epoch(self, params, opt_state, images, labels, indices, weights, n, key):
-    """One epoch of one member over its first `n` indices (weights are 0 past `n`)."""
+  def _member_epoch(self, params, opt_state, images, labels, indices, weights, n, key, epoch):
+    """Epoch `epoch` of one member over its first `n` indices (weights are 0 past `n`)."""
+    key = jax.random.fold_in(key, epoch)
     real = jnp.arange(indices.shape[0]) < n
     if self.resample:
       order = jax.random.choice(jax.random.fold_in(key, 0), indices.shape[0], indices.shape,
@@ -132,4 +133,4 @@ class Trainer:
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
     lowered = jax.jit(self.train_step).lower(params, opt_state, shape(images), shape(labels), w,
                                              jax.random.key(0))
-    return metrics.cost_flops(lowered.compile())
+    return metrics.cost_flops(lowered)

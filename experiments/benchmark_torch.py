@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -29,17 +28,13 @@ except ImportError:
            'Install it with: pip install torch==2.13.0')
 import numpy as np
 
-from alma_jax import data, stream as alma_stream
+from alma_jax import config as alma_config, data, stream as alma_stream
 from alma_jax import run as alma_run
 
 
 def load_config(variant: str):
   """The config of configs/fashion_mnist.py (with `variant`), TensorBoard off."""
-  spec = importlib.util.spec_from_file_location(
-      'fashion_mnist_config', os.path.join(ROOT, 'configs', 'fashion_mnist.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+  config = alma_config.load(os.path.join(ROOT, 'configs', 'fashion_mnist.py'), variant)
   config.log.tensorboard = False
   return config
 

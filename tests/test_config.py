@@ -4,18 +4,11 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (what main uses to load config files)
-import importlib.util
 
 from alma_jax import config as alma_config, learners, models, optim
 from conftest import REPO
 
-
-def load_config_file(path, variant=''):
-  spec = importlib.util.spec_from_file_location('cfg', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+load_config_file = alma_config.load
 
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))

@@ -113,11 +113,11 @@ def test_vmapped_members_train_exactly_like_members_alone(config):
   keys = jax.random.split(jax.random.key(5), 3)
   copy = lambda t: jax.tree.map(jnp.copy, t)
   together, _ = trainer.train_epoch(copy(params), copy(opt), learner.data.train_images,
-                                    learner.data.train_labels, idx, weights, n, keys)
+                                    learner.data.train_labels, idx, weights, n, keys, 0)
   for m in range(3):
     alone, _ = trainer.train_epoch(copy(learner.member(params, m)), copy(learner.member(opt, m)),
                                    learner.data.train_images, learner.data.train_labels,
-                                   idx[m:m + 1], weights[m:m + 1], n, keys[m:m + 1])
+                                   idx[m:m + 1], weights[m:m + 1], n, keys[m:m + 1], 0)
     for a, b in zip(jax.tree.leaves(learner.member(together, m)), jax.tree.leaves(alone)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # and the members really differ: each had its own shuffling

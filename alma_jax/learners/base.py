@@ -126,7 +126,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, d
   for epoch in range(train_config.max_epochs):
     params, opt_state = trainer.train_epoch(
         params, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
-        n_train, jax.vmap(jax.random.fold_in, (0, None))(keys, epoch))
+        n_train, keys, epoch)
     sums = validator(params, data.train_images, data.train_labels, valid)
     accuracy = np.asarray(sums['correct']) / len(valid)
     improved = accuracy > best_accuracy + train_config.patience_delta

@@ -111,6 +111,9 @@ class MemberLearner:
     def test_metric(params_and_weights, images, labels, weights):
       return base.classification_sums(*ensemble(*params_and_weights, images), labels, weights)
 
+    self._init_members = jax.jit(
+        lambda key, count: jax.vmap(lambda k: self.model.init(k, self.example)['params'])(
+            jax.random.split(key, count)), static_argnums=1)
     self.apply_fn = apply_fn
     self.preprocess = dataset.preprocess
     self.ensemble = ensemble
@@ -124,8 +127,7 @@ class MemberLearner:
   # Members.
   def new_members(self, key, count: int):
     """`count` freshly initialized members, stacked."""
-    return jax.vmap(lambda k: self.model.init(k, self.example)['params'])(
-        jax.random.split(key, count))
+    return self._init_members(key, count)
 
   def member(self, params, i: int, count: int = 1):
     """Members i .. i + count - 1 of a stack (negative i counts from the end)."""
@@ -158,7 +160,7 @@ class MemberLearner:
       one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
       opt_state = jax.eval_shape(self.optimizer.init, one)
       x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
-      forward = metrics.cost_flops(jax.jit(self.apply_fn).lower(one, x).compile())
+      forward = metrics.cost_flops(jax.jit(self.apply_fn).lower(one, x))
       self._flops[signature] = {
           'step': self.trainer.step_flops(one, opt_state, self.data.train_images,
                                           self.data.train_labels),

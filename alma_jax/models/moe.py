@@ -11,6 +11,7 @@ a leaf is a dense layer ({'kernel', 'bias'}).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -49,7 +50,7 @@ class MoEMLP:
   num_classes: int = 10
 
   def init(self, key, x):
-    fan_in = int(jnp.prod(jnp.asarray(x.shape[1:])))
+    fan_in = math.prod(x.shape[1:])
     params = {}
     for layer in range(self.num_layers):
       key, gate_key, *expert_keys = jax.random.split(key, self.num_experts + 2)

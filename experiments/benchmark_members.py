@@ -1,0 +1,63 @@
+"""k members trained side by side through vmap, against k single-model rounds one after another.
+
+One round of the demo protocol's data (Fashion-MNIST mega-batch 1), a fixed number of epochs
+(early stopping off, so both do the same work), after a first round that compiles. Run from the
+repository root:
+
+  python experiments/benchmark_members.py [--members=4] [--epochs=5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from alma_jax import config as alma_config, data, learners, sharding  # noqa: E402
+from alma_jax import stream as alma_stream  # noqa: E402
+from alma_jax.run import _device_data  # noqa: E402
+
+
+def timed_round(learner, round_data, repeats: int) -> float:
+  """Seconds of `repeats` training rounds from the learner's initial state (compiled first)."""
+  state = learner.init(jax.random.key(0))
+  jax.block_until_ready(learner.train_round(state, round_data, jax.random.key(1))[0])
+  began = time.perf_counter()
+  for r in range(repeats):
+    jax.block_until_ready(learner.train_round(state, round_data, jax.random.key(2 + r))[0])
+  return time.perf_counter() - began
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--members', type=int, default=4)
+  parser.add_argument('--epochs', type=int, default=5)
+  args = parser.parse_args()
+  config = alma_config.load(os.path.join(ROOT, 'configs', 'fashion_mnist.py'))
+  config.train.update(max_epochs=args.epochs, patience=args.epochs)
+  config.learner.num_members = args.members
+  dataset = data.load(config.data)
+  mesh = sharding.make_mesh()
+  device_data = _device_data(dataset, mesh)
+  stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches)
+  state = alma_stream.arrive(alma_stream.init_state(stream.num_examples))
+  round_data, _ = alma_stream.next_round(state, stream, config.stream, config.seed)
+
+  config.learner.name = 'k_ensemble'
+  together = timed_round(learners.create(config, dataset, device_data, mesh), round_data, 1)
+  config.learner.name = 'finetune'
+  apart = timed_round(learners.create(config, dataset, device_data, mesh), round_data,
+                      args.members)
+  print(f'{args.members} members, {args.epochs} epochs on {len(round_data.train)} examples:')
+  print(f'  vmapped, one program:   {together:.2f} s')
+  print(f'  {args.members} single-model rounds: {apart:.2f} s')
+  print(f'  ratio (separate / vmapped): {apart / together:.2f}x')
+
+
+if __name__ == '__main__':
+  main()
