@@ -179,3 +179,28 @@ def test_samme_weights_and_alphas():
   assert alphas[0] == pytest.approx(np.log(3) + np.log(9))
   assert weights.mean() == pytest.approx(1.0)
   assert weights[0] > weights[2] and weights[1] > weights[2]  # missed examples gain weight
+
+
+@pytest.mark.parametrize('combine', ['mean_logits', 'mean_probs', 'weighted_logits',
+                                     'majority_vote'])
+def test_padding_members_have_no_say(combine):
+  from alma_jax.learners import members
+  fn = getattr(members, combine)
+  logits = jax.random.normal(jax.random.key(0), (3, 32, 10)) * 3
+  weights = jnp.array([0.5, 1.0, 2.0])
+  padded = jnp.concatenate([logits, jnp.repeat(logits[:1], 5, 0) * 7])
+  padded_weights = jnp.concatenate([weights, jnp.zeros(5)])
+  (lp, pred), (lp_pad, pred_pad) = fn(logits, weights), fn(padded, padded_weights)
+  np.testing.assert_allclose(lp_pad, lp, atol=1e-5)
+  np.testing.assert_array_equal(pred_pad, pred)
+
+
+def test_majority_vote_breaks_ties_by_confidence():
+  from alma_jax.learners import members
+  # Members 0 and 1 vote class 0 and 1 (a tie); member 1 is the more confident.
+  logits = jnp.array([[[1.0, 0.0, 0.0]], [[0.0, 5.0, 0.0]]])
+  _, predicted = members.majority_vote(logits, jnp.ones(2))
+  assert int(predicted[0]) == 1
+  # Two of three members agree on class 2: the vote wins over a confident dissenter.
+  logits = jnp.array([[[0.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]], [[9.0, 0.0, 0.0]]])
+  assert int(members.majority_vote(logits, jnp.ones(3))[1][0]) == 2

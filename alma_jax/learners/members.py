@@ -13,6 +13,7 @@ here, once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -52,15 +53,18 @@ class Plan:
   resample: bool = False
 
 
+# How members combine. `weights` (M,) are the members' weights in the prediction; padding
+# members (see MemberLearner.evaluate) have weight 0 and no say.
 def mean_logits(logits, weights):
-  del weights
-  mean = jnp.mean(logits, 0)
+  present = (weights > 0).astype(logits.dtype)
+  mean = jnp.einsum('m,mbc->bc', present, logits) / jnp.sum(present)
   return jax.nn.log_softmax(mean), jnp.argmax(mean, -1)
 
 
 def mean_probs(logits, weights):
-  del weights
-  log_probs = jax.nn.logsumexp(jax.nn.log_softmax(logits), 0) - jnp.log(logits.shape[0])
+  present = jnp.where(weights > 0, 0.0, -jnp.inf)[:, None, None]
+  log_probs = (jax.nn.logsumexp(jax.nn.log_softmax(logits) + present, 0)
+               - jnp.log(jnp.sum(weights > 0)))
   return log_probs, jnp.argmax(log_probs, -1)
 
 
@@ -71,15 +75,15 @@ def weighted_logits(logits, weights):
 
 def majority_vote(logits, weights):
   """Most members' class; a tie goes to the class of the most confident member among the tied."""
-  del weights
-  num_classes = logits.shape[-1]
-  votes = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes).sum(0)  # (B, C)
-  confidence = jnp.max(jax.nn.softmax(logits), -1)  # (M, B)
+  present = weights > 0
   member_class = jnp.argmax(logits, -1)  # (M, B)
+  votes = jnp.einsum('m,mbc->bc', present.astype(logits.dtype),
+                     jax.nn.one_hot(member_class, logits.shape[-1]))  # (B, C)
+  confidence = jnp.max(jax.nn.softmax(logits), -1)  # (M, B)
   tied = jnp.take_along_axis(votes, member_class.T, -1).T == votes.max(-1)  # (M, B)
-  best = jnp.argmax(jnp.where(tied, confidence, -1.0), 0)  # (B,)
+  best = jnp.argmax(jnp.where(tied & present[:, None], confidence, -1.0), 0)  # (B,)
   predicted = jnp.take_along_axis(member_class, best[None], 0)[0]
-  return mean_probs(logits, None)[0], predicted
+  return mean_probs(logits, weights)[0], predicted
 
 
 class MemberLearner:
@@ -193,8 +197,11 @@ class MemberLearner:
 
   # The predictor.
   def evaluate(self, state) -> dict:
-    sums = self.tester((state['params'], state['member_weights']), self.data.test_images,
-                       self.data.test_labels, self.test_indices)
+    """Test error and loss. The member stack is padded to a power of two with weight-0 copies,
+    so a growing ensemble compiles its evaluation once per doubling, not once per member."""
+    m = self.num_members(state)
+    padded = _pad_members(state['params'], state['member_weights'], (1 << (m - 1).bit_length()))
+    sums = self.tester(padded, self.data.test_images, self.data.test_labels, self.test_indices)
     return base.error_and_loss(sums)
 
   def params(self, state) -> int:
@@ -211,6 +218,14 @@ class MemberLearner:
       template = jax.eval_shape(jax.vmap(self.optimizer.init), tree['params'])
       state['opt_state'] = base.restore_like(template, tree['opt_state'])
     return state
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _pad_members(params, member_weights, size: int):
+  """The stack padded to `size` members with copies of the first, of weight 0."""
+  pad = size - member_weights.shape[0]
+  params = jax.tree.map(lambda p: jnp.concatenate([p, jnp.repeat(p[:1], pad, 0)]), params)
+  return params, jnp.concatenate([member_weights, jnp.zeros(pad, member_weights.dtype)])
 
 
 # Helpers for plans.
