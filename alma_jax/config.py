@@ -21,7 +21,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       source='idx', name='', path='', tfds_data_dir='', num_classes=10,
-      mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0))
+      mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0,
+      augmentation=''))  # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
 
   c.stream = ml_collections.ConfigDict(dict(
       num_megabatches=10,        # T
@@ -83,6 +84,8 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('data.path', c.data.path, 'an idx data set needs a folder')
   if c.data.source == 'tfds' and not c.data.name:
     _fail('data.name', c.data.name, 'a TFDS data set needs a name')
+  if c.data.augmentation not in ('', 'crop_flip'):
+    _fail('data.augmentation', c.data.augmentation, "must be '' or 'crop_flip'")
   for key in ('max_train_examples', 'max_test_examples'):
     if c.data[key] < 0:
       _fail(f'data.{key}', c.data[key], 'must be >= 0 (0: all)')

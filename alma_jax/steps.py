@@ -22,8 +22,9 @@ import optax
 
 from alma_jax import metrics, sharding
 
-# loss_fn(params, images, labels, weights, key) -> scalar, for one member; weights are 0 on
-# padding. metric_fn(params, images, labels, weights) -> dict of sums over the batch.
+# loss_fn(variables, images, labels, weights, key) -> (scalar, updated non-parameter collections)
+# for one member's Flax variables ({'params': ..., 'batch_stats': ...}); weights are 0 on padding.
+# metric_fn(variables, images, labels, weights) -> dict of sums over the batch.
 LossFn = Callable[..., jax.Array]
 MetricFn = Callable[..., dict]
 
@@ -60,11 +61,11 @@ class Evaluator:
   def __post_init__(self):
     object.__setattr__(self, 'sums', jax.jit(self._sums))
 
-  def _sums(self, params, images, labels, indices, n):
+  def _sums(self, model, images, labels, indices, n):
     def block_sums(i):
       block = _block(indices, i * self.batch_size, self.batch_size)
       block = jax.lax.with_sharding_constraint(block, sharding.batch_sharded(self.mesh))
-      return self.metric_fn(params, images[block], labels[block],
+      return self.metric_fn(model, images[block], labels[block],
                             _valid(n, i * self.batch_size, self.batch_size))
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(block_sums, 0))
@@ -72,10 +73,10 @@ class Evaluator:
     return jax.lax.fori_loop(0, num_blocks, lambda i, t: jax.tree.map(jnp.add, t, block_sums(i)),
                              zeros)
 
-  def __call__(self, params, images, labels, indices: np.ndarray) -> dict:
+  def __call__(self, model, images, labels, indices: np.ndarray) -> dict:
     """Host sums of the metric over `indices` (a 1-D array of any length)."""
     padded, n = pad_indices(indices, self.batch_size)
-    return jax.device_get(self.sums(params, images, labels, padded, n))
+    return jax.device_get(self.sums(model, images, labels, padded, n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +98,16 @@ class Trainer:
         jax.vmap(self._member_epoch, in_axes=(0, 0, None, None, 0, 0, None, 0, None)),
         donate_argnums=(0, 1)))
 
-  def train_step(self, params, opt_state, images, labels, weights, key):
-    """One optimizer update of one member on one (weighted, padded) batch."""
-    grads = jax.grad(self.loss_fn)(params, images, labels, weights, key)
+  def train_step(self, variables, opt_state, images, labels, weights, key):
+    """One optimizer update of one member on one (weighted, padded) batch. The optimizer sees
+    the parameters; other collections (BatchNorm statistics) come updated from the forward."""
+    params = variables['params']
+    loss = lambda p: self.loss_fn({**variables, 'params': p}, images, labels, weights, key)
+    grads, updated = jax.grad(loss, has_aux=True)(params)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return {**variables, **updated, 'params': optax.apply_updates(params, updates)}, opt_state
 
-  def _member_epoch(self, params, opt_state, images, labels, indices, weights, n, key, epoch):
+  def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch):
     """Epoch `epoch` of one member over its first `n` indices (weights are 0 past `n`)."""
     key = jax.random.fold_in(key, epoch)
     real = jnp.arange(indices.shape[0]) < n
@@ -124,13 +128,13 @@ class Trainer:
       return self.train_step(*carry, images[block], labels[block], _block(weights, step * b, b),
                              jax.random.fold_in(key, step + 1))
 
-    return jax.lax.fori_loop(0, (n + b - 1) // b, body, (params, opt_state))
+    return jax.lax.fori_loop(0, (n + b - 1) // b, body, (variables, opt_state))
 
-  def step_flops(self, params, opt_state, images, labels) -> float | None:
+  def step_flops(self, variables, opt_state, images, labels) -> float | None:
     """FLOPs of one member's compiled train step on a full batch (forward, backward, update)."""
     shape = lambda a, dtype=None: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:],
                                                        dtype or a.dtype)
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
-    lowered = jax.jit(self.train_step).lower(params, opt_state, shape(images), shape(labels), w,
-                                             jax.random.key(0))
+    lowered = jax.jit(self.train_step).lower(variables, opt_state, shape(images), shape(labels),
+                                             w, jax.random.key(0))
     return metrics.cost_flops(lowered)

@@ -54,8 +54,8 @@ def test_every_learner_runs_and_resumes_mid_stream_exactly(config, tmp_path, nam
 
 
 def member_count_params(learner, state):
-  one = jax.tree.map(lambda p: p[:1], state['params'])
-  return learner.num_members(state), learner.params({'params': one})
+  one = jax.tree.map(lambda p: p[:1], state['variables'])
+  return learner.num_members(state), learner.params({'variables': one})
 
 
 def test_gens_grows_one_member_per_round_and_params_count_all_members(config):
@@ -77,9 +77,9 @@ def test_a_copied_gens_member_starts_as_the_function_of_the_last(config):
   state = learner.init(jax.random.key(0))
   state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
   x = dataset.test_images[:64]
-  before = learner.ensemble(state['params'], state['member_weights'], x)[0]
+  before = learner.ensemble(state['variables'], state['member_weights'], x)[0]
   start = learner.plan.work(learner, state, first_round(dataset, config), jax.random.key(2)).start
-  grown = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['params'], start)
+  grown = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['variables'], start)
   logits = jax.vmap(learner.apply_fn, (0, None))(grown, x)
   np.testing.assert_array_equal(logits[-1], logits[-2])  # the new member is the last one
   # With one member so far, the ensemble's mean logits are unchanged by the copy.
@@ -106,7 +106,7 @@ def test_vmapped_members_train_exactly_like_members_alone(config):
   learner, dataset = make_learner(config, 'k_ensemble', num_members=3)
   trainer = learner.trainer
   params = learner.new_members(jax.random.key(0), 3)
-  opt = jax.vmap(learner.optimizer.init)(params)
+  opt = learner.init_optimizer(params)
   r = first_round(dataset, config)
   idx, n = steps.pad_indices(np.broadcast_to(r.train, (3, len(r.train))), trainer.batch_size)
   weights = (np.arange(idx.shape[1]) < n).astype(np.float32)[None].repeat(3, 0)
@@ -150,7 +150,7 @@ def test_gmoe_adds_one_expert_per_mixture_layer_per_growth(config, growth):
   for t in range(4):
     before = learner.params(state)
     state, _ = learner.train_round(state, r, jax.random.key(t))
-    one = jax.tree.map(lambda p: p[0], state['params'])
+    one = jax.tree.map(lambda p: p[0], state['variables']['params'])
     leaves.append([len(v) for v in moe_model.leaf_paths(one).values()])
     grew = t % 2 == 0
     # +1 expert and +1 gate of 2 outputs per layer: layer 0 sees the input, layer 1 the hidden
@@ -162,7 +162,7 @@ def test_gmoe_adds_one_expert_per_mixture_layer_per_growth(config, growth):
 def test_gmoe_splits_the_most_used_expert(config):
   learner, dataset = make_learner(config, 'gmoe')
   state = learner.init(jax.random.key(0))
-  one = jax.tree.map(lambda p: p[0], state['params'])
+  one = jax.tree.map(lambda p: p[0], state['variables']['params'])
   # Make expert 1 of layer 0 dominate its gate.
   one['layer_0']['gate']['bias'] = jnp.array([-5.0, 5.0])
   r = first_round(dataset, config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,6 +26,7 @@ class Dataset:
   num_classes: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  augmentation: str = ''  # '' (none) or 'crop_flip'
 
   @property
   def image_shape(self) -> tuple[int, ...]:
@@ -34,6 +36,26 @@ class Dataset:
     """uint8 images -> float32, scaled to [0, 1] and normalized per channel."""
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+  def augment(self, images, key):
+    """Training-time augmentation of a batch of uint8 images, on the device."""
+    if self.augmentation == 'crop_flip':
+      return random_crop_flip(images, key)
+    return images
+
+
+def random_crop_flip(images, key, padding: int = 4):
+  """Per example: a random crop of the image's size from it zero-padded by `padding` on each
+  side, then a horizontal flip with probability 1/2 (the CIFAR-10 augmentation)."""
+  n, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  y_key, x_key, flip_key = jax.random.split(key, 3)
+  ys = jax.random.randint(y_key, (n,), 0, 2 * padding + 1)
+  xs = jax.random.randint(x_key, (n,), 0, 2 * padding + 1)
+  crops = jax.vmap(lambda image, y, x: jax.lax.dynamic_slice(image, (y, x, 0), (h, w, c)))(
+      padded, ys, xs)
+  flip = jax.random.bernoulli(flip_key, 0.5, (n,))[:, None, None, None]
+  return jnp.where(flip, crops[:, :, ::-1], crops)
 
 
 def _subset(images, labels, limit):
@@ -59,4 +81,4 @@ def load(config) -> Dataset:
       train_images=train[0], train_labels=train[1].astype(np.int32),
       test_images=test[0], test_labels=test[1].astype(np.int32),
       num_classes=config.num_classes,
-      mean=tuple(config.mean), std=tuple(config.std))
+      mean=tuple(config.mean), std=tuple(config.std), augmentation=config.augmentation)

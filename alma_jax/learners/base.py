@@ -70,13 +70,14 @@ def restore_like(template, tree):
   return serialization.from_state_dict(template, tree)
 
 
-def cross_entropy_loss(apply_fn):
-  """Weighted mean cross-entropy of a classifier `apply_fn(params, images) -> logits`."""
+def cross_entropy_loss(apply_train):
+  """Weighted mean cross-entropy of a classifier in training mode,
+  `apply_train(variables, images, key) -> (logits, updated collections)`."""
 
-  def loss_fn(params, images, labels, weights, key):
-    del key
-    ce = optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, images), labels)
-    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights > 0), 1.0)
+  def loss_fn(variables, images, labels, weights, key):
+    logits, updated = apply_train(variables, images, key)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights > 0), 1.0), updated
 
   return loss_fn
 
@@ -101,15 +102,15 @@ def _keep_improved(improved, new, old):
   return jax.tree.map(pick, new, old)
 
 
-def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, data: DeviceData,
+def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: DeviceData,
         train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
         weights: np.ndarray | None = None) -> tuple[Any, Any, RoundReport]:
   """The common ALMA round for a stack of M members trained side by side.
 
-  `params` and `opt_state` have a leading member axis; `train` holds each member's training
+  `variables` (the members' Flax variables) and `opt_state` have a leading member axis; `train` holds each member's training
   indices (M, n) (members may see different data, e.g. bootstrap samples), `weights` their
   example weights (default 1). Every epoch shuffles each member's data with its own key, then
-  measures each member's validation accuracy on `valid`. A member's best-validation parameters
+  measures each member's validation accuracy on `valid`. A member's best-validation variables
   (and optimizer state) are kept; training stops once no member has improved on its best by
   more than `patience_delta` for `patience` epochs, or after `max_epochs`. `flops` holds
   'step' (one member's train step) and 'forward' (one member, one example), either may be None,
@@ -124,16 +125,16 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, params, opt_state, d
   bad_epochs = np.zeros(members, int)
   best, epochs = None, 0
   for epoch in range(train_config.max_epochs):
-    params, opt_state = trainer.train_epoch(
-        params, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
+    variables, opt_state = trainer.train_epoch(
+        variables, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
         n_train, keys, epoch)
-    sums = validator(params, data.train_images, data.train_labels, valid)
+    sums = validator(variables, data.train_images, data.train_labels, valid)
     accuracy = np.asarray(sums['correct']) / len(valid)
     improved = accuracy > best_accuracy + train_config.patience_delta
     best_accuracy = np.where(improved, accuracy, best_accuracy)
     bad_epochs = np.where(improved, 0, bad_epochs + 1)
-    best = (jax.tree.map(jnp.copy, (params, opt_state)) if best is None
-            else _keep_improved(jnp.asarray(improved), (params, opt_state), best))
+    best = (jax.tree.map(jnp.copy, (variables, opt_state)) if best is None
+            else _keep_improved(jnp.asarray(improved), (variables, opt_state), best))
     epochs = epoch + 1
     if np.all(bad_epochs >= train_config.patience):
       break

@@ -19,20 +19,20 @@ from alma_jax.learners import gens, members
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _member_mistakes(apply_fn, params, images, labels, indices, block):
+def _member_mistakes(apply_fn, variables, images, labels, indices, block):
   """(M, n) 1.0 where member m misclassifies example indices[i] (indices padded to `block`)."""
   def one_block(idx):
-    logits = jax.vmap(apply_fn, (0, None))(params, images[idx])
+    logits = jax.vmap(apply_fn, (0, None))(variables, images[idx])
     return (jnp.argmax(logits, -1) != labels[idx]).astype(jnp.float32)
   mistakes = jax.lax.map(one_block, indices.reshape(-1, block))  # (blocks, M, block)
   return jnp.moveaxis(mistakes, 1, 0).reshape(mistakes.shape[1], -1)
 
 
-def mistakes(learner, params, indices: np.ndarray) -> np.ndarray:
-  """(M, n) 1.0 where member m of `params` misclassifies training example indices[i]."""
+def mistakes(learner, variables, indices: np.ndarray) -> np.ndarray:
+  """(M, n) 1.0 where member m of `variables` misclassifies training example indices[i]."""
   block = learner.config.train.eval_batch_size
   padded, n = steps.pad_indices(indices, block)
-  return np.asarray(_member_mistakes(learner.apply_fn, params, learner.data.train_images,
+  return np.asarray(_member_mistakes(learner.apply_fn, variables, learner.data.train_images,
                                      learner.data.train_labels, padded, block))[:, :n]
 
 
@@ -53,13 +53,13 @@ def boosting(config) -> members.Plan:
 
   def work(learner, state, round, key):
     weights = (np.ones(len(round.train), np.float32) if int(state['rounds']) == 0 else
-               samme(mistakes(learner, state['params'], round.train), learner.num_classes)[1])
+               samme(mistakes(learner, state['variables'], round.train), learner.num_classes)[1])
     return members.Work(start=start(learner, state, key, 1), train=members.same_data(round, 1),
                         weights=weights[None])
 
-  def merge(learner, state, params, work, round):
-    state = members.append(learner, state, params, work, round)
-    alphas, _ = samme(mistakes(learner, state['params'], round.valid), learner.num_classes)
+  def merge(learner, state, variables, work, round):
+    state = members.append(learner, state, variables, work, round)
+    alphas, _ = samme(mistakes(learner, state['variables'], round.valid), learner.num_classes)
     return {**state, 'member_weights': jnp.asarray(alphas)}
 
   return members.Plan(1, work, merge, members.weighted_logits, resample=True)

@@ -18,7 +18,7 @@ def new_member_start(config):
   def start(learner, state, key, count):
     if config.new_member == 'fresh' and int(state['rounds']) > 0:
       return learner.new_members(key, count)
-    last = learner.member(state['params'], -1)
+    last = learner.member(state['variables'], -1)
     return learner.repeat(last, count)
 
   return start

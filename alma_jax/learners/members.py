@@ -1,6 +1,7 @@
 """The engine shared by every learner whose predictor is a stack of members of one model.
 
-State: {'params': member parameters stacked on a leading axis (M, ...),
+State: {'variables': the members' Flax variables ({'params', and 'batch_stats' for models with
+                     BatchNorm}) stacked on a leading axis (M, ...),
         'member_weights': (M,) weights of the members in the prediction,
         'rounds': rounds trained so far,
         'opt_state': stacked optimizer states, only when optimizers are kept across rounds}.
@@ -26,8 +27,8 @@ from alma_jax.learners import base
 
 @dataclasses.dataclass(frozen=True)
 class Work:
-  """What a round trains: m members from `start` (stacked params), each on its own indices."""
-  start: Any
+  """What a round trains: m members from `start` (stacked variables), each on its own indices."""
+  start: Any                        # stacked variables
   train: np.ndarray                 # (m, n) training indices per member
   weights: np.ndarray | None = None  # (m, n) example weights, default 1
   opt_state: Any = None             # kept optimizer states to continue from, else fresh
@@ -40,7 +41,7 @@ class Plan:
 
   initial_members: members of the untrained predictor.
   work(learner, state, round, key) -> Work
-  merge(learner, state, trained params, work, round) -> state: how trained members join.
+  merge(learner, state, trained variables, work, round) -> state: how trained members join.
   combine(member logits (M, B, C), member weights (M,)) -> (log-probabilities, predicted class).
   model(module) -> module: the member model built from the config's model (default: itself).
   resample: epochs draw examples with replacement by weight instead of visiting each once.
@@ -100,28 +101,39 @@ class MemberLearner:
     self.optimizer = optim.build(config.optimizer)
     self.example = np.zeros((1,) + dataset.image_shape, np.uint8)
 
-    def apply_fn(params, images):
-      return self.model.apply({'params': params}, dataset.preprocess(images))
+    collections = [c for c in jax.eval_shape(self.model.init, jax.random.key(0), self.example)
+                   if c != 'params']
 
-    def member_metric(params, images, labels, weights):
-      logits = apply_fn(params, images)
+    def apply_fn(variables, images):
+      """A member's logits in evaluation mode (BatchNorm uses its running statistics)."""
+      return self.model.apply(variables, dataset.preprocess(images), train=False)
+
+    def apply_train(variables, images, key):
+      """A member's logits in training mode (augmented inputs), and its updated statistics."""
+      x = dataset.preprocess(dataset.augment(images, key))
+      if not collections:
+        return self.model.apply(variables, x, train=True), {}
+      return self.model.apply(variables, x, train=True, mutable=collections)
+
+    def member_metric(variables, images, labels, weights):
+      logits = apply_fn(variables, images)
       return base.classification_sums(jax.nn.log_softmax(logits), jnp.argmax(logits, -1),
                                       labels, weights)
 
-    def ensemble(state_params, member_weights, images):
-      logits = jax.vmap(apply_fn, (0, None))(state_params, images)
+    def ensemble(variables, member_weights, images):
+      logits = jax.vmap(apply_fn, (0, None))(variables, images)
       return plan.combine(logits, member_weights)
 
-    def test_metric(params_and_weights, images, labels, weights):
-      return base.classification_sums(*ensemble(*params_and_weights, images), labels, weights)
+    def test_metric(variables_and_weights, images, labels, weights):
+      return base.classification_sums(*ensemble(*variables_and_weights, images), labels, weights)
 
     self._init_members = jax.jit(
-        lambda key, count: jax.vmap(lambda k: self.model.init(k, self.example)['params'])(
+        lambda key, count: jax.vmap(lambda k: self.model.init(k, self.example))(
             jax.random.split(key, count)), static_argnums=1)
     self.apply_fn = apply_fn
     self.preprocess = dataset.preprocess
     self.ensemble = ensemble
-    self.trainer = steps.Trainer(base.cross_entropy_loss(apply_fn), self.optimizer,
+    self.trainer = steps.Trainer(base.cross_entropy_loss(apply_train), self.optimizer,
                                  config.train.batch_size, mesh, plan.resample)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None)),
                                      config.train.eval_batch_size, mesh)
@@ -130,39 +142,42 @@ class MemberLearner:
 
   # Members.
   def new_members(self, key, count: int):
-    """`count` freshly initialized members, stacked."""
+    """The variables of `count` freshly initialized members, stacked."""
     return self._init_members(key, count)
 
-  def member(self, params, i: int, count: int = 1):
+  def member(self, variables, i: int, count: int = 1):
     """Members i .. i + count - 1 of a stack (negative i counts from the end)."""
-    i = i % jax.tree.leaves(params)[0].shape[0]
-    return jax.tree.map(lambda p: p[i:i + count], params)
+    i = i % jax.tree.leaves(variables)[0].shape[0]
+    return jax.tree.map(lambda p: p[i:i + count], variables)
 
-  def repeat(self, params, count: int):
-    """A stack of `count` copies of the first member of `params`."""
-    return jax.tree.map(lambda p: jnp.repeat(p[:1], count, axis=0), params)
+  def repeat(self, variables, count: int):
+    """A stack of `count` copies of the first member of `variables`."""
+    return jax.tree.map(lambda p: jnp.repeat(p[:1], count, axis=0), variables)
 
   def num_members(self, state) -> int:
-    return int(jax.tree.leaves(state['params'])[0].shape[0])
+    return int(state['member_weights'].shape[0])
+
+  def init_optimizer(self, variables):
+    return jax.vmap(self.optimizer.init)(variables['params'])
 
   def init(self, key):
     m = self.plan.initial_members
-    state = {'params': self.new_members(key, m), 'member_weights': jnp.ones(m, jnp.float32),
-             'rounds': np.int64(0)}
+    state = {'variables': self.new_members(key, m),
+             'member_weights': jnp.ones(m, jnp.float32), 'rounds': np.int64(0)}
     if self.keep_optimizer:
-      state['opt_state'] = jax.vmap(self.optimizer.init)(state['params'])
+      state['opt_state'] = self.init_optimizer(state['variables'])
     return state
 
-  def flops(self, params=None) -> dict:
-    """For one member shaped like the stack `params` (default: a new member): its train step's
-    FLOPs, its forward FLOPs per example, and its forward multiply-adds per example (the
+  def flops(self, variables=None) -> dict:
+    """For one member shaped like the stack `variables` (default: a new member): its train
+    step's FLOPs, its forward FLOPs per example, and its forward multiply-adds per example (the
     reference's convention). Computed once per shape: growth changes it."""
-    if params is None:
-      params = jax.eval_shape(lambda key: self.new_members(key, 1), jax.random.key(0))
-    signature = str(jax.tree.map(lambda a: a.shape[1:], params))
+    if variables is None:
+      variables = jax.eval_shape(lambda key: self.new_members(key, 1), jax.random.key(0))
+    signature = str(jax.tree.map(lambda a: a.shape[1:], variables))
     if signature not in self._flops:
-      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
-      opt_state = jax.eval_shape(self.optimizer.init, one)
+      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
+      opt_state = jax.eval_shape(self.optimizer.init, one['params'])
       x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
       forward = metrics.cost_flops(jax.jit(self.apply_fn).lower(one, x))
       self._flops[signature] = {
@@ -174,23 +189,23 @@ class MemberLearner:
 
   # Training.
   def fit(self, work: Work, round, key):
-    """Trains the members of `work` side by side; returns (params, opt_state, report)."""
+    """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
     opt_state = (work.opt_state if work.opt_state is not None
-                 else jax.vmap(self.optimizer.init)(work.start))
+                 else self.init_optimizer(work.start))
     # Fresh buffers (training donates them; the state may still hold `work.start`), placed like
     # a train epoch's outputs, so that the epoch compiles once per shape.
     start, opt_state = jax.device_put((work.start, opt_state),
                                       sharding.replicated(self.trainer.mesh), may_alias=False)
-    params, opt_state, report = base.fit(
+    variables, opt_state, report = base.fit(
         self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
         key, self.config.train, self.flops(work.start), work.weights)
-    return params, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
+    return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
 
   def train_round(self, state, round, key):
     work_key, fit_key = jax.random.split(key)
     work = self.plan.work(self, state, round, work_key)
-    params, opt_state, report = self.fit(work, round, fit_key)
-    state = self.plan.merge(self, state, params, work, round)
+    variables, opt_state, report = self.fit(work, round, fit_key)
+    state = self.plan.merge(self, state, variables, work, round)
     if self.keep_optimizer:
       state = {**state, 'opt_state': opt_state}
     return {**state, 'rounds': np.int64(state['rounds'] + 1)}, report
@@ -200,32 +215,34 @@ class MemberLearner:
     """Test error and loss. The member stack is padded to a power of two with weight-0 copies,
     so a growing ensemble compiles its evaluation once per doubling, not once per member."""
     m = self.num_members(state)
-    padded = _pad_members(state['params'], state['member_weights'], (1 << (m - 1).bit_length()))
+    padded = _pad_members(state['variables'], state['member_weights'],
+                          (1 << (m - 1).bit_length()))
     sums = self.tester(padded, self.data.test_images, self.data.test_labels, self.test_indices)
     return base.error_and_loss(sums)
 
   def params(self, state) -> int:
-    return metrics.num_params(state['params'])
+    """Parameters of the predictor (all members; BatchNorm statistics are not parameters)."""
+    return metrics.num_params(state['variables']['params'])
 
   def inference_flops(self, state) -> float:
-    forward = self.flops(state['params'])['forward']
+    forward = self.flops(state['variables'])['forward']
     return float('nan') if forward is None else forward * self.num_members(state)
 
   def restore(self, tree):
     """The state saved as `tree`, whatever its number of members or tree of experts."""
     state = {**tree, 'rounds': np.int64(tree['rounds'])}
     if self.keep_optimizer:  # optax states are named tuples: rebuild them from a template
-      template = jax.eval_shape(jax.vmap(self.optimizer.init), tree['params'])
+      template = jax.eval_shape(self.init_optimizer, tree['variables'])
       state['opt_state'] = base.restore_like(template, tree['opt_state'])
     return state
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _pad_members(params, member_weights, size: int):
+def _pad_members(variables, member_weights, size: int):
   """The stack padded to `size` members with copies of the first, of weight 0."""
   pad = size - member_weights.shape[0]
-  params = jax.tree.map(lambda p: jnp.concatenate([p, jnp.repeat(p[:1], pad, 0)]), params)
-  return params, jnp.concatenate([member_weights, jnp.zeros(pad, member_weights.dtype)])
+  variables = jax.tree.map(lambda p: jnp.concatenate([p, jnp.repeat(p[:1], pad, 0)]), variables)
+  return variables, jnp.concatenate([member_weights, jnp.zeros(pad, member_weights.dtype)])
 
 
 # Helpers for plans.
@@ -233,20 +250,21 @@ def same_data(round, members: int) -> np.ndarray:
   return np.broadcast_to(round.train, (members, len(round.train)))
 
 
-def replace(learner, state, params, work, round):
+def replace(learner, state, variables, work, round):
   """The trained members become the whole predictor."""
   del learner, work, round
-  m = jax.tree.leaves(params)[0].shape[0]
-  return {**state, 'params': params, 'member_weights': jnp.ones(m, jnp.float32)}
+  m = jax.tree.leaves(variables)[0].shape[0]
+  return {**state, 'variables': variables, 'member_weights': jnp.ones(m, jnp.float32)}
 
 
-def append(learner, state, params, work, round, weights=None):
+def append(learner, state, variables, work, round, weights=None):
   """The trained members join the frozen ones (or replace the untrained start, first round)."""
   del learner, work, round
-  m = jax.tree.leaves(params)[0].shape[0]
+  m = jax.tree.leaves(variables)[0].shape[0]
   weights = jnp.ones(m, jnp.float32) if weights is None else weights
   if int(state['rounds']) == 0:
-    return {**state, 'params': params, 'member_weights': weights}
+    return {**state, 'variables': variables, 'member_weights': weights}
   return {**state,
-          'params': jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['params'], params),
+          'variables': jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['variables'],
+                                    variables),
           'member_weights': jnp.concatenate([state['member_weights'], weights])}

@@ -54,10 +54,10 @@ def gmoe(config) -> members.Plan:
   def work(learner, state, round, key):
     if int(state['rounds']) % config.grow_every:
       return single.warm_start(learner, state, round, key)
-    one = jax.tree.map(lambda p: p[0], state['params'])
+    one = jax.tree.map(lambda p: p[0], state['variables']['params'])
     grown = grow(learner, one, round.valid, key, by_usage=config.growth == 'usage')
-    measured = learner.flops(state['params'])['forward'] or 0.0
-    return members.Work(start=jax.tree.map(lambda p: p[None], grown),
+    measured = learner.flops(state['variables'])['forward'] or 0.0
+    return members.Work(start={'params': jax.tree.map(lambda p: p[None], grown)},
                         train=members.same_data(round, 1),
                         extra_flops=measured * len(round.valid) if config.growth == 'usage' else 0.0)
 

@@ -7,7 +7,7 @@ from alma_jax.learners import members
 def warm_start(learner, state, round, key):
   """Every member continues from where the previous round left it, on the round's data."""
   del key
-  return members.Work(start=state['params'], train=members.same_data(round, learner.num_members(state)),
+  return members.Work(start=state['variables'], train=members.same_data(round, learner.num_members(state)),
                       opt_state=state.get('opt_state'))
 
 
