@@ -22,6 +22,7 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source='idx', name='', path='', tfds_data_dir='', num_classes=10,
       mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0,
+      pad_to=0,          # zero-pad images to pad_to x pad_to (0: as they are)
       augmentation=''))  # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
 
   c.stream = ml_collections.ConfigDict(dict(
@@ -47,7 +48,8 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
                                                weight_decay=0.0, nesterov=False))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000))
+      batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000,
+      compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call
   c.mesh = ml_collections.ConfigDict(dict(data=0))  # 0: every device present
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3))
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
@@ -125,9 +127,13 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
   for key in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size'):
     if t[key] < 1:
       _fail(f'train.{key}', t[key], 'must be >= 1')
+  if t.compiled_epoch not in ('auto', 'yes', 'no'):
+    _fail('train.compiled_epoch', t.compiled_epoch, "must be 'auto', 'yes' or 'no'")
   if t.patience_delta < 0:
     _fail('train.patience_delta', t.patience_delta, 'must be >= 0')
-  for key in ('hidden', 'num_layers'):
+  if c.data.pad_to < 0:
+    _fail('data.pad_to', c.data.pad_to, 'must be >= 0 (0: no padding)')
+  for key in ('hidden', 'num_layers', 'width'):
     if key in c.model and c.model[key] < 1:
       _fail(f'model.{key}', c.model[key], 'must be >= 1')
   if c.mesh.data < 0:

@@ -57,18 +57,29 @@ def cost_flops(lowered) -> float | None:
   return float(analysis['flops'])
 
 
+def equations(fn, *args):
+  """Every equation of `fn(*args)`'s jaxpr, those inside nested jaxprs (jit, vmap, ...) too."""
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds its Jaxpr
+          if hasattr(sub, 'eqns'):
+            yield from walk(sub)
+
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def multiply_adds(fn, *args) -> int:
   """Multiply-adds of the matrix products and convolutions of `fn(*args)`, read off its jaxpr.
 
   This is the reference's FLOP convention (fvcore: one multiply-add is one FLOP; biases,
   activations and normalization are not counted).
   """
-  return _multiply_adds(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def _multiply_adds(jaxpr) -> int:
   total = 0
-  for eqn in jaxpr.eqns:
+  for eqn in equations(fn, *args):
     out = math.prod(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == 'dot_general':
       (contracting, _), _ = eqn.params['dimension_numbers']
@@ -77,12 +88,6 @@ def _multiply_adds(jaxpr) -> int:
     elif eqn.primitive.name == 'conv_general_dilated':
       rhs, spec = eqn.invars[1].aval.shape, eqn.params['dimension_numbers'].rhs_spec
       total += out * math.prod(rhs[d] for d in spec[1:])  # input features x kernel window
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if hasattr(sub, 'eqns'):
-          total += _multiply_adds(sub)
-        elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
-          total += _multiply_adds(sub.jaxpr)
   return total
 
 

@@ -86,17 +86,37 @@ class Trainer:
   An epoch visits each member's examples once in a random order, weighting each example's loss
   by its weight; with `resample`, it instead draws as many examples with replacement, with
   probabilities proportional to the weights (bagging's bootstrap, boosting by sampling).
+
+  With `compiled_epoch` a whole epoch is one compiled loop. Without it, the host calls one
+  compiled step per batch: XLA:CPU runs convolutions inside loops many times slower than outside
+  (jax-ml/jax#12868), so convolutional models on CPU train faster that way.
   """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   batch_size: int
   mesh: Any
   resample: bool = False
+  compiled_epoch: bool = True
 
   def __post_init__(self):
-    object.__setattr__(self, 'train_epoch', jax.jit(
-        jax.vmap(self._member_epoch, in_axes=(0, 0, None, None, 0, 0, None, 0, None)),
+    members = lambda f, *axes: jax.vmap(f, in_axes=axes)
+    object.__setattr__(self, '_epoch', jax.jit(
+        members(self._member_epoch, 0, 0, None, None, 0, 0, None, 0, None),
         donate_argnums=(0, 1)))
+    object.__setattr__(self, '_order', jax.jit(members(self._member_order, 0, 0, None, 0, None)))
+    object.__setattr__(self, '_step', jax.jit(
+        members(self._member_step, 0, 0, None, None, 0, 0, None, 0, None),
+        donate_argnums=(0, 1)))
+
+  def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch):
+    """Epoch `epoch` of every member (leading axis) over its first `n` indices."""
+    if self.compiled_epoch:
+      return self._epoch(variables, opt_state, images, labels, indices, weights, n, keys, epoch)
+    indices, weights = self._order(indices, weights, n, keys, epoch)
+    for step in range(-(-n // self.batch_size)):
+      variables, opt_state = self._step(variables, opt_state, images, labels, indices, weights,
+                                        step, keys, epoch)
+    return variables, opt_state
 
   def train_step(self, variables, opt_state, images, labels, weights, key):
     """One optimizer update of one member on one (weighted, padded) batch. The optimizer sees
@@ -107,28 +127,32 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return {**variables, **updated, 'params': optax.apply_updates(params, updates)}, opt_state
 
-  def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch):
-    """Epoch `epoch` of one member over its first `n` indices (weights are 0 past `n`)."""
-    key = jax.random.fold_in(key, epoch)
+  def _member_order(self, indices, weights, n, key, epoch):
+    """One member's examples in epoch `epoch`'s order, and their loss weights."""
+    key = jax.random.fold_in(jax.random.fold_in(key, epoch), 0)
     real = jnp.arange(indices.shape[0]) < n
     if self.resample:
-      order = jax.random.choice(jax.random.fold_in(key, 0), indices.shape[0], indices.shape,
-                                p=weights / jnp.sum(weights))
-      weights = real.astype(jnp.float32)
-    else:
-      order = jnp.argsort(jnp.where(
-          real, jax.random.uniform(jax.random.fold_in(key, 0), indices.shape), 2.0))
-      weights = weights[order]
-    indices = indices[order]
+      order = jax.random.choice(key, indices.shape[0], indices.shape, p=weights / jnp.sum(weights))
+      return indices[order], real.astype(jnp.float32)
+    order = jnp.argsort(jnp.where(real, jax.random.uniform(key, indices.shape), 2.0))
+    return indices[order], weights[order]
+
+  def _member_step(self, variables, opt_state, images, labels, indices, weights, step, key,
+                   epoch):
+    """Step `step` of one member's epoch over its ordered `indices`."""
     b = self.batch_size
+    block = jax.lax.with_sharding_constraint(_block(indices, step * b, b),
+                                             sharding.batch_sharded(self.mesh))
+    return self.train_step(variables, opt_state, images[block], labels[block],
+                           _block(weights, step * b, b),
+                           jax.random.fold_in(jax.random.fold_in(key, epoch), step + 1))
 
-    def body(step, carry):
-      block = jax.lax.with_sharding_constraint(_block(indices, step * b, b),
-                                               sharding.batch_sharded(self.mesh))
-      return self.train_step(*carry, images[block], labels[block], _block(weights, step * b, b),
-                             jax.random.fold_in(key, step + 1))
-
-    return jax.lax.fori_loop(0, (n + b - 1) // b, body, (variables, opt_state))
+  def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch):
+    indices, weights = self._member_order(indices, weights, n, key, epoch)
+    body = lambda step, carry: self._member_step(*carry, images, labels, indices, weights, step,
+                                                 key, epoch)
+    return jax.lax.fori_loop(0, (n + self.batch_size - 1) // self.batch_size, body,
+                             (variables, opt_state))
 
   def step_flops(self, variables, opt_state, images, labels) -> float | None:
     """FLOPs of one member's compiled train step on a full batch (forward, backward, update)."""

@@ -64,6 +64,15 @@ def _subset(images, labels, limit):
   return images, labels
 
 
+def pad_images(images: np.ndarray, size: int) -> np.ndarray:
+  """Zero-pads (N, H, W, C) images evenly to (N, size, size, C)."""
+  h, w = images.shape[1:3]
+  if size < h or size < w:
+    raise ValueError(f'config.data.pad_to={size}: smaller than the {h}x{w} images')
+  top, left = (size - h) // 2, (size - w) // 2
+  return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
+
+
 def load(config) -> Dataset:
   """Loads the data set that `config` (the `data` section) names."""
   if config.source == 'idx':
@@ -76,6 +85,9 @@ def load(config) -> Dataset:
     raise ValueError(f"config.data.source={config.source!r}: must be 'idx' or 'tfds'")
   train = _subset(*arrays['train'], config.max_train_examples)
   test = _subset(*arrays['test'], config.max_test_examples)
+  if config.pad_to:
+    train = (pad_images(train[0], config.pad_to), train[1])
+    test = (pad_images(test[0], config.pad_to), test[1])
   return Dataset(
       name=config.name,
       train_images=train[0], train_labels=train[1].astype(np.int32),

@@ -101,7 +101,8 @@ class MemberLearner:
     self.optimizer = optim.build(config.optimizer)
     self.example = np.zeros((1,) + dataset.image_shape, np.uint8)
 
-    collections = [c for c in jax.eval_shape(self.model.init, jax.random.key(0), self.example)
+    example = dataset.preprocess(self.example)
+    collections = [c for c in jax.eval_shape(self.model.init, jax.random.key(0), example)
                    if c != 'params']
 
     def apply_fn(variables, images):
@@ -128,13 +129,17 @@ class MemberLearner:
       return base.classification_sums(*ensemble(*variables_and_weights, images), labels, weights)
 
     self._init_members = jax.jit(
-        lambda key, count: jax.vmap(lambda k: self.model.init(k, self.example))(
+        lambda key, count: jax.vmap(lambda k: self.model.init(k, example))(
             jax.random.split(key, count)), static_argnums=1)
     self.apply_fn = apply_fn
     self.preprocess = dataset.preprocess
     self.ensemble = ensemble
-    self.trainer = steps.Trainer(base.cross_entropy_loss(apply_train), self.optimizer,
-                                 config.train.batch_size, mesh, plan.resample)
+    self.trainer = steps.Trainer(
+        base.cross_entropy_loss(apply_train), self.optimizer, config.train.batch_size, mesh,
+        plan.resample, compile_epochs(config.train.compiled_epoch, apply_fn,
+                                      jax.eval_shape(lambda k: self._init_members(k, 1),
+                                                     jax.random.key(0)),
+                                      self.example))
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None)),
                                      config.train.eval_batch_size, mesh)
     self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh)
@@ -235,6 +240,17 @@ class MemberLearner:
       template = jax.eval_shape(self.init_optimizer, tree['variables'])
       state['opt_state'] = base.restore_like(template, tree['opt_state'])
     return state
+
+
+def compile_epochs(setting: str, apply_fn, variables, example) -> bool:
+  """Whether epochs run as one compiled loop: 'yes', 'no', or 'auto' (yes, unless on CPU with
+  convolutions in the model, which XLA:CPU runs slowly inside loops)."""
+  if setting != 'auto':
+    return setting == 'yes'
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
+  convolutions = any(eqn.primitive.name == 'conv_general_dilated'
+                     for eqn in metrics.equations(apply_fn, one, example))
+  return not (convolutions and jax.default_backend() == 'cpu')
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -4,8 +4,9 @@ from __future__ import annotations
 from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
 from alma_jax.models.moe import MoEMLP
+from alma_jax.models.vgg import VGG
 
-_MODELS = {'mlp': MLP}
+_MODELS = {'mlp': MLP, 'vgg': VGG}
 
 
 def names() -> tuple[str, ...]:

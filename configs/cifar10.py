@@ -1,0 +1,24 @@
+"""ALMA on CIFAR-10 (TFDS `cifar10`) with the reference's defaults (ALMA.md section 4).
+
+VGG-19 layout of constant width 16 (about 36K parameters), SGD lr 0.01, momentum 0.9, weight
+decay 1e-4 (set `optimizer.nesterov=True` for MoE, gMoE and Firefly, as the reference), batch
+128, random crop with padding 4 and horizontal flips. Needs the prepared TFDS data set (internet
+and TensorFlow the first time). Variants: `:tiny` is a smoke run.
+"""
+import ml_collections
+
+from alma_jax import config as alma_config
+
+
+def get_config(variant: str = ''):
+  c = alma_config.base()
+  c.data.update(source='tfds', name='cifar10', mean=(0.4914, 0.4822, 0.4465),
+                std=(0.2470, 0.2435, 0.2616), augmentation='crop_flip')
+  c.model = ml_collections.ConfigDict(dict(name='vgg', width=16))
+  c.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4)
+  if variant == 'tiny':
+    alma_config.tiny(c)
+    c.model.width = 4
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/cifar10.py (known: 'tiny')")
+  return c

@@ -1,0 +1,25 @@
+"""The convolutional path on real data offline: Fashion-MNIST padded to 32x32, VGG of width 16.
+
+CIFAR-10's training setup (ALMA.md section 4: SGD lr 0.01, momentum 0.9, weight decay 1e-4,
+random crop with padding 4 and horizontal flips) on the Debian package's Fashion-MNIST. At most
+10 epochs a round with patience 3 (ours), so a T=10 run fits a CPU.
+Variants: `:tiny` is a smoke run.
+"""
+import ml_collections
+
+from alma_jax import config as alma_config
+
+
+def get_config(variant: str = ''):
+  c = alma_config.base()
+  c.data.update(source='idx', name='fashion_mnist', path='/usr/share/datasets/fashion-mnist',
+                mean=(0.2860,), std=(0.3530,), pad_to=32, augmentation='crop_flip')
+  c.model = ml_collections.ConfigDict(dict(name='vgg', width=16))
+  c.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4)
+  c.train.update(max_epochs=10, patience=3)
+  if variant == 'tiny':
+    alma_config.tiny(c)
+    c.model.width = 4
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/fashion_mnist_conv.py (known: 'tiny')")
+  return c

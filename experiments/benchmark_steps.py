@@ -1,0 +1,61 @@
+"""Training throughput (examples/s) of the compiled train step of each model, on this machine.
+
+Times whole epochs (one compiled loop of batch-128 steps) of one member on Fashion-MNIST, after a
+first epoch that compiles, for the MLP of configs/fashion_mnist.py and the VGG of
+configs/fashion_mnist_conv.py. Run from the repository root:
+
+  python experiments/benchmark_steps.py [--examples=5376] [--epochs=3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from alma_jax import config as alma_config, data, learners, sharding, steps  # noqa: E402
+from alma_jax.run import _device_data  # noqa: E402
+
+CONFIGS = {'mlp (h=64)': 'fashion_mnist.py', 'vgg (c=16)': 'fashion_mnist_conv.py'}
+
+
+def examples_per_second(config_file: str, examples: int, epochs: int) -> float:
+  config = alma_config.load(os.path.join(ROOT, 'configs', config_file))
+  dataset = data.load(config.data)
+  mesh = sharding.make_mesh()
+  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  variables = learner.new_members(jax.random.key(0), 1)
+  variables, opt_state = jax.device_put((variables, learner.init_optimizer(variables)),
+                                        sharding.replicated(mesh))
+  indices, n = steps.pad_indices(np.arange(examples)[None], config.train.batch_size)
+  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
+  keys = jax.random.split(jax.random.key(1), 1)
+  images, labels = learner.data.train_images, learner.data.train_labels
+  for epoch in range(epochs + 1):
+    if epoch == 1:
+      began = time.perf_counter()
+    variables, opt_state = learner.trainer.train_epoch(variables, opt_state, images, labels,
+                                                       indices, weights, n, keys, epoch)
+    jax.block_until_ready(variables)
+  return epochs * n / (time.perf_counter() - began)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--examples', type=int, default=5376)
+  parser.add_argument('--epochs', type=int, default=3)
+  args = parser.parse_args()
+  print('| model | train examples/s |\n|---|---:|')
+  for name, config_file in CONFIGS.items():
+    print(f'| {name} | {examples_per_second(config_file, args.examples, args.epochs):,.0f} |',
+          flush=True)
+
+
+if __name__ == '__main__':
+  main()
