@@ -139,7 +139,7 @@ def run(config, workdir: str) -> dict:
   for t in range(start + 1, num_arrivals + 1):
     began = time.perf_counter()
     stream_state = alma_stream.arrive(stream_state)
-    report = base.RoundReport(epochs=0)
+    report = base.RoundReport()
     trained = alma_stream.should_train(t, config.stream.waiting_time, num_arrivals,
                                        config.stream.train_on_last)
     if trained:
