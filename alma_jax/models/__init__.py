@@ -4,9 +4,10 @@ from __future__ import annotations
 from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
 from alma_jax.models.moe import MoEMLP
+from alma_jax.models.resnet import ResNet18
 from alma_jax.models.vgg import VGG
 
-_MODELS = {'mlp': MLP, 'vgg': VGG}
+_MODELS = {'mlp': MLP, 'vgg': VGG, 'resnet18': ResNet18}
 
 
 def names() -> tuple[str, ...]:

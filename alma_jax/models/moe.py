@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alma_jax.models.mlp import torch_linear_params as _dense_init
+from alma_jax.models.layers import torch_linear_params as _dense_init
 
 
 def _dense(params, x):

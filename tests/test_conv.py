@@ -1,4 +1,4 @@
-"""The convolutional path: VGG of constant width, BatchNorm state, augmentation, CIFAR-10 data."""
+"""The convolutional path: VGG, ResNet-18, BatchNorm state, augmentation, CIFAR-10 data."""
 import json
 import os
 import shutil
@@ -10,7 +10,7 @@ import pytest
 
 from alma_jax import config as alma_config, data, learners, metrics, run, sharding, steps
 from alma_jax.data import random_crop_flip
-from alma_jax.models import VGG
+from alma_jax.models import VGG, ResNet18
 from alma_jax.run import _device_data
 from conftest import REPO
 
@@ -20,6 +20,24 @@ def test_vgg_parameters_match_the_reference(width):
   variables = VGG(width=width).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert metrics.num_params(variables['params']) == 135 * width ** 2 + 85 * width + 10
   assert set(variables) == {'params', 'batch_stats'}
+
+
+def test_resnet18_has_the_usual_parameter_count():
+  variables = ResNet18(width=64).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert metrics.num_params(variables['params']) == 11_173_962  # ResNet-18, CIFAR stem
+
+
+def test_resnet18_trains_in_a_tiny_run(config, tmp_path):
+  config = conv_config(config)
+  config.model = alma_config.base().model
+  config.model.name = 'resnet18'
+  del config.model['hidden'], config.model['num_layers']
+  config.model.width = 4
+  config.stream.num_megabatches = 2
+  summary = run.run(config, str(tmp_path))
+  assert summary['rounds'] == 2 and summary['final_error'] < 0.9
+  assert summary['params'] == metrics.num_params(
+      ResNet18(width=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))['params'])
 
 
 def test_evaluation_uses_running_statistics():

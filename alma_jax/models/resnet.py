@@ -1,0 +1,38 @@
+"""ResNet-18 with the CIFAR stem (a 3x3 convolution, no max-pool), the larger model users expect.
+
+Four stages of two basic blocks, `width`, 2, 4 and 8 x `width` channels wide (strides 1, 2, 2, 2),
+global average pooling and a linear head. Convolutions have no bias (BatchNorm follows each);
+a block whose shape changes gets a 1x1 convolution + BatchNorm shortcut. width=64 and 10 classes:
+11,173,962 parameters.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from alma_jax.models.layers import Conv, Linear, batch_norm
+
+
+class BasicBlock(nn.Module):
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = nn.relu(batch_norm(train)(Conv(self.features, 3, self.stride, use_bias=False)(x)))
+    y = batch_norm(train)(Conv(self.features, 3, 1, use_bias=False)(y))
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = batch_norm(train)(Conv(self.features, 1, self.stride, use_bias=False)(x))
+    return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+  width: int = 64
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(batch_norm(train)(Conv(self.width, 3, 1, use_bias=False)(x)))
+    for stage, stride in enumerate((1, 2, 2, 2)):
+      for block in range(2):
+        x = BasicBlock(self.width * 2 ** stage, stride if block == 0 else 1)(x, train)
+    return Linear(self.num_classes)(x.mean(axis=(1, 2)))
