@@ -148,6 +148,10 @@ def run(config, workdir: str) -> dict:
       learner_state, report = learner.train_round(learner_state, round_data,
                                                   jax.random.fold_in(key, t))
     test = learner.evaluate(learner_state)
+    if not np.isfinite(test['loss']):
+      raise FloatingPointError(
+          f"test loss {test['loss']} after arrival {t}: training diverged (try a lower "
+          f"config.optimizer.learning_rate); checkpoints up to arrival {t - 1} are kept")
     history = metrics.record(
         history, t, trained=float(trained), test_error=test['error'], test_loss=test['loss'],
         train_flops=report.train_flops, valid_flops=report.valid_flops,

@@ -57,6 +57,12 @@ def test_a_foreign_workdir_is_refused(config, tmp_path):
   assert os.listdir(tmp_path) == ['notes.txt']
 
 
+def test_a_diverging_run_stops_with_a_clear_error(config, tmp_path):
+  config.optimizer.update(name='sgd', learning_rate=1e6, momentum=0.9)
+  with pytest.raises(FloatingPointError, match='diverged'):
+    run.run(config, str(tmp_path))
+
+
 def test_from_scratch_and_replay_run(config, tmp_path):
   config.learner.name = 'from_scratch'
   config.stream.replay = 'all'
