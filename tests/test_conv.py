@@ -128,3 +128,14 @@ def test_cifar10_config_reads_tfds_cifar10():
     dataset = data.load(c.data)
   assert dataset.train_images.shape == (16, 32, 32, 3) and dataset.augmentation == 'crop_flip'
   assert len(dataset.mean) == 3
+
+
+def test_batchnorm_statistics_ignore_padding_examples():
+  model = VGG(width=4)
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 1))
+  variables = model.init(jax.random.key(0), x)
+  mask = (jnp.arange(8) < 5).reshape(8, 1, 1, 1)
+  _, masked = model.apply(variables, x, train=True, mutable=['batch_stats'], mask=mask)
+  _, alone = model.apply(variables, x[:5], train=True, mutable=['batch_stats'])
+  for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

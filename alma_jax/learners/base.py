@@ -72,10 +72,10 @@ def restore_like(template, tree):
 
 def cross_entropy_loss(apply_train):
   """Weighted mean cross-entropy of a classifier in training mode,
-  `apply_train(variables, images, key) -> (logits, updated collections)`."""
+  `apply_train(variables, images, key, real examples) -> (logits, updated collections)`."""
 
   def loss_fn(variables, images, labels, weights, key):
-    logits, updated = apply_train(variables, images, key)
+    logits, updated = apply_train(variables, images, key, weights > 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights > 0), 1.0), updated
 

@@ -109,12 +109,14 @@ class MemberLearner:
       """A member's logits in evaluation mode (BatchNorm uses its running statistics)."""
       return self.model.apply(variables, dataset.preprocess(images), train=False)
 
-    def apply_train(variables, images, key):
-      """A member's logits in training mode (augmented inputs), and its updated statistics."""
+    def apply_train(variables, images, key, real):
+      """A member's logits in training mode (augmented inputs), and its updated statistics,
+      which count only the `real` (not padding) examples of the batch."""
       x = dataset.preprocess(dataset.augment(images, key))
       if not collections:
         return self.model.apply(variables, x, train=True), {}
-      return self.model.apply(variables, x, train=True, mutable=collections)
+      return self.model.apply(variables, x, train=True, mutable=collections,
+                              mask=real.reshape((-1,) + (1,) * (x.ndim - 1)))
 
     def member_metric(variables, images, labels, weights):
       logits = apply_fn(variables, images)

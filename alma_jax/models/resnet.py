@@ -17,11 +17,12 @@ class BasicBlock(nn.Module):
   stride: int = 1
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    y = nn.relu(batch_norm(train)(Conv(self.features, 3, self.stride, use_bias=False)(x)))
-    y = batch_norm(train)(Conv(self.features, 3, 1, use_bias=False)(y))
+  def __call__(self, x, train: bool = False, mask=None):
+    conv = lambda size, stride: Conv(self.features, size, stride, use_bias=False)
+    y = nn.relu(batch_norm(train)(conv(3, self.stride)(x), mask=mask))
+    y = batch_norm(train)(conv(3, 1)(y), mask=mask)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = batch_norm(train)(Conv(self.features, 1, self.stride, use_bias=False)(x))
+      x = batch_norm(train)(conv(1, self.stride)(x), mask=mask)
     return nn.relu(x + y)
 
 
@@ -30,9 +31,10 @@ class ResNet18(nn.Module):
   num_classes: int = 10
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.relu(batch_norm(train)(Conv(self.width, 3, 1, use_bias=False)(x)))
+  def __call__(self, x, train: bool = False, mask=None):
+    """`mask` (B, 1, 1, 1): the examples whose statistics BatchNorm uses in training."""
+    x = nn.relu(batch_norm(train)(Conv(self.width, 3, 1, use_bias=False)(x), mask=mask))
     for stage, stride in enumerate((1, 2, 2, 2)):
       for block in range(2):
-        x = BasicBlock(self.width * 2 ** stage, stride if block == 0 else 1)(x, train)
+        x = BasicBlock(self.width * 2 ** stage, stride if block == 0 else 1)(x, train, mask)
     return Linear(self.num_classes)(x.mean(axis=(1, 2)))

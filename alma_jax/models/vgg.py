@@ -21,9 +21,9 @@ class ConvBlock(nn.Module):
   convs: int
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mask=None):
     for _ in range(self.convs):
-      x = nn.relu(batch_norm(train)(Conv(self.width)(x)))
+      x = nn.relu(batch_norm(train)(Conv(self.width)(x), mask=mask))
     return nn.max_pool(x, (2, 2), (2, 2))
 
 
@@ -33,7 +33,8 @@ class VGG(nn.Module):
   num_classes: int = 10
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mask=None):
+    """`mask` (B, 1, 1, 1): the examples whose statistics BatchNorm uses in training."""
     for convs in self.blocks:
-      x = ConvBlock(self.width, convs)(x, train)
+      x = ConvBlock(self.width, convs)(x, train, mask)
     return Linear(self.num_classes)(x.reshape((x.shape[0], -1)))
