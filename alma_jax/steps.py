@@ -6,8 +6,8 @@ stream whose rounds differ in size compiles a handful of programs, not one per r
 many entries are real. A whole epoch runs as one compiled loop over batches; the host decides only
 between epochs.
 
-Learners train a stack of members (parameters with a leading member axis, one member for a single
-model): the epoch is `vmap`ped over members, each with its own indices, example weights and
+Learners train a stack of members (Flax variables with a leading member axis, one member for a
+single model): the epoch is `vmap`ped over members, each with its own indices, example weights and
 shuffling, so k members train in one compiled program.
 """
 from __future__ import annotations

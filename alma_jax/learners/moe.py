@@ -54,11 +54,13 @@ def gmoe(config) -> members.Plan:
   def work(learner, state, round, key):
     if int(state['rounds']) % config.grow_every:
       return single.warm_start(learner, state, round, key)
+    by_usage = config.growth == 'usage'
     one = jax.tree.map(lambda p: p[0], state['variables']['params'])
-    grown = grow(learner, one, round.valid, key, by_usage=config.growth == 'usage')
-    measured = learner.flops(state['variables'])['forward'] or 0.0
+    grown = grow(learner, one, round.valid, key, by_usage=by_usage)
+    # Measuring usage is one forward pass over the validation split.
+    measured = (learner.flops(state['variables'])['forward'] or 0.0) * len(round.valid)
     return members.Work(start={'params': jax.tree.map(lambda p: p[None], grown)},
                         train=members.same_data(round, 1),
-                        extra_flops=measured * len(round.valid) if config.growth == 'usage' else 0.0)
+                        extra_flops=measured if by_usage else 0.0)
 
   return dataclasses.replace(plan, work=work)

@@ -7,13 +7,16 @@ from alma_jax.learners import members
 def warm_start(learner, state, round, key):
   """Every member continues from where the previous round left it, on the round's data."""
   del key
-  return members.Work(start=state['variables'], train=members.same_data(round, learner.num_members(state)),
+  count = learner.num_members(state)
+  return members.Work(start=state['variables'], train=members.same_data(round, count),
                       opt_state=state.get('opt_state'))
 
 
 def fresh_start(learner, state, round, key):
-  return members.Work(start=learner.new_members(key, learner.num_members(state)),
-                      train=members.same_data(round, learner.num_members(state)))
+  """As many fresh members as the state holds, on the round's data."""
+  count = learner.num_members(state)
+  return members.Work(start=learner.new_members(key, count),
+                      train=members.same_data(round, count))
 
 
 def finetune(config) -> members.Plan:
