@@ -12,6 +12,8 @@ import ml_collections
 
 # Sections that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_SECTIONS = ('checkpoint', 'mesh', 'log')
+# Learners that rebuild their model's layers, and the models they know how to rebuild.
+GROWN_MODELS = {'moe': ('mlp', 'vgg'), 'gmoe': ('mlp', 'vgg'), 'firefly': ('mlp', 'vgg')}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -43,8 +45,10 @@ def base() -> ml_collections.ConfigDict:
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
       prediction='mean_logits',  # gEns: 'mean_logits' or 'vote'
       num_experts=2,             # MoE / gMoE: experts per mixture layer at the start
-      grow_every=1,              # gMoE: grow before rounds 0, g, 2g, ... (reference MNIST: 1)
-      growth='usage'))           # gMoE: split the most used leaf expert, or a 'random' one
+      grow_every=1,              # gMoE: grow before rounds 0, g, 2g, ...; Firefly: g, 2g, ...
+      growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
+      growth_rate=0.6,           # Firefly: grow toward 1 + growth_rate * t times the start width
+      new_neurons=70))           # Firefly: brand-new neuron candidates per layer (reference: 70)
   c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
                                                weight_decay=0.0, nesterov=False))
   c.train = ml_collections.ConfigDict(dict(
@@ -70,6 +74,27 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.update(max_train_examples=2000, max_test_examples=1000)
   c.stream.num_megabatches = 4
   c.train.update(max_epochs=3, patience=2)
+  return c
+
+
+def growing(learner: str):
+  """A variant that switches to a growing or mixture learner with the reference's CIFAR-10
+  settings for it (ALMA.md section 4: Nesterov momentum; growth every 2 of 10 mega-batches)."""
+  def variant(c: ml_collections.ConfigDict) -> None:
+    c.learner.update(name=learner, grow_every=2)
+    c.optimizer.nesterov = True
+  return variant
+
+
+def apply_variants(c: ml_collections.ConfigDict, variant: str, path: str,
+                   known: dict | None = None) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variants of config file `path` in order: `tiny` and the
+  `known` ones (name -> function that updates the config)."""
+  known = {'tiny': tiny, **(known or {})}
+  for name in filter(None, variant.split(',')):
+    if name not in known:
+      raise ValueError(f'unknown variant {name!r} of {path} (known: {", ".join(known)})')
+    known[name](c)
   return c
 
 
@@ -120,6 +145,13 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('learner.grow_every', c.learner.grow_every, 'must be >= 1')
   if c.learner.growth not in ('usage', 'random'):
     _fail('learner.growth', c.learner.growth, "must be 'usage' or 'random'")
+  if c.learner.growth_rate <= 0:
+    _fail('learner.growth_rate', c.learner.growth_rate, 'must be > 0')
+  if c.learner.new_neurons < 0:
+    _fail('learner.new_neurons', c.learner.new_neurons, 'must be >= 0')
+  if c.learner.name in GROWN_MODELS and c.model.name not in GROWN_MODELS[c.learner.name]:
+    _fail('model.name', c.model.name, f'learner {c.learner.name!r} works with models '
+          f'{GROWN_MODELS[c.learner.name]}')
   if c.optimizer.name not in optimizer_names:
     _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
   if c.optimizer.learning_rate <= 0:

@@ -1,9 +1,11 @@
 """ALMA on CIFAR-10 (TFDS `cifar10`) with the reference's defaults (ALMA.md section 4).
 
 VGG-19 layout of constant width 16 (about 36K parameters), SGD lr 0.01, momentum 0.9, weight
-decay 1e-4 (set `optimizer.nesterov=True` for MoE, gMoE and Firefly, as the reference), batch
-128, random crop with padding 4 and horizontal flips. Needs the prepared TFDS data set (internet
-and TensorFlow the first time). Variants: `:tiny` is a smoke run.
+decay 1e-4, batch 128, random crop with padding 4 and horizontal flips. Needs the prepared TFDS
+data set (internet and TensorFlow the first time).
+Variants: `:tiny` is a smoke run; `:moe`, `:gmoe`, `:firefly` switch to that learner with the
+reference's settings for it (Nesterov momentum, growth every 2 rounds); combine them with commas,
+e.g. `:firefly,tiny`.
 """
 import ml_collections
 
@@ -16,9 +18,6 @@ def get_config(variant: str = ''):
                 std=(0.2470, 0.2435, 0.2616), augmentation='crop_flip')
   c.model = ml_collections.ConfigDict(dict(name='vgg', width=16))
   c.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4)
-  if variant == 'tiny':
-    alma_config.tiny(c)
-    c.model.width = 4
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/cifar10.py (known: 'tiny')")
-  return c
+  return alma_config.apply_variants(c, variant, 'configs/cifar10.py', {
+      'tiny': lambda c: alma_config.tiny(c).model.update(width=4),
+      **{name: alma_config.growing(name) for name in ('moe', 'gmoe', 'firefly')}})

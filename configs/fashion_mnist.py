@@ -9,8 +9,4 @@ def get_config(variant: str = ''):
   c = alma_config.base()
   c.data.update(source='idx', name='fashion_mnist', path='/usr/share/datasets/fashion-mnist',
                 mean=(0.2860,), std=(0.3530,))
-  if variant == 'tiny':
-    alma_config.tiny(c)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/fashion_mnist.py (known: 'tiny')")
-  return c
+  return alma_config.apply_variants(c, variant, 'configs/fashion_mnist.py')

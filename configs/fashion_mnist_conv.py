@@ -3,7 +3,9 @@
 CIFAR-10's training setup (ALMA.md section 4: SGD lr 0.01, momentum 0.9, weight decay 1e-4,
 random crop with padding 4 and horizontal flips) on the Debian package's Fashion-MNIST. At most
 10 epochs a round with patience 3 (ours), so a T=10 run fits a CPU.
-Variants: `:tiny` is a smoke run.
+Variants: `:tiny` is a smoke run; `:moe`, `:gmoe`, `:firefly` switch to that learner with the
+reference's settings for it (Nesterov momentum, growth every 2 rounds); combine them with commas,
+e.g. `:firefly,tiny`.
 """
 import ml_collections
 
@@ -17,9 +19,6 @@ def get_config(variant: str = ''):
   c.model = ml_collections.ConfigDict(dict(name='vgg', width=16))
   c.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4)
   c.train.update(max_epochs=10, patience=3)
-  if variant == 'tiny':
-    alma_config.tiny(c)
-    c.model.width = 4
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/fashion_mnist_conv.py (known: 'tiny')")
-  return c
+  return alma_config.apply_variants(c, variant, 'configs/fashion_mnist_conv.py', {
+      'tiny': lambda c: alma_config.tiny(c).model.update(width=4),
+      **{name: alma_config.growing(name) for name in ('moe', 'gmoe', 'firefly')}})

@@ -9,8 +9,4 @@ from alma_jax import config as alma_config
 def get_config(variant: str = ''):
   c = alma_config.base()
   c.data.update(source='tfds', name='mnist')
-  if variant == 'tiny':
-    alma_config.tiny(c)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/mnist.py (known: 'tiny')")
-  return c
+  return alma_config.apply_variants(c, variant, 'configs/mnist.py')

@@ -93,7 +93,7 @@ def write_config(config, path):
   return str(path)
 
 
-@pytest.mark.parametrize('learner', ['finetune', 'gmoe'])
+@pytest.mark.parametrize('learner', ['finetune', 'gmoe', 'firefly'])
 def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner):
   config.learner.name = learner
   config.learner.grow_every = 2

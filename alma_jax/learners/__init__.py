@@ -6,7 +6,8 @@ their `Plan`: which members a round trains, on what, and how members combine.
 from __future__ import annotations
 
 from alma_jax import models
-from alma_jax.learners import agg_ensemble, bagging, boosting, gens, k_ensemble, members, moe
+from alma_jax.learners import agg_ensemble, bagging, boosting, firefly, gens, k_ensemble, members
+from alma_jax.learners import moe
 from alma_jax.learners import single
 
 _PLANS = {
@@ -19,6 +20,7 @@ _PLANS = {
     'agg_ensemble': agg_ensemble.agg_ensemble,
     'moe': moe.moe,
     'gmoe': moe.gmoe,
+    'firefly': firefly.firefly,
 }
 
 

@@ -1,6 +1,7 @@
-"""MoE and gMoE: the configured network with every hidden layer a mixture of experts.
+"""MoE and gMoE: the configured network (MLP or VGG) with mixture-of-experts layers.
 
-`moe`: a fixed mixture of `learner.num_experts` experts per layer, warm-started every round.
+`moe`: a fixed mixture of `learner.num_experts` experts per layer (MLP: every hidden layer;
+VGG: every block after the first), warm-started every round.
 `gmoe`: every `learner.grow_every` rounds (the first included), before training, each mixture
 layer's most used leaf expert (usage: the product of the nested gate probabilities on the path
 to it, summed over the round's validation split) is split into a new mixture of two copies with
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alma_jax import models, steps
+from alma_jax import steps
 from alma_jax.learners import members, single
 from alma_jax.models import moe as moe_model
 
@@ -22,30 +23,30 @@ from alma_jax.models import moe as moe_model
 def moe(config) -> members.Plan:
   return dataclasses.replace(
       single.finetune(config),
-      model=lambda module: models.with_mixtures(module, config.num_experts))
+      model=lambda module: moe_model.mixture_of(module, config.num_experts))
 
 
-def leaf_usage(learner, params, indices: np.ndarray) -> dict[str, float]:
-  """{leaf path: usage summed over `indices` of the training set} for one member `params`."""
-  def usage_sums(p, images, labels, weights):
+def leaf_usage(learner, variables, indices: np.ndarray) -> dict[str, float]:
+  """{leaf path: usage summed over `indices` of the training set} for one member."""
+  def usage_sums(v, images, labels, weights):
     del labels
-    _, usage = learner.model.apply({'params': p}, learner.preprocess(images), with_usage=True)
+    _, usage = learner.model.apply(v, learner.preprocess(images), with_usage=True)
     return {path: jnp.sum(weights * u) for path, u in usage.items()}
 
   evaluator = steps.Evaluator(usage_sums, learner.config.train.eval_batch_size,
                               learner.trainer.mesh)
-  sums = evaluator(params, learner.data.train_images, learner.data.train_labels, indices)
+  sums = evaluator(variables, learner.data.train_images, learner.data.train_labels, indices)
   return {path: float(v) for path, v in sums.items()}
 
 
-def grow(learner, params, indices: np.ndarray, key, by_usage: bool = True):
-  """One member's `params` with one leaf of every mixture layer split in two."""
-  usage = leaf_usage(learner, params, indices) if by_usage else {}
+def grow(learner, variables, indices: np.ndarray, key, by_usage: bool = True):
+  """One member's `variables` with one leaf of every mixture layer split in two."""
+  usage = leaf_usage(learner, variables, indices) if by_usage else {}
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
-  for i, (layer, paths) in enumerate(sorted(moe_model.leaf_paths(params).items())):
+  for i, (layer, paths) in enumerate(sorted(moe_model.leaf_paths(variables['params']).items())):
     chosen = (max(paths, key=usage.__getitem__) if by_usage else paths[rng.integers(len(paths))])
-    params = moe_model.split_leaf(params, chosen, jax.random.fold_in(key, i))
-  return params
+    variables = moe_model.split_leaf(variables, chosen, jax.random.fold_in(key, i))
+  return variables
 
 
 def gmoe(config) -> members.Plan:
@@ -55,11 +56,11 @@ def gmoe(config) -> members.Plan:
     if int(state['rounds']) % config.grow_every:
       return single.warm_start(learner, state, round, key)
     by_usage = config.growth == 'usage'
-    one = jax.tree.map(lambda p: p[0], state['variables']['params'])
+    one = jax.tree.map(lambda p: p[0], state['variables'])
     grown = grow(learner, one, round.valid, key, by_usage=by_usage)
     # Measuring usage is one forward pass over the validation split.
     measured = (learner.flops(state['variables'])['forward'] or 0.0) * len(round.valid)
-    return members.Work(start={'params': jax.tree.map(lambda p: p[None], grown)},
+    return members.Work(start=jax.tree.map(lambda p: p[None], grown),
                         train=members.same_data(round, 1),
                         extra_flops=measured if by_usage else 0.0)
 

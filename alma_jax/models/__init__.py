@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
-from alma_jax.models.moe import MoEMLP
+from alma_jax.models.moe import Mixture, mixture_of
 from alma_jax.models.resnet import ResNet18
 from alma_jax.models.vgg import VGG
 
@@ -21,10 +21,3 @@ def build(config, num_classes: int):
   kwargs = {k: v for k, v in config.items() if k != 'name'}
   return _MODELS[config.name](num_classes=num_classes, **kwargs)
 
-
-def with_mixtures(module, num_experts: int):
-  """`module` with every hidden layer a mixture of `num_experts` experts (MoE)."""
-  if isinstance(module, MLP):
-    return MoEMLP(hidden=module.hidden, num_layers=module.num_layers, num_experts=num_experts,
-                  num_classes=module.num_classes)
-  raise ValueError(f'no mixture-of-experts version of model {type(module).__name__}')

@@ -1,5 +1,9 @@
 """Dense and convolution layers initialized as PyTorch's defaults, which the reference uses:
-weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+A layer's width is the width of the parameters it is given: `features` sets it only at
+initialization. So a network whose layers grew (Firefly) runs with the same module.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -18,14 +22,22 @@ def torch_linear_params(key, fan_in: int, fan_out: int) -> dict:
   return {'kernel': init(kernel_key, (fan_in, fan_out)), 'bias': init(bias_key, (fan_out,))}
 
 
+def _width(module: nn.Module, features: int) -> int:
+  """The output width of `module`'s existing kernel, else `features` (initialization)."""
+  if module.has_variable('params', 'kernel'):
+    return module.get_variable('params', 'kernel').shape[-1]
+  return features
+
+
 class Linear(nn.Module):
   features: int
 
   @nn.compact
   def __call__(self, x):
     init = torch_uniform(x.shape[-1])
-    kernel = self.param('kernel', init, (x.shape[-1], self.features))
-    return x @ kernel + self.param('bias', init, (self.features,))
+    features = _width(self, self.features)
+    kernel = self.param('kernel', init, (x.shape[-1], features))
+    return x @ kernel + self.param('bias', init, (features,))
 
 
 class Conv(nn.Module):
@@ -38,10 +50,11 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     init = torch_uniform(self.size * self.size * x.shape[-1])
-    kernel = self.param('kernel', init, (self.size, self.size, x.shape[-1], self.features))
+    features = _width(self, self.features)
+    kernel = self.param('kernel', init, (self.size, self.size, x.shape[-1], features))
     y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), 'SAME',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + self.param('bias', init, (self.features,)) if self.use_bias else y
+    return y + self.param('bias', init, (features,)) if self.use_bias else y
 
 
 def batch_norm(train: bool):

@@ -18,3 +18,7 @@ class MLP(nn.Module):
     for _ in range(self.num_layers):
       x = nn.relu(Linear(self.hidden)(x))
     return Linear(self.num_classes)(x)
+
+  def neuron_layers(self) -> list[tuple[tuple[str, ...], None]]:
+    """(kernel path, normalization path) of every layer in forward order, the head last."""
+    return [((f'Linear_{i}',), None) for i in range(self.num_layers + 1)]

@@ -1,12 +1,18 @@
-"""Mixture-of-experts MLP whose tree of experts is read from its parameters, so it can grow.
+"""Mixtures of experts whose tree of experts is read from their parameters, so they can grow.
 
-Every hidden layer is a mixture layer: a node holds a dense softmax gate over its children,
-`sum_k g_k(x) child_k(x)`, and a child is either a leaf expert (Dense + ReLU) or another node.
-gMoE grows a layer by replacing one leaf with a node of two copies of it and a fresh gate, which
-leaves the network's function unchanged (the gate's weights sum to one).
+A `Mixture` is: an optional shared stem, then mixture layers, then a linear head. A node of a
+mixture layer holds a dense softmax gate over its children, `sum_k g_k(x) child_k(x)`; a child
+is a leaf expert (a Flax module) or another node. gMoE grows a layer by replacing one leaf with
+a node of two copies of it and a fresh gate, which leaves the function unchanged (the gate's
+weights sum to one).
 
-Parameters: {'layer_0': node, ..., 'head': dense}; node = {'gate': dense, 'children': {'0': ...}};
-a leaf is a dense layer ({'kernel', 'bias'}).
+MoE-MLP: every hidden layer a mixture of Dense + ReLU experts; the gate sees the layer's input.
+MoE-VGG: VGG block 0 is the shared stem, every later block a mixture of copies of the block
+(BatchNorm included); the gate sees the block's input average-pooled to 4x4.
+
+Variables: params {'stem': ..., 'layer_0': node, ..., 'head': dense}, node = {'gate': dense,
+'children': {'0': child, ...}}, a leaf = its expert's params; BatchNorm statistics, when the
+experts have them, in 'batch_stats' under the same paths (nodes without 'gate').
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alma_jax.models.layers import torch_linear_params as _dense_init
+from alma_jax.models.layers import Linear, torch_linear_params as _dense_init
+from alma_jax.models.mlp import MLP
+from alma_jax.models.vgg import VGG, ConvBlock
 
 
 def _dense(params, x):
@@ -25,54 +33,123 @@ def _dense(params, x):
 
 
 def is_leaf(node) -> bool:
-  return 'kernel' in node
+  return 'children' not in node
 
 
-def _node_apply(node, x, path: str, usage: dict, gate_prob):
-  """Output of a (sub)tree; records each leaf's gate-probability product in `usage`."""
-  if is_leaf(node):
-    usage[path] = gate_prob
-    return nn.relu(_dense(node, x))
-  gates = jax.nn.softmax(_dense(node['gate'], x))
-  out = 0.0
-  for k, child in sorted(node['children'].items(), key=lambda kv: int(kv[0])):
-    out = out + gates[:, int(k), None] * _node_apply(child, x, f'{path}/{k}', usage,
-                                                     gate_prob * gates[:, int(k)])
-  return out
+class ReLULinear(Linear):
+  """Dense + ReLU: the expert of an MoE-MLP (its params are a dense layer's)."""
+
+  def __call__(self, x, train: bool = False, mask=None):
+    del train, mask
+    return nn.relu(super().__call__(x))
+
+
+def flat(x):
+  return x.reshape((x.shape[0], -1))
+
+
+def pooled_4x4(x):
+  """The (B, H, W, C) input average-pooled (or, below 4x4, repeated) to 4x4, flattened; as
+  PyTorch's AdaptiveAvgPool2d(4) for sizes that divide or are divided by 4."""
+  b, h, w, c = x.shape
+  if h >= 4:
+    x = x.reshape(b, 4, h // 4, 4, w // 4, c).mean(axis=(2, 4))
+  else:
+    x = jnp.repeat(jnp.repeat(x, 4 // h, axis=1), 4 // w, axis=2)
+  return flat(x)
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEMLP:
-  """input -> (mixture layer of `num_experts` Dense(h) + ReLU experts) x n -> classes."""
-  hidden: int = 64
-  num_layers: int = 2
+class Mixture:
+  """stem -> mixture layers of `experts[i]` (each with `num_experts` leaves at the start) -> head."""
+  experts: tuple[nn.Module, ...]
   num_experts: int = 2
   num_classes: int = 10
+  stem: nn.Module | None = None
+  gate_view: callable = flat
+
+  def _stages(self):
+    return [f'layer_{i}' for i in range(len(self.experts))]
 
   def init(self, key, x):
-    fan_in = math.prod(x.shape[1:])
-    params = {}
-    for layer in range(self.num_layers):
+    params, stats = {}, {}
+    if self.stem is not None:
+      key, stem_key = jax.random.split(key)
+      params['stem'], stats['stem'], x = self._init_module(self.stem, stem_key, x)
+    else:
+      x = flat(x)
+    for name, expert in zip(self._stages(), self.experts):
       key, gate_key, *expert_keys = jax.random.split(key, self.num_experts + 2)
-      params[f'layer_{layer}'] = {
-          'gate': _dense_init(gate_key, fan_in, self.num_experts),
-          'children': {str(e): _dense_init(k, fan_in, self.hidden)
-                       for e, k in enumerate(expert_keys)}}
-      fan_in = self.hidden
-    params['head'] = _dense_init(key, fan_in, self.num_classes)
-    return {'params': params}
+      children, child_stats = {}, {}
+      for e, k in enumerate(expert_keys):
+        children[str(e)], child_stats[str(e)], out = self._init_module(expert, k, x)
+      params[name] = {'gate': _dense_init(gate_key, self.gate_view(x).shape[-1],
+                                          self.num_experts),
+                      'children': children}
+      stats[name] = {'children': child_stats}
+      x = out
+    params['head'] = _dense_init(key, math.prod(x.shape[1:]), self.num_classes)
+    variables = {'params': params}
+    if jax.tree.leaves(stats):
+      variables['batch_stats'] = stats
+    return variables
 
-  def apply(self, variables, x, train: bool = False, with_usage: bool = False):
-    """Logits; with `with_usage`, also {layer/path: (B,) leaf usage} for every leaf expert."""
-    del train
+  @staticmethod
+  def _init_module(module, key, x):
+    variables = module.init(key, x)
+    out = jax.eval_shape(module.apply, variables, x)
+    return variables['params'], variables.get('batch_stats', {}), jnp.zeros(out.shape, out.dtype)
+
+  def apply(self, variables, x, train: bool = False, mask=None, mutable=(),
+            with_usage: bool = False):
+    """Logits; with `mutable` (training with BatchNorm) also the updated statistics; with
+    `with_usage`, also {layer/path: (B,) usage} of every leaf expert (the product of the gate
+    probabilities on its path)."""
     params = variables['params']
-    x = x.reshape((x.shape[0], -1))
-    usage = {}
-    for layer in range(self.num_layers):
-      x = _node_apply(params[f'layer_{layer}'], x, f'layer_{layer}', usage,
-                      jnp.ones(x.shape[:1]))
-    logits = _dense(params['head'], x)
-    return (logits, usage) if with_usage else logits
+    stats = variables.get('batch_stats', {})
+    updated, usage = {}, {}
+
+    def run(module, p, s, x):
+      module_vars = {'params': p, **({'batch_stats': s} if s else {})}
+      if s and mutable:
+        y, new = module.apply(module_vars, x, train=train, mask=mask, mutable=['batch_stats'])
+        return y, new['batch_stats']
+      return module.apply(module_vars, x, train=train, mask=mask), s
+
+    def node(expert, p, s, x, path, gate_prob):
+      if is_leaf(p):
+        usage[path] = gate_prob
+        return run(expert, p, s, x)
+      gates = jax.nn.softmax(_dense(p['gate'], self.gate_view(x)))
+      out, children = 0.0, {}
+      for k in sorted(p['children'], key=int):
+        y, children[k] = node(expert, p['children'][k], s['children'][k] if s else {}, x,
+                              f'{path}/{k}', gate_prob * gates[:, int(k)])
+        out = out + gates[:, int(k)].reshape((-1,) + (1,) * (y.ndim - 1)) * y
+      return out, {'children': children}
+
+    if self.stem is not None:
+      x, updated['stem'] = run(self.stem, params['stem'], stats.get('stem', {}), x)
+    else:
+      x = flat(x)
+    for name, expert in zip(self._stages(), self.experts):
+      x, updated[name] = node(expert, params[name], stats.get(name, {}), x, name,
+                              jnp.ones(x.shape[:1]))
+    logits = _dense(params['head'], flat(x))
+    out = (logits, usage) if with_usage else logits
+    return (out, {'batch_stats': updated}) if stats and mutable else out
+
+
+def mixture_of(module, num_experts: int) -> Mixture:
+  """`module` (an MLP or a VGG) with mixture layers of `num_experts` experts."""
+  if isinstance(module, MLP):
+    return Mixture(experts=(ReLULinear(module.hidden),) * module.num_layers,
+                   num_experts=num_experts, num_classes=module.num_classes)
+  if isinstance(module, VGG):
+    return Mixture(experts=tuple(ConvBlock(module.width, convs) for convs in module.blocks[1:]),
+                   num_experts=num_experts, num_classes=module.num_classes,
+                   stem=ConvBlock(module.width, module.blocks[0]), gate_view=pooled_4x4)
+  raise ValueError(f'no mixture-of-experts version of model {type(module).__name__}')
 
 
 def _get(tree, path: str):
@@ -83,18 +160,28 @@ def _get(tree, path: str):
   return node
 
 
-def split_leaf(params, path: str, gate_key):
-  """`params` with the leaf at `path` replaced by a node of two copies and a fresh gate."""
-  leaf = _get(params, path)
-  fan_in = leaf['kernel'].shape[0]
-  node = {'gate': _dense_init(gate_key, fan_in, 2), 'children': {'0': leaf, '1': leaf}}
+def _replace(tree, path: str, node):
+  """A copy of `tree` (its containers; arrays shared) with `node` at `path`."""
   layer, *steps = path.split('/')
-  grown = jax.tree.map(lambda a: a, params)  # a fresh container tree sharing the arrays
+  grown = jax.tree.map(lambda a: a, tree)
   if not steps:
     grown[layer] = node
     return grown
-  parent = _get(grown, '/'.join([layer] + steps[:-1]))
-  parent['children'][steps[-1]] = node
+  _get(grown, '/'.join([layer] + steps[:-1]))['children'][steps[-1]] = node
+  return grown
+
+
+def split_leaf(variables, path: str, gate_key):
+  """`variables` with the leaf at `path` replaced by a node of two copies and a fresh gate."""
+  params = variables['params']
+  fan_in = params[path.split('/')[0]]['gate']['kernel'].shape[0]
+  leaf = _get(params, path)
+  grown = {**variables, 'params': _replace(params, path, {
+      'gate': _dense_init(gate_key, fan_in, 2), 'children': {'0': leaf, '1': leaf}})}
+  if 'batch_stats' in variables:
+    leaf_stats = _get(variables['batch_stats'], path)
+    grown['batch_stats'] = _replace(variables['batch_stats'], path,
+                                    {'children': {'0': leaf_stats, '1': leaf_stats}})
   return grown
 
 

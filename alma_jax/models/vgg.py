@@ -38,3 +38,8 @@ class VGG(nn.Module):
     for convs in self.blocks:
       x = ConvBlock(self.width, convs)(x, train, mask)
     return Linear(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+  def neuron_layers(self) -> list[tuple[tuple[str, ...], tuple[str, ...] | None]]:
+    """(kernel path, BatchNorm path) of every layer in forward order, the head last."""
+    return [((f'ConvBlock_{b}', f'Conv_{i}'), (f'ConvBlock_{b}', f'BatchNorm_{i}'))
+            for b, convs in enumerate(self.blocks) for i in range(convs)] + [(('Linear_0',), None)]

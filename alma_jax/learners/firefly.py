@@ -1,0 +1,110 @@
+"""Firefly: one model whose layers grow wider by splitting neurons and adding new ones.
+
+Every `learner.grow_every` rounds (not the first), before training, the model grows toward
+`1 + learner.growth_rate * t` times its starting number of neurons (t: rounds trained so far).
+The candidates (`models.firefly`) are scored as the reference does: all of them are added at
+once, their perturbations are optimized for one pass over the round's training data (RMSprop,
+with the reference's penalty), then each candidate's score is the gradient of the training loss
+with respect to a scale on its perturbation, averaged over a second pass. The lowest-scoring
+candidates (those whose growth lowers the loss most), over all layers together, are grown.
+Between growths the model is fine-tuned like `finetune`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from alma_jax import metrics
+from alma_jax.learners import members, single
+from alma_jax.models import firefly as firefly_model
+
+
+def _neuron_layers(module):
+  if not hasattr(module, 'neuron_layers'):
+    raise ValueError(f'Firefly grows MLP and VGG models, not {type(module).__name__}')
+  return module
+
+
+def _batches(indices: np.ndarray, batch_size: int, key) -> np.ndarray:
+  """The round's training indices in a random order, as full batches (at least one)."""
+  order = np.asarray(jax.random.permutation(key, indices))
+  count = max(len(order) // batch_size, 1)
+  return order[:count * batch_size].reshape(count, -1)
+
+
+def score(learner, variables, layers, cands, indices: np.ndarray, key):
+  """(optimized candidates, [split scores, new-neuron scores] per layer, FLOPs spent)."""
+  split_all = [np.arange(c['split'].shape[-1]) for c in cands]
+  new_all = [np.arange(c['new_in'].shape[-1]) for c in cands]
+  ones = ([jnp.ones(len(i)) for i in split_all], [jnp.ones(len(i)) for i in new_all])
+  images, labels = learner.data.train_images, learner.data.train_labels
+
+  def loss(cands, gates, batch):
+    grown = firefly_model.grow(variables, layers, firefly_model.gated(cands, *gates), split_all,
+                               new_all)
+    logits = learner.apply_fn(grown, images[batch])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels[batch]))
+
+  def penalty(cands):
+    return 1e-2 * sum(jnp.sum(c['split'] ** 2) + 1e-2 * jnp.sum(c['new_in'] ** 2) for c in cands)
+
+  optimizer = optax.rmsprop(1e-3, decay=0.9, momentum=0.1)
+
+  @jax.jit
+  def optimize_step(cands, opt_state, batch):
+    grads = jax.grad(lambda c: loss(c, ones, batch) + penalty(c))(cands)
+    updates, opt_state = optimizer.update(grads, opt_state, cands)
+    cands = optax.apply_updates(cands, updates)
+    clip = lambda c: {**c, 'new_out': jnp.clip(c['new_out'], -0.01, 0.01)}
+    return [clip(c) for c in cands], opt_state
+
+  gate_grads = jax.jit(jax.grad(loss, argnums=1))
+  batches = _batches(indices, learner.config.train.batch_size, key)
+  opt_state = optimizer.init(cands)
+  for batch in batches:
+    cands, opt_state = optimize_step(cands, opt_state, batch)
+  totals = jax.tree.map(jnp.zeros_like, ones)
+  for batch in batches:
+    totals = jax.tree.map(jnp.add, totals, gate_grads(cands, ones, batch))
+  scores = jax.tree.map(lambda t: np.asarray(t) / len(batches), totals)
+  flops = len(batches) * sum(
+      metrics.cost_flops(f.lower(*args)) or 0.0
+      for f, args in ((optimize_step, (cands, opt_state, batches[0])),
+                      (gate_grads, (cands, ones, batches[0]))))
+  return cands, scores, flops
+
+
+def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
+  """One member's `variables` grown before round `rounds`, and the FLOPs spent choosing."""
+  layers = learner.model.neuron_layers()
+  start = jax.eval_shape(lambda k: learner.new_members(k, 1), key)
+  target = round((1 + config.growth_rate * rounds) * firefly_model.neurons(start, layers))
+  count = target - firefly_model.neurons(variables, layers)
+  if count <= 0:
+    return variables, 0.0
+  cand_key, order_key = jax.random.split(key)
+  cands = firefly_model.candidates(cand_key, variables, layers, config.new_neurons)
+  cands, (split_scores, new_scores), flops = score(learner, variables, layers, cands, indices,
+                                                   order_key)
+  flat = np.concatenate(split_scores + new_scores)
+  chosen = np.zeros(len(flat), bool)
+  chosen[np.argsort(flat, kind='stable')[:count]] = True
+  sizes = [len(s) for s in split_scores + new_scores]
+  picks = [np.flatnonzero(c) for c in np.split(chosen, np.cumsum(sizes)[:-1])]
+  half = len(split_scores)
+  return firefly_model.grow(variables, layers, cands, picks[:half], picks[half:]), flops
+
+
+def firefly(config) -> members.Plan:
+  def work(learner, state, round, key):
+    rounds = int(state['rounds'])
+    if rounds == 0 or rounds % config.grow_every:
+      return single.warm_start(learner, state, round, key)
+    one = jax.tree.map(lambda a: a[0], state['variables'])
+    grown, flops = grow(learner, one, round.train, rounds, key, config)
+    return members.Work(start=jax.tree.map(lambda a: a[None], grown),
+                        train=members.same_data(round, 1), extra_flops=flops)
+
+  return members.Plan(1, work, members.replace, members.mean_logits, model=_neuron_layers)
