@@ -54,7 +54,8 @@ def base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000,
       compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call
-  c.mesh = ml_collections.ConfigDict(dict(data=0))  # 0: every device present
+  # Devices splitting each batch (0: all that `member` leaves) x devices holding different members.
+  c.mesh = ml_collections.ConfigDict(dict(data=0, member=1))
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3))
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
   return c
@@ -170,6 +171,8 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
       _fail(f'model.{key}', c.model[key], 'must be >= 1')
   if c.mesh.data < 0:
     _fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
+  if c.mesh.member < 1:
+    _fail('mesh.member', c.mesh.member, 'must be >= 1')
   if c.checkpoint.max_to_keep < 2:
     _fail('checkpoint.max_to_keep', c.checkpoint.max_to_keep,
           'keep at least 2, so a corrupt latest checkpoint can fall back to the one before')

@@ -4,12 +4,17 @@ The run is a fold of one transition over the stream's T arrivals. After arrival 
 trains if the waiting time says so, the predictor it holds is evaluated on the test set (whether
 or not it trained), and the whole run state {stream, learner, history} is checkpointed, so a
 killed run resumes exactly where it stopped. The driver knows no learner, model or data set.
+
+With several processes (hosts), every process runs this same loop over the same stream (checked
+at start-up) on its share of the mesh; process 0 alone writes the workdir's files and the
+console, and all processes write their shards of each checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -32,7 +37,18 @@ def _config_dict(config) -> dict:
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Creates `workdir`, or checks that it holds a run of the same protocol (resume)."""
+  """Checks that `workdir` is new or holds a run of the same protocol (a resume), on every
+  process; then process 0 creates it."""
+  _check_workdir(config, workdir)
+  sharding.barrier('alma_jax.workdir.checked')
+  path = os.path.join(workdir, CONFIG_FILE)
+  if sharding.is_main_process() and not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomic(path, json.dumps(_config_dict(config), indent=2, sort_keys=True))
+  sharding.barrier('alma_jax.workdir.created')
+
+
+def _check_workdir(config, workdir: str) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
@@ -48,8 +64,6 @@ def prepare_workdir(config, workdir: str) -> None:
   if os.path.isdir(workdir) and os.listdir(workdir):
     raise WorkdirError(f'workdir {workdir!r} is not empty and holds no {CONFIG_FILE}: it is not '
                        f'an alma_jax run; refusing to write into it.')
-  os.makedirs(workdir, exist_ok=True)
-  _write_atomic(path, json.dumps(_config_dict(config), indent=2, sort_keys=True))
 
 
 def _lookup(tree: dict, dotted: str):
@@ -68,23 +82,39 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def _device_data(dataset, mesh) -> base.DeviceData:
-  replicated = sharding.replicated(mesh)
-  put = lambda x: jax.device_put(x, replicated)
+  put = lambda x: sharding.global_array(x, sharding.replicated(mesh))
   return base.DeviceData(put(dataset.train_images), put(dataset.train_labels),
                          put(dataset.test_images), put(dataset.test_labels))
 
 
+def _fingerprint(config, stream, dataset) -> int:
+  """A checksum of the protocol, the stream's mega-batches and the training labels."""
+  crc = zlib.crc32(json.dumps(_config_dict(config), sort_keys=True).encode())
+  for part in stream.train + stream.valid + (dataset.train_labels,):
+    crc = zlib.crc32(np.ascontiguousarray(part).tobytes(), crc)
+  return crc
+
+
+def _say(text: str) -> None:
+  if sharding.is_main_process():
+    print(text, flush=True)
+
+
 class _Writers:
-  """The run's outputs, all read from the history: JSON lines, TensorBoard, the console."""
+  """The run's outputs, all read from the history: JSON lines, TensorBoard, the console.
+  Only process 0 writes."""
 
   def __init__(self, workdir: str, tensorboard: bool):
     self.workdir = workdir
+    self.enabled = sharding.is_main_process()
     self.tensorboard = None
-    if tensorboard:
+    if tensorboard and self.enabled:
       from tensorboardX import SummaryWriter
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def arrival(self, history: dict, t: int) -> None:
+    if not self.enabled:
+      return
     rows = metrics.rows(history)
     _write_atomic(os.path.join(self.workdir, METRICS_FILE),
                   ''.join(json.dumps(r) + '\n' for r in rows))
@@ -97,6 +127,8 @@ class _Writers:
 
   def close(self, history: dict) -> dict:
     s = metrics.summary(history)
+    if not self.enabled:
+      return s
     _write_atomic(os.path.join(self.workdir, SUMMARY_FILE), json.dumps(s, indent=2))
     if self.tensorboard:
       self.tensorboard.close()
@@ -107,21 +139,24 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) the ALMA protocol of `config` in `workdir`; returns the summary."""
   alma_config.validate(config, learners.names(), models.names(), optim.names())
   prepare_workdir(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.data)
-  if config.train.batch_size % mesh.size:
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+  data_devices = mesh.shape[sharding.DATA]
+  if config.train.batch_size % data_devices:
     raise ValueError(f'config.train.batch_size={config.train.batch_size}: must divide evenly '
-                     f'over the {mesh.size} devices of the data axis')
+                     f'over the {data_devices} devices of the data axis')
 
   dataset = data.load(config.data)
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
                                    config.stream.permutation_seed,
                                    config.stream.validation_fraction)
+  sharding.check_hosts_agree('the config, the stream and the data',
+                             _fingerprint(config, stream, dataset))
   learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
   key = jax.random.key(config.seed)
   num_arrivals = stream.num_megabatches
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         config.checkpoint.max_to_keep)
+                                         config.checkpoint.max_to_keep, mesh)
   start, tree = checkpointer.restore_latest()
   if tree is None:
     stream_state = alma_stream.init_state(stream.num_examples)
@@ -130,12 +165,12 @@ def run(config, workdir: str) -> dict:
   else:
     stream_state, history = tree['stream'], tree['history']
     learner_state = learner.restore(tree['learner'])
-    print(f'Resuming {workdir} after arrival {start} of {num_arrivals}.', flush=True)
+    _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
   writers = _Writers(workdir, config.log.tensorboard)
-  print(metrics.TABLE_HEADER, flush=True)
+  _say(metrics.TABLE_HEADER)
   for row in metrics.rows(history):
-    print(metrics.format_row(row), flush=True)
+    _say(metrics.format_row(row))
   for t in range(start + 1, num_arrivals + 1):
     began = time.perf_counter()
     stream_state = alma_stream.arrive(stream_state)
@@ -159,10 +194,10 @@ def run(config, workdir: str) -> dict:
         epochs=report.epochs, params=learner.params(learner_state),
         inference_flops=learner.inference_flops(learner_state),
         seconds=time.perf_counter() - began)
-    checkpointer.save(t, {'stream': stream_state, 'learner': base.to_tree(learner_state),
-                          'history': history})
+    checkpointer.save(t, sharding.checkpointable(
+        {'stream': stream_state, 'learner': base.to_tree(learner_state), 'history': history}))
     writers.arrival(history, t)
   checkpointer.close()
   summary = writers.close(history)
-  print(metrics.format_summary(summary), flush=True)
+  _say(metrics.format_summary(summary))
   return summary

@@ -1,17 +1,31 @@
-"""The device mesh and the shardings the steps use: batches split over `data`, the rest replicated."""
+"""The device mesh and the shardings the steps use.
+
+The mesh has two axes: `member` (devices that hold different ensemble members) and `data`
+(devices that split each batch). Batches are split over `data`; a stack of members is split over
+`member` (its leading axis); the data set and everything else is replicated. With several
+processes (hosts), the mesh spans the devices of all of them.
+"""
 from __future__ import annotations
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MEMBER, DATA = 'member', 'data'
 
 
-def make_mesh(data: int = 0) -> jax.sharding.Mesh:
-  """A 1-D mesh over `data` devices (0: all devices present)."""
-  n = data or jax.device_count()
-  if n > jax.device_count():
-    raise ValueError(f'config.mesh.data={data}: only {jax.device_count()} devices are present')
-  return jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:n])
+def make_mesh(data: int = 0, member: int = 1) -> jax.sharding.Mesh:
+  """A (member, data) mesh; `data=0` uses every device the member axis leaves."""
+  total = jax.device_count()
+  if member < 1 or total % member:
+    raise ValueError(f'config.mesh.member={member}: must divide the {total} devices present')
+  data = data or total // member
+  if member * data > total:
+    raise ValueError(f'config.mesh.data={data} x config.mesh.member={member}: only {total} '
+                     f'devices are present')
+  return jax.make_mesh((member, data), (MEMBER, DATA), axis_types=(AxisType.Auto,) * 2,
+                       devices=jax.devices()[:member * data])
 
 
 def replicated(mesh) -> NamedSharding:
@@ -20,4 +34,46 @@ def replicated(mesh) -> NamedSharding:
 
 def batch_sharded(mesh) -> NamedSharding:
   """Leading (example) axis split over the `data` axis."""
-  return NamedSharding(mesh, P('data'))
+  return NamedSharding(mesh, P(DATA))
+
+
+def stacked(mesh, count: int) -> NamedSharding:
+  """A stack of `count` members split over the `member` axis (replicated if it does not divide)."""
+  return NamedSharding(mesh, P(MEMBER) if count % mesh.shape[MEMBER] == 0 else P())
+
+
+def global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) as one array over the mesh's devices."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def checkpointable(tree):
+  """`tree` with arrays made outside the mesh (eager, on one device) moved to the host: with
+  several processes Orbax saves only arrays that span the mesh, or host arrays."""
+  def convert(x):
+    if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.SingleDeviceSharding):
+      return np.asarray(x)
+    return x
+  return jax.tree.map(convert, tree)
+
+
+def is_main_process() -> bool:
+  """Process 0 writes metrics, summaries and logs; every process writes its checkpoint shards."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def check_hosts_agree(name: str, fingerprint: int) -> None:
+  """Raises on every process unless all processes computed the same `fingerprint`."""
+  if jax.process_count() == 1:
+    return
+  seen = np.asarray(multihost_utils.process_allgather(np.array([fingerprint], np.int64)))
+  seen = seen.reshape(-1)
+  if np.any(seen != seen[0]):
+    raise RuntimeError(f'the {jax.process_count()} processes disagree on {name} '
+                       f'(fingerprints by process: {seen.tolist()}): every host must run the '
+                       f'same code, config and data')

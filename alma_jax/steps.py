@@ -8,7 +8,7 @@ between epochs.
 
 Learners train a stack of members (Flax variables with a leading member axis, one member for a
 single model): the epoch is `vmap`ped over members, each with its own indices, example weights and
-shuffling, so k members train in one compiled program.
+shuffling, so k members train in one compiled program, split over the mesh's `member` axis.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ class Evaluator:
   mesh: Any
 
   def __post_init__(self):
-    object.__setattr__(self, 'sums', jax.jit(self._sums))
+    object.__setattr__(self, 'sums', jax.jit(self._sums,
+                                             out_shardings=sharding.replicated(self.mesh)))
 
   def _sums(self, model, images, labels, indices, n):
     def block_sums(i):
@@ -99,7 +100,7 @@ class Trainer:
   compiled_epoch: bool = True
 
   def __post_init__(self):
-    members = lambda f, *axes: jax.vmap(f, in_axes=axes)
+    members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
     object.__setattr__(self, '_epoch', jax.jit(
         members(self._member_epoch, 0, 0, None, None, 0, 0, None, 0, None),
         donate_argnums=(0, 1)))

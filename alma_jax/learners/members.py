@@ -124,7 +124,7 @@ class MemberLearner:
                                       labels, weights)
 
     def ensemble(variables, member_weights, images):
-      logits = jax.vmap(apply_fn, (0, None))(variables, images)
+      logits = jax.vmap(apply_fn, (0, None), spmd_axis_name=sharding.MEMBER)(variables, images)
       return plan.combine(logits, member_weights)
 
     def test_metric(variables_and_weights, images, labels, weights):
@@ -142,7 +142,8 @@ class MemberLearner:
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
                                       self.example))
-    self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None)),
+    self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
+                                              spmd_axis_name=sharding.MEMBER),
                                      config.train.eval_batch_size, mesh)
     self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh)
     self._flops = {}
@@ -199,10 +200,11 @@ class MemberLearner:
     """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
     opt_state = (work.opt_state if work.opt_state is not None
                  else self.init_optimizer(work.start))
-    # Fresh buffers (training donates them; the state may still hold `work.start`), placed like
-    # a train epoch's outputs, so that the epoch compiles once per shape.
+    # Fresh buffers (training donates them; the state may still hold `work.start`), members
+    # split over the mesh's member axis.
+    count = jax.tree.leaves(work.start)[0].shape[0]
     start, opt_state = jax.device_put((work.start, opt_state),
-                                      sharding.replicated(self.trainer.mesh), may_alias=False)
+                                      sharding.stacked(self.trainer.mesh, count), may_alias=False)
     variables, opt_state, report = base.fit(
         self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
         key, self.config.train, self.flops(work.start), work.weights)
