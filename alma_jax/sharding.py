@@ -57,6 +57,13 @@ def checkpointable(tree):
   return jax.tree.map(convert, tree)
 
 
+def to_host(x) -> np.ndarray:
+  """A device array as a host array on every process (gathered across processes if needed)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def is_main_process() -> bool:
   """Process 0 writes metrics, summaries and logs; every process writes its checkpoint shards."""
   return jax.process_index() == 0

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alma_jax import steps
+from alma_jax import sharding, steps
 from alma_jax.learners import gens, members
 
 
@@ -32,8 +32,9 @@ def mistakes(learner, variables, indices: np.ndarray) -> np.ndarray:
   """(M, n) 1.0 where member m of `variables` misclassifies training example indices[i]."""
   block = learner.config.train.eval_batch_size
   padded, n = steps.pad_indices(indices, block)
-  return np.asarray(_member_mistakes(learner.apply_fn, variables, learner.data.train_images,
-                                     learner.data.train_labels, padded, block))[:, :n]
+  return sharding.to_host(_member_mistakes(learner.apply_fn, variables,
+                                          learner.data.train_images, learner.data.train_labels,
+                                          padded, block))[:, :n]
 
 
 def samme(miss: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alma_jax import metrics
+from alma_jax import metrics, sharding
 from alma_jax.learners import members, single
 from alma_jax.models import firefly as firefly_model
 
@@ -68,7 +68,7 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
   totals = jax.tree.map(jnp.zeros_like, ones)
   for batch in batches:
     totals = jax.tree.map(jnp.add, totals, gate_grads(cands, ones, batch))
-  scores = jax.tree.map(lambda t: np.asarray(t) / len(batches), totals)
+  scores = jax.tree.map(lambda t: sharding.to_host(t) / len(batches), totals)
   flops = len(batches) * sum(
       metrics.cost_flops(f.lower(*args)) or 0.0
       for f, args in ((optimize_step, (cands, opt_state, batches[0])),
