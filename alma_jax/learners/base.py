@@ -71,22 +71,26 @@ def restore_like(template, tree):
 
 
 def cross_entropy_loss(apply_train):
-  """Weighted mean cross-entropy of a classifier in training mode,
-  `apply_train(variables, images, key, real examples) -> (logits, updated collections)`."""
+  """Weighted mean cross-entropy in training mode, `apply_train(variables, inputs, key, real
+  examples) -> (logits, updated collections)`. An example's loss is the mean over its targets
+  (one for a classifier, one per token for a language model)."""
 
   def loss_fn(variables, images, labels, weights, key):
     logits, updated = apply_train(variables, images, key, weights > 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights > 0), 1.0), updated
+    per_example = ce.reshape(ce.shape[0], -1).mean(-1)
+    return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights > 0), 1.0), updated
 
   return loss_fn
 
 
-def classification_sums(log_probs, predicted, labels, weights) -> dict:
-  """Weighted sums of correct predictions and of cross-entropy (nats) over a batch."""
-  nll = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
-  return {'correct': jnp.sum(weights * (predicted == labels)), 'loss': jnp.sum(weights * nll),
-          'count': jnp.sum(weights)}
+def prediction_sums(log_probs, predicted, targets, weights) -> dict:
+  """Weighted sums over a batch of correct predictions, cross-entropy (nats) and targets, for
+  targets (B,) of a classifier or (B, L) of a language model; `weights` (B,) per example."""
+  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), -1)[..., 0]
+  w = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (nll.ndim - 1)), nll.shape)
+  return {'correct': jnp.sum(w * (predicted == targets)), 'loss': jnp.sum(w * nll),
+          'count': jnp.sum(w)}
 
 
 def error_and_loss(sums: dict) -> dict:
@@ -102,17 +106,26 @@ def _keep_improved(improved, new, old):
   return jax.tree.map(pick, new, old)
 
 
+def validation_score(sums: dict, stop_on: str) -> np.ndarray:
+  """Per member, what early stopping maximizes: validation accuracy, or minus the loss."""
+  count = np.asarray(sums['count'])
+  if stop_on == 'loss':
+    return -np.asarray(sums['loss']) / count
+  return np.asarray(sums['correct']) / count
+
+
 def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: DeviceData,
         train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
-        weights: np.ndarray | None = None) -> tuple[Any, Any, RoundReport]:
+        weights: np.ndarray | None = None, progress=None) -> tuple[Any, Any, RoundReport]:
   """The common ALMA round for a stack of M members trained side by side.
 
   `variables` (the members' Flax variables) and `opt_state` have a leading member axis; `train` holds each member's training
   indices (M, n) (members may see different data, e.g. bootstrap samples), `weights` their
   example weights (default 1). Every epoch shuffles each member's data with its own key, then
-  measures each member's validation accuracy on `valid`. A member's best-validation variables
-  (and optimizer state) are kept; training stops once no member has improved on its best by
-  more than `patience_delta` for `patience` epochs, or after `max_epochs`. `flops` holds
+  scores each member on `valid` (accuracy, or minus the loss: `train_config.stop_on`). A
+  member's best-validation variables (and optimizer state) are kept; training stops once no
+  member has improved on its best by more than `patience_delta` for `patience` epochs, or after
+  `max_epochs`. `progress(epoch, scores)`, if given, is called after every epoch. `flops` holds
   'step' (one member's train step) and 'forward' (one member, one example), either may be None,
   and 'multiply_adds' (one member, one example).
   """
@@ -121,7 +134,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   example_weights = np.zeros(train_idx.shape, np.float32)
   example_weights[:, :n_train] = 1.0 if weights is None else weights
   keys = jax.random.split(key, members)
-  best_accuracy = np.full(members, -np.inf)
+  best_score = np.full(members, -np.inf)
   bad_epochs = np.zeros(members, int)
   best, epochs = None, 0
   for epoch in range(train_config.max_epochs):
@@ -129,9 +142,11 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
         variables, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
         n_train, keys, epoch)
     sums = validator(variables, data.train_images, data.train_labels, valid)
-    accuracy = np.asarray(sums['correct']) / len(valid)
-    improved = accuracy > best_accuracy + train_config.patience_delta
-    best_accuracy = np.where(improved, accuracy, best_accuracy)
+    score = validation_score(sums, train_config.stop_on)
+    if progress is not None:
+      progress(epoch, score)
+    improved = score > best_score + train_config.patience_delta
+    best_score = np.where(improved, score, best_score)
     bad_epochs = np.where(improved, 0, bad_epochs + 1)
     best = (jax.tree.map(jnp.copy, (variables, opt_state)) if best is None
             else _keep_improved(jnp.asarray(improved), (variables, opt_state), best))

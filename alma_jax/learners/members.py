@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -56,21 +57,23 @@ class Plan:
 
 # How members combine. `weights` (M,) are the members' weights in the prediction; padding
 # members (see MemberLearner.evaluate) have weight 0 and no say.
+# Logits are (M, B, C) for classifiers, (M, B, L, C) for language models.
 def mean_logits(logits, weights):
   present = (weights > 0).astype(logits.dtype)
-  mean = jnp.einsum('m,mbc->bc', present, logits) / jnp.sum(present)
+  mean = jnp.einsum('m,m...->...', present, logits) / jnp.sum(present)
   return jax.nn.log_softmax(mean), jnp.argmax(mean, -1)
 
 
 def mean_probs(logits, weights):
-  present = jnp.where(weights > 0, 0.0, -jnp.inf)[:, None, None]
+  """The mean of the members' probabilities, as log-probabilities (log-mean-exp)."""
+  present = jnp.where(weights > 0, 0.0, -jnp.inf).reshape((-1,) + (1,) * (logits.ndim - 1))
   log_probs = (jax.nn.logsumexp(jax.nn.log_softmax(logits) + present, 0)
                - jnp.log(jnp.sum(weights > 0)))
   return log_probs, jnp.argmax(log_probs, -1)
 
 
 def weighted_logits(logits, weights):
-  total = jnp.einsum('m,mbc->bc', weights, logits)
+  total = jnp.einsum('m,m...->...', weights, logits)
   return jax.nn.log_softmax(total), jnp.argmax(total, -1)
 
 
@@ -91,6 +94,8 @@ class MemberLearner:
   """A learner over a stack of members of one model; `plan` says how it trains and predicts."""
 
   def __init__(self, config, dataset, data: base.DeviceData, mesh, plan: Plan, model):
+    # A language model's members combine by their mean probability, which perplexity needs.
+    combine = plan.combine if dataset.targets_per_example == 1 else mean_probs
     self.plan = plan
     self.config = config
     self.keep_optimizer = not config.learner.reset_optimizer
@@ -120,15 +125,15 @@ class MemberLearner:
 
     def member_metric(variables, images, labels, weights):
       logits = apply_fn(variables, images)
-      return base.classification_sums(jax.nn.log_softmax(logits), jnp.argmax(logits, -1),
-                                      labels, weights)
+      return base.prediction_sums(jax.nn.log_softmax(logits), jnp.argmax(logits, -1), labels,
+                                  weights)
 
     def ensemble(variables, member_weights, images):
       logits = jax.vmap(apply_fn, (0, None), spmd_axis_name=sharding.MEMBER)(variables, images)
-      return plan.combine(logits, member_weights)
+      return combine(logits, member_weights)
 
     def test_metric(variables_and_weights, images, labels, weights):
-      return base.classification_sums(*ensemble(*variables_and_weights, images), labels, weights)
+      return base.prediction_sums(*ensemble(*variables_and_weights, images), labels, weights)
 
     self._init_members = jax.jit(
         lambda key, count: jax.vmap(lambda k: self.model.init(k, example))(
@@ -207,8 +212,20 @@ class MemberLearner:
                                       sharding.stacked(self.trainer.mesh, count), may_alias=False)
     variables, opt_state, report = base.fit(
         self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
-        key, self.config.train, self.flops(work.start), work.weights)
+        key, self.config.train, self.flops(work.start), work.weights, self._progress())
     return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
+
+  def _progress(self):
+    """A console line per epoch, when `config.log.epochs` (process 0)."""
+    if not (self.config.log.epochs and sharding.is_main_process()):
+      return None
+    began = time.perf_counter()
+    stop_on = self.config.train.stop_on
+    def line(epoch, scores):
+      shown = ' '.join(f'{s:.4f}' if stop_on == 'accuracy' else f'{-s:.4f}' for s in scores)
+      print(f'      epoch {epoch + 1}: validation {stop_on} {shown} '
+            f'({time.perf_counter() - began:.1f} s)', flush=True)
+    return line
 
   def train_round(self, state, round, key):
     work_key, fit_key = jax.random.split(key)

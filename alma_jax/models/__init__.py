@@ -5,9 +5,10 @@ from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
 from alma_jax.models.moe import Mixture, mixture_of
 from alma_jax.models.resnet import ResNet18
+from alma_jax.models.transformer import Transformer
 from alma_jax.models.vgg import VGG
 
-_MODELS = {'mlp': MLP, 'vgg': VGG, 'resnet18': ResNet18}
+_MODELS = {'mlp': MLP, 'vgg': VGG, 'resnet18': ResNet18, 'transformer': Transformer}
 
 
 def names() -> tuple[str, ...]:

