@@ -22,13 +22,14 @@ from alma_jax import sharding
 
 class Checkpointer:
 
-  def __init__(self, directory: str, max_to_keep: int = 3, mesh=None):
-    """`mesh`: where device arrays are restored (default: a mesh of every device present)."""
+  def __init__(self, directory: str, max_to_keep: int = 0, mesh=None):
+    """Keeps the newest `max_to_keep` steps (0: all). `mesh`: where device arrays are restored
+    (default: a mesh of every device present)."""
     self.directory = os.path.abspath(directory)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True),
         item_handlers=ocp.StandardCheckpointHandler())
 
   def steps(self) -> list[int]:

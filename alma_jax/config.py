@@ -62,7 +62,8 @@ def base() -> ml_collections.ConfigDict:
       compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call
   # Devices splitting each batch (0: all that `member` leaves) x devices holding different members.
   c.mesh = ml_collections.ConfigDict(dict(data=0, member=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3))
+  # Checkpoints kept: 0 keeps one per arrival (what analysis reads back); else the newest n.
+  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=0))
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
   return c
 
@@ -202,9 +203,10 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
   if c.mesh.member < 1:
     _fail('mesh.member', c.mesh.member, 'must be >= 1')
-  if c.checkpoint.max_to_keep < 2:
+  if c.checkpoint.max_to_keep < 0 or c.checkpoint.max_to_keep == 1:
     _fail('checkpoint.max_to_keep', c.checkpoint.max_to_keep,
-          'keep at least 2, so a corrupt latest checkpoint can fall back to the one before')
+          'keep 0 (all) or at least 2, so a corrupt latest checkpoint can fall back to the one '
+          'before')
 
 
 def protocol_differences(saved: dict, current: dict) -> list[str]:

@@ -18,14 +18,14 @@ from alma_jax import config as alma_config
 def get_config(variant: str = ''):
   c = alma_config.base()
   c.data.update(task='language_model', source='text', name='shakespeare', path='',
-                sequence_length=128, test_fraction=0.1, max_test_examples=1024, mean=(), std=())
+                sequence_length=64, test_fraction=0.1, max_test_examples=2048, mean=(), std=())
   c.stream.num_megabatches = 5
   c.model = ml_collections.ConfigDict(dict(name='transformer', width=128, depth=4, heads=4,
                                            tied_embeddings=True, dtype='float32'))
-  c.optimizer.update(name='adamw', learning_rate=3e-3, weight_decay=0.01, warmup_steps=50,
-                     decay_steps=600)
-  c.train.update(batch_size=64, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',
-                 eval_batch_size=256)
+  c.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=0.01, warmup_steps=100,
+                     decay_steps=1600)
+  c.train.update(batch_size=16, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',
+                 eval_batch_size=512)
   c.log.epochs = True
   return alma_config.apply_variants(c, variant, 'configs/lm.py', {'tiny': _tiny})
 

@@ -1,5 +1,4 @@
 import jax
-import numpy as np
 import pytest
 
 from alma_jax import learners, metrics, sharding

@@ -6,7 +6,6 @@ of the 400 test examples.
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,8 +13,8 @@ import sys
 import time
 
 import jax
-from alma_jax import checkpoint, data, learners, run, sharding
-from conftest import REPO, tiny_config
+from alma_jax import analyze
+from conftest import REPO
 
 SCRIPT = '''
 import json, sys
@@ -77,15 +76,9 @@ def test_members_split_over_devices_match_one_device_and_restore_on_one(idx_dir,
   assert_same_run(one, eight)
 
   assert jax.device_count() == 1
-  config = tiny_config(idx_dir)
-  config.learner.update(name='k_ensemble', num_members=4)
-  mesh = sharding.make_mesh()
-  dataset = data.load(config.data)
-  learner = learners.create(config, dataset, run._device_data(dataset, mesh), mesh)
-  tree = checkpoint.Checkpointer(str(tmp_path / 'eight' / 'checkpoints'), mesh=mesh).restore(3)
-  state = learner.restore(tree['learner'])
-  assert learner.num_members(state) == 4
-  assert abs(learner.evaluate(state)['error'] - eight['errors'][-1]) <= 2 / 400
+  written = analyze.Run(str(tmp_path / 'eight'))
+  assert written.learner.num_members(written.predictor(3)) == 4
+  assert abs(written.evaluate(3)['error'] - eight['errors'][-1]) <= 2 / 400
 
 
 def free_port() -> int:

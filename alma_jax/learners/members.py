@@ -237,14 +237,18 @@ class MemberLearner:
     return {**state, 'rounds': np.int64(state['rounds'] + 1)}, report
 
   # The predictor.
-  def evaluate(self, state) -> dict:
-    """Test error and loss. The member stack is padded to a power of two with weight-0 copies,
-    so a growing ensemble compiles its evaluation once per doubling, not once per member."""
+  def evaluate(self, state, images=None, labels=None) -> dict:
+    """Error and loss on the test set, or on other `images` and `labels` (raw, as the data set
+    holds them). The member stack is padded to a power of two with weight-0 copies, so a
+    growing ensemble compiles its evaluation once per doubling, not once per member."""
+    if images is None:
+      images, labels, indices = self.data.test_images, self.data.test_labels, self.test_indices
+    else:
+      indices = np.arange(len(labels))
     m = self.num_members(state)
     padded = _pad_members(state['variables'], state['member_weights'],
                           (1 << (m - 1).bit_length()))
-    sums = self.tester(padded, self.data.test_images, self.data.test_labels, self.test_indices)
-    return base.error_and_loss(sums)
+    return base.error_and_loss(self.tester(padded, images, labels, indices))
 
   def params(self, state) -> int:
     """Parameters of the predictor (all members; BatchNorm statistics are not parameters)."""

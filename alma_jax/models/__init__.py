@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
-from alma_jax.models.moe import Mixture, mixture_of
 from alma_jax.models.resnet import ResNet18
 from alma_jax.models.transformer import Transformer
 from alma_jax.models.vgg import VGG

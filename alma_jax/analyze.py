@@ -1,0 +1,206 @@
+"""Runs read back from their workdirs: tables, plots, and predictors restored at any arrival.
+
+    run = analyze.Run('runs/demo')
+    run.config, run.rows(), run.summary(), run.arrivals()
+    tree = run.state(4)                  # the checkpointed run state after arrival 4
+    run.evaluate(4)                      # its predictor on the test set: {'error', 'loss'}
+    run.evaluate(4, images, labels)      # ... or on any data (raw, like the data set's)
+
+The learner is rebuilt from the run's saved config over a mesh of the devices present, and
+restores whatever the checkpoint holds (a grown ensemble included), so a run written on 8
+devices is read on 1. Command line (markdown table on stdout, PNG plots in --out):
+
+    python -m alma_jax.analyze RUN_DIR... [--out=DIR] [--labels=a,b,...]
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from absl import app, flags
+import ml_collections
+import numpy as np
+
+from alma_jax import checkpoint, data, learners, metrics, run as alma_run, sharding
+
+
+class NotARunError(FileNotFoundError):
+  """A directory that holds no alma_jax run."""
+
+
+class Run:
+  """One run directory: its config, per-arrival metrics, checkpoints and predictors."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    path = os.path.join(directory, alma_run.CONFIG_FILE)
+    if not os.path.isfile(path):
+      raise NotARunError(f'{directory!r} is not an alma_jax run: it holds no '
+                         f'{alma_run.CONFIG_FILE}')
+    with open(path) as f:
+      self.config = ml_collections.ConfigDict(json.load(f))
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(os.path.normpath(self.directory))
+
+  @property
+  def language_model(self) -> bool:
+    return self.config.data.get('task', 'classification') == 'language_model'
+
+  def rows(self) -> list[dict]:
+    """One dict per arrival logged so far (metrics.jsonl)."""
+    path = os.path.join(self.directory, alma_run.METRICS_FILE)
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def summary(self) -> dict:
+    """summary.json of a finished run; for an unfinished one, the same numbers so far."""
+    path = os.path.join(self.directory, alma_run.SUMMARY_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    return metrics.summary(self.state(self.arrivals()[-1])['history'])
+
+  @functools.cached_property
+  def _checkpointer(self) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(os.path.join(self.directory, 'checkpoints'),
+                                   mesh=self._mesh)
+
+  @functools.cached_property
+  def _mesh(self):
+    return sharding.make_mesh()
+
+  def arrivals(self) -> list[int]:
+    """The arrivals whose run state is checkpointed."""
+    return self._checkpointer.steps()
+
+  def state(self, t: int) -> dict:
+    """The run state {stream, learner, history} checkpointed after arrival `t`."""
+    if t not in self.arrivals():
+      raise KeyError(f'{self.directory}: no checkpoint of arrival {t} (kept: {self.arrivals()})')
+    return self._checkpointer.restore(t)
+
+  @functools.cached_property
+  def learner(self):
+    """The run's learner, over its data set placed on the devices present."""
+    dataset = data.load(self.config.data)
+    return learners.create(self.config, dataset, alma_run._device_data(dataset, self._mesh),
+                           self._mesh)
+
+  def predictor(self, t: int):
+    """The learner state (the predictor) held after arrival `t`."""
+    return self.learner.restore(self.state(t)['learner'])
+
+  def evaluate(self, t: int, images=None, labels=None) -> dict:
+    """{'error', 'loss'} of the predictor after arrival `t` on the test set, or on given data."""
+    return self.learner.evaluate(self.predictor(t), images, labels)
+
+
+def table(runs: list[Run], labels: list[str]) -> str:
+  """A markdown comparison table of finished (or partial) runs."""
+  lines = ['| run | learner | final error | CER/T | final loss | params | training FLOPs '
+           '| wall time (s) |', '|---|---|---:|---:|---:|---:|---:|---:|']
+  for label, r in zip(labels, runs):
+    s = r.summary()
+    lines.append(f"| {label} | {r.config.learner.name} | {s['final_error']:.4f} | "
+                 f"{s['cer_per_t']:.4f} | {s['final_test_loss']:.4f} | {int(s['params']):,d} | "
+                 f"{s['train_flops']:.3g} | {s['seconds']:.0f} |")
+  return '\n'.join(lines)
+
+
+def pareto_front(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
+  """Indices of the points no other point beats on both (lower cost, lower value), by cost."""
+  order = np.lexsort((values, costs))
+  front, best = [], np.inf
+  for i in order:
+    if values[i] < best:
+      front.append(i)
+      best = values[i]
+  return np.asarray(front, int)
+
+
+def plot(runs: list[Run], labels: list[str], out: str) -> list[str]:
+  """Anytime curves, CER against training FLOPs (Pareto front marked), parameters over time:
+  PNG files in `out`; returns their paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  os.makedirs(out, exist_ok=True)
+  lm = all(r.language_model for r in runs)
+  metric, axis_label = (('test_bits', 'test bits per byte') if lm
+                        else ('test_error', 'test error (1 - accuracy)'))
+  paths = []
+
+  def save(fig, name):
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, r in zip(labels, runs):
+    rows = r.rows()
+    ax.plot([row['t'] for row in rows], [row[metric] for row in rows], marker='o', ms=3,
+            label=label)
+  ax.set(xlabel='arrival t (mega-batches so far)', ylabel=axis_label,
+         title='Anytime ' + ('test loss' if lm else 'test error'))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save(fig, 'anytime.png')
+
+  summaries = [r.summary() for r in runs]
+  area = 'cumulative_loss_per_t' if lm else 'cer_per_t'
+  flops = np.array([s['train_flops'] for s in summaries])
+  cer = np.array([s[area] for s in summaries])
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.scatter(flops, cer, color='tab:blue')
+  for label, x, y in zip(labels, flops, cer):
+    ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  front = pareto_front(flops, cer)
+  ax.plot(flops[front], cer[front], color='tab:red', lw=1.5, label='Pareto front')
+  ax.set(xscale='log', xlabel='training FLOPs (XLA cost analysis, log scale)',
+         ylabel=('area under the test loss curve / T' if lm else 'CER / T'),
+         title='Anytime performance against compute')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  save(fig, 'cer_vs_flops.png')
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, r in zip(labels, runs):
+    rows = r.rows()
+    ax.plot([row['t'] for row in rows], [row['params'] for row in rows], marker='o', ms=3,
+            label=label)
+  ax.set(yscale='log', xlabel='arrival t (mega-batches so far)',
+         ylabel='parameters of the predictor (log scale)', title='Parameters over time')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  save(fig, 'params.png')
+  return paths
+
+
+_OUT = flags.DEFINE_string('out', 'analysis', 'Folder for the PNG plots.')
+_LABELS = flags.DEFINE_list('labels', None, 'Names of the runs in the table and plots '
+                            '(default: the directory names).')
+
+
+def main(argv):
+  directories = argv[1:]
+  if not directories:
+    raise app.UsageError('give one or more run directories')
+  runs = [Run(d) for d in directories]
+  labels = _LABELS.value or [r.name for r in runs]
+  if len(labels) != len(runs):
+    raise app.UsageError(f'--labels names {len(labels)} runs, but {len(runs)} were given')
+  print(table(runs, labels))
+  for path in plot(runs, labels, _OUT.value):
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)

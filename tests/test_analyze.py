@@ -1,0 +1,79 @@
+"""Reading runs back: exact per-arrival errors from checkpoints, the CLI's table and plots."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alma_jax import analyze, data, run
+from conftest import REPO
+
+
+@pytest.fixture(scope='module')
+def runs(idx_dir, tmp_path_factory):
+  """A finetune run and a growing ensemble's (gens) run of the tiny protocol."""
+  from conftest import tiny_config
+  root = tmp_path_factory.mktemp('runs')
+  out = {}
+  for learner in ('finetune', 'gens'):
+    config = tiny_config(idx_dir)
+    config.learner.name = learner
+    config.stream.num_megabatches = 4
+    config.train.update(max_epochs=3, patience=2)
+    run.run(config, str(root / learner))
+    out[learner] = str(root / learner)
+  return out
+
+
+@pytest.mark.parametrize('learner', ['finetune', 'gens'])
+def test_analysis_reproduces_the_logged_errors_at_every_arrival(runs, learner):
+  r = analyze.Run(runs[learner])
+  assert r.arrivals() == [1, 2, 3, 4]  # every arrival is kept
+  logged = [(row['test_error'], row['test_loss']) for row in r.rows()]
+  again = [r.evaluate(t) for t in r.arrivals()]
+  assert [a['error'] for a in again] == [e for e, _ in logged]
+  np.testing.assert_allclose([a['loss'] for a in again], [l for _, l in logged], rtol=1e-6)
+  if learner == 'gens':  # the ensemble grew by one member per round
+    assert [r.learner.num_members(r.predictor(t)) for t in r.arrivals()] == [1, 2, 3, 4]
+
+
+def test_evaluate_on_other_data(runs):
+  r = analyze.Run(runs['finetune'])
+  dataset = data.load(r.config.data)
+  whole = r.evaluate(4, dataset.test_images, dataset.test_labels)
+  assert whole['error'] == r.rows()[-1]['test_error']
+  part = r.evaluate(4, dataset.test_images[:100], dataset.test_labels[:100])
+  state = r.predictor(4)
+  _, predicted = r.learner.ensemble(state['variables'], state['member_weights'],
+                                    dataset.test_images[:100])
+  assert part['error'] == pytest.approx(np.mean(np.asarray(predicted) != dataset.test_labels[:100]))
+
+
+def test_a_directory_that_is_not_a_run_is_named(tmp_path):
+  with pytest.raises(analyze.NotARunError, match='not an alma_jax run'):
+    analyze.Run(str(tmp_path))
+
+
+def test_pareto_front():
+  costs = np.array([1.0, 2.0, 3.0, 4.0, 2.5])
+  values = np.array([0.5, 0.4, 0.45, 0.2, 0.3])
+  assert analyze.pareto_front(costs, values).tolist() == [0, 1, 4, 3]
+
+
+def test_cli_prints_a_table_and_writes_plots(runs, tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'alma_jax.analyze', runs['finetune'], runs['gens'],
+       f'--out={tmp_path}', '--labels=ft,gEns'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout
+  rows = [line for line in out.splitlines() if line.startswith('| ft') or
+          line.startswith('| gEns')]
+  assert len(rows) == 2 and '| gens |' in rows[1]
+  summary = json.load(open(os.path.join(runs['gens'], run.SUMMARY_FILE)))
+  assert f"{summary['final_error']:.4f}" in rows[1]
+  import matplotlib.image
+  for name in ('anytime.png', 'cer_vs_flops.png', 'params.png'):
+    image = matplotlib.image.imread(tmp_path / name)
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    assert image[..., :3].std() > 0.05  # not a blank canvas
