@@ -163,7 +163,8 @@ def plot(runs: list[Run], labels: list[str], out: str) -> list[str]:
   for label, x, y in zip(labels, flops, cer):
     ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
   front = pareto_front(flops, cer)
-  ax.plot(flops[front], cer[front], color='tab:red', lw=1.5, label='Pareto front')
+  ax.plot(flops[front], cer[front], color='tab:red', lw=1.5, marker='o', mfc='none', ms=10,
+          label='Pareto front')
   ax.set(xscale='log', xlabel='training FLOPs (XLA cost analysis, log scale)',
          ylabel=('area under the test loss curve / T' if lm else 'CER / T'),
          title='Anytime performance against compute')

@@ -27,7 +27,8 @@ def base() -> ml_collections.ConfigDict:
       mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0,
       pad_to=0,          # zero-pad images to pad_to x pad_to (0: as they are)
       augmentation='',   # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
-      sequence_length=128,  # language models: bytes per example (the model's context)
+      sequence_length=128,  # language models: tokens per example (the model's context)
+      tokenizer='',         # language models: '' (bytes) or a SentencePiece model file
       test_fraction=0.1))   # language models over text files: documents held out for the test
 
   c.stream = ml_collections.ConfigDict(dict(

@@ -8,6 +8,7 @@ recorded. A decoder-only transformer (width 128, 4 blocks of 4 heads, tied embed
 stopping on validation loss. Sized to finish in minutes on a 2-core CPU; GPT-2 small is
 `--config.model.width=768 --config.model.depth=12 --config.model.heads=12
 --config.data.sequence_length=1024` (with `--config.model.dtype=bfloat16` on accelerators).
+Subword tokens: `--config.data.tokenizer=PATH.model` (a SentencePiece model file).
 Variants: `:tiny` is a seconds-long smoke run.
 """
 import ml_collections

@@ -193,3 +193,27 @@ def test_tiny_lm_run_learns_and_resumes_after_a_kill_mid_round(corpus, tmp_path)
   subprocess.run(command + [f'--workdir={killed}'], cwd=REPO, check=True, capture_output=True,
                  timeout=300)
   assert losses(killed) == straight
+
+
+def test_sentencepiece_tokens(corpus, tmp_path):
+  import glob
+  import sentencepiece
+  sentencepiece.SentencePieceTrainer.train(
+      input=','.join(sorted(glob.glob(corpus))), model_prefix=str(tmp_path / 'spm'),
+      vocab_size=300, model_type='bpe', minloglevel=2)
+  c = lm_config(corpus)
+  c.data.tokenizer = str(tmp_path / 'spm.model')
+  dataset = data.load(c.data)
+  assert dataset.num_classes == 300
+  assert dataset.train_images.max() >= 256  # subword ids beyond the bytes
+  np.testing.assert_array_equal(dataset.train_images[:, 1:], dataset.train_labels[:, :-1])
+  learner, _ = make_learner(c)
+  state, _ = learner.train_round(learner.init(jax.random.key(0)), _first_round(dataset, c),
+                                 jax.random.key(1))
+  assert learner.evaluate(state)['loss'] < math.log(300)
+
+
+def _first_round(dataset, c):
+  from alma_jax import stream
+  s = stream.make_stream(len(dataset.train_labels), c.stream.num_megabatches)
+  return stream.next_round(stream.arrive(stream.init_state(s.num_examples)), s, c.stream, 0)[0]

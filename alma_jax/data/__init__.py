@@ -52,7 +52,7 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class TextDataset(Dataset):
-  """Byte sequences (N, L) as inputs ('images') and next bytes (N, L) as targets ('labels')."""
+  """Token sequences (N, L) as inputs ('images') and next tokens (N, L) as targets ('labels')."""
 
   def preprocess(self, tokens):
     return tokens.astype(jnp.int32)
@@ -128,7 +128,10 @@ def _load_text(config) -> TextDataset:
   else:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")
-  train = _subset(*text.pack(train_docs, config.sequence_length), config.max_train_examples)
-  test = _subset(*text.pack(test_docs, config.sequence_length), config.max_test_examples)
+  train_tokens, vocabulary = text.tokenize(train_docs, config.tokenizer)
+  test_tokens, _ = text.tokenize(test_docs, config.tokenizer)
+  train = _subset(*text.pack(train_tokens, config.sequence_length), config.max_train_examples)
+  test = _subset(*text.pack(test_tokens, config.sequence_length), config.max_test_examples)
   return TextDataset(name=config.name, train_images=train[0], train_labels=train[1],
-                     test_images=test[0], test_labels=test[1], num_classes=256, mean=(), std=())
+                     test_images=test[0], test_labels=test[1], num_classes=vocabulary, mean=(),
+                     std=())

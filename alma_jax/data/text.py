@@ -1,11 +1,11 @@
-"""Text corpora as byte-level language-modeling examples.
+"""Text corpora as language-modeling examples, in bytes (default) or SentencePiece tokens.
 
 A corpus is a list of documents (files by glob, or a TFDS text data set's records). Whole
 documents are held out for the test split (a seeded `test_fraction` of them, unless the source
-has its own test split), so no round ever trains on test text. Each split's documents are joined
-and packed into sequences of `sequence_length` bytes; an example is one sequence: its input
-bytes and, as its targets, the same bytes shifted by one (every byte is a target once). The
-stream then permutes and cuts these examples like images.
+has its own test split), so no round ever trains on test text. Each split's documents are
+tokenized, joined and packed into sequences of `sequence_length` tokens; an example is one
+sequence: its input tokens and, as its targets, the same tokens shifted by one (every token is a
+target once). The stream then permutes and cuts these examples like images.
 """
 from __future__ import annotations
 
@@ -54,10 +54,25 @@ def split_documents(documents: list[bytes], test_fraction: float, seed: int = 0)
           [d for i, d in enumerate(documents) if i in test])
 
 
-def pack(documents: list[bytes], sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, targets), each (N, sequence_length) uint8: the joined documents cut into
-  consecutive sequences, targets shifted by one byte."""
-  text = np.frombuffer(b''.join(documents), np.uint8)
+def tokenize(documents: list[bytes], tokenizer: str = '') -> tuple[list[np.ndarray], int]:
+  """(token arrays, vocabulary size): bytes (uint8, 256), or the ids of the SentencePiece model
+  file `tokenizer`."""
+  if not tokenizer:
+    return [np.frombuffer(d, np.uint8) for d in documents], 256
+  if not os.path.isfile(tokenizer):
+    raise DataNotFoundError(f'config.data.tokenizer={tokenizer!r}: no such SentencePiece model')
+  import sentencepiece
+  model = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
+  dtype = np.uint16 if model.vocab_size() <= 1 << 16 else np.int32
+  return ([np.asarray(model.encode(d.decode('utf-8', errors='replace')), dtype)
+           for d in documents], model.vocab_size())
+
+
+def pack(documents: list, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets), each (N, sequence_length): the joined documents (bytes, or token
+  arrays) cut into consecutive sequences, targets shifted by one token."""
+  text = (np.frombuffer(b''.join(documents), np.uint8) if isinstance(documents[0], bytes)
+          else np.concatenate(documents))
   n = (len(text) - 1) // sequence_length
   if n < 1:
     raise ValueError(f'config.data.sequence_length={sequence_length}: longer than the text')
