@@ -33,6 +33,7 @@ def get_config(variant: str = ''):
 
 def _tiny(c):
   alma_config.tiny(c)
+  c.stream.num_megabatches = 5
   c.data.update(sequence_length=32, max_train_examples=800, max_test_examples=128)
   c.model.update(width=32, depth=1, heads=2)
   c.optimizer.update(warmup_steps=5, decay_steps=40)

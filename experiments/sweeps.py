@@ -98,8 +98,9 @@ def sweep(name: str, reduced: bool, seeds: int) -> str:
       t0 = time.perf_counter()
       summary = run_point(config_file, variant, overrides, seed, workdir)
       summaries.setdefault(point, []).append(summary)
-      print(f'{name}: {point} seed {seed}: final error {summary["final_error"]:.4f}, '
-            f'CER/T {summary["cer_per_t"]:.4f} ({time.perf_counter() - t0:.0f} s)', flush=True)
+      print(f'{name}: {point} seed {seed}: final error {summary["final_error"]:.4f}, CER/T '
+            f'{summary["cer_per_t"]:.4f}, final loss {summary["final_test_loss"]:.4f} '
+            f'({time.perf_counter() - t0:.0f} s)', flush=True)
   points = [point for point, _ in grid]
   language_model = config_file == LM
   write_table(os.path.join(out, 'table.md'), points, summaries, language_model)
