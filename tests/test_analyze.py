@@ -77,3 +77,22 @@ def test_cli_prints_a_table_and_writes_plots(runs, tmp_path):
     image = matplotlib.image.imread(tmp_path / name)
     assert image.shape[0] > 300 and image.shape[1] > 500
     assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_a_sweep_point_runs_once_then_is_read_back(idx_dir, tmp_path):
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  import sweeps
+  from conftest import tiny_config
+  from test_run import write_config
+  config = tiny_config(idx_dir)
+  config.stream.num_megabatches = 2
+  config_file = write_config(config, tmp_path / 'cfg.py')
+  workdir = str(tmp_path / 'point' / 'seed1')
+  first = sweeps.run_point(config_file, '', {'stream.waiting_time': 2}, 1, workdir)
+  assert first['rounds'] == 1  # w=2 of T=2: one round
+  assert json.load(open(os.path.join(workdir, run.CONFIG_FILE)))['seed'] == 1
+  mtime = os.path.getmtime(os.path.join(workdir, run.SUMMARY_FILE))
+  again = sweeps.run_point(config_file, '', {'stream.waiting_time': 2}, 1, workdir)
+  assert again == first and os.path.getmtime(os.path.join(workdir, run.SUMMARY_FILE)) == mtime
+  sweeps.write_table(str(tmp_path / 'table.md'), ['w2'], {'w2': [first, again]}, False)
+  assert f"| w2 | 2 | {first['final_error']:.4f} ± 0.0000 |" in open(tmp_path / 'table.md').read()

@@ -88,7 +88,7 @@ def write_config(config, path):
   """A config file that rebuilds `config` (for runs in a subprocess)."""
   path.write_text(
       'import ml_collections\n'
-      f'def get_config():\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
+      f'def get_config(variant=""):\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
   return str(path)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -66,7 +67,7 @@ class Mixture:
   num_experts: int = 2
   num_classes: int = 10
   stem: nn.Module | None = None
-  gate_view: callable = flat
+  gate_view: Callable = flat
 
   def _stages(self):
     return [f'layer_{i}' for i in range(len(self.experts))]
