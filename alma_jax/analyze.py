@@ -19,10 +19,10 @@ import json
 import os
 
 from absl import app, flags
-import ml_collections
 import numpy as np
 
-from alma_jax import checkpoint, data, learners, metrics, run as alma_run, sharding
+from alma_jax import checkpoint, config as alma_config, data, learners, metrics
+from alma_jax import run as alma_run, sharding
 
 
 class NotARunError(FileNotFoundError):
@@ -39,7 +39,7 @@ class Run:
       raise NotARunError(f'{directory!r} is not an alma_jax run: it holds no '
                          f'{alma_run.CONFIG_FILE}')
     with open(path) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
+      self.config = alma_config.from_saved(json.load(f))
 
   @property
   def name(self) -> str:

@@ -78,6 +78,18 @@ def load(path: str, variant: str = '') -> ml_collections.ConfigDict:
   return module.get_config(variant)
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config.json as a config, keys added since the run was written at their
+  defaults (which keep the behaviour of that time). The model section is taken as saved."""
+  c = base()
+  for section, values in saved.items():
+    if section == 'model' or not isinstance(values, dict):
+      c[section] = values if not isinstance(values, dict) else ml_collections.ConfigDict(values)
+    else:
+      c[section].update(values)
+  return c
+
+
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a seconds-long smoke run (the `:tiny` variant of every config file)."""
   c.data.update(max_train_examples=2000, max_test_examples=1000)

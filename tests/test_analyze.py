@@ -1,6 +1,7 @@
 """Reading runs back: exact per-arrival errors from checkpoints, the CLI's table and plots."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -96,3 +97,20 @@ def test_a_sweep_point_runs_once_then_is_read_back(idx_dir, tmp_path):
   assert again == first and os.path.getmtime(os.path.join(workdir, run.SUMMARY_FILE)) == mtime
   sweeps.write_table(str(tmp_path / 'table.md'), ['w2'], {'w2': [first, again]}, False)
   assert f"| w2 | 2 | {first['final_error']:.4f} ± 0.0000 |" in open(tmp_path / 'table.md').read()
+
+
+def test_a_grown_run_written_by_an_earlier_version_is_read_back(tmp_path):
+  """tests/data/run_e405b29_gmoe: a gMoE run written by commit e405b29 (before the data task,
+  tokens and the current mixture model existed) on the tests' synthetic data set."""
+  from conftest import make_idx_dataset
+  workdir = tmp_path / 'old'
+  shutil.copytree(os.path.join(REPO, 'tests', 'data', 'run_e405b29_gmoe'), workdir)
+  saved = json.load(open(workdir / run.CONFIG_FILE))
+  saved['data']['path'] = make_idx_dataset(str(tmp_path / 'data'))  # the same data, rebuilt
+  (workdir / run.CONFIG_FILE).write_text(json.dumps(saved))
+  r = analyze.Run(str(workdir))
+  assert r.arrivals() == [1, 2, 3]
+  logged = [row['test_error'] for row in r.rows()]
+  assert [r.evaluate(t)['error'] for t in r.arrivals()] == logged
+  assert r.summary()['params'] == 7482
+  assert r.learner.params(r.predictor(3)) == 7482  # the grown expert trees restored

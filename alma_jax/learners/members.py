@@ -259,7 +259,11 @@ class MemberLearner:
     return float('nan') if forward is None else forward * self.num_members(state)
 
   def restore(self, tree):
-    """The state saved as `tree`, whatever its number of members or tree of experts."""
+    """The state saved as `tree`, whatever its number of members or tree of experts (also as
+    the first versions saved it: parameters at the top, before BatchNorm statistics existed)."""
+    if 'variables' not in tree:
+      tree = {**{k: v for k, v in tree.items() if k != 'params'},
+              'variables': {'params': tree['params']}}
     state = {**tree, 'rounds': np.int64(tree['rounds'])}
     if self.keep_optimizer:  # optax states are named tuples: rebuild them from a template
       template = jax.eval_shape(self.init_optimizer, tree['variables'])
