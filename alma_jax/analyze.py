@@ -88,7 +88,7 @@ class Run:
   def learner(self):
     """The run's learner, over its data set placed on the devices present."""
     dataset = data.load(self.config.data)
-    return learners.create(self.config, dataset, alma_run._device_data(dataset, self._mesh),
+    return learners.create(self.config, dataset, alma_run.device_data(dataset, self._mesh),
                            self._mesh)
 
   def predictor(self, t: int):

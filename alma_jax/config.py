@@ -69,12 +69,13 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def load(path: str, variant: str = '') -> ml_collections.ConfigDict:
-  """The config of a config file (what `--config=path:variant` gives main), for scripts."""
-  spec = importlib.util.spec_from_file_location(
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config that `--config=path[:variant]` gives main, for scripts and tests."""
+  path, _, variant = spec.partition(':')
+  source = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0] + '_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = importlib.util.module_from_spec(source)
+  source.loader.exec_module(module)
   return module.get_config(variant)
 
 

@@ -81,7 +81,8 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _device_data(dataset, mesh) -> base.DeviceData:
+def device_data(dataset, mesh) -> base.DeviceData:
+  """The data set's arrays on the mesh, replicated: what `learners.create` trains from."""
   put = lambda x: sharding.global_array(x, sharding.replicated(mesh))
   return base.DeviceData(put(dataset.train_images), put(dataset.train_labels),
                          put(dataset.test_images), put(dataset.test_labels))
@@ -152,7 +153,7 @@ def run(config, workdir: str) -> dict:
                                    config.stream.validation_fraction)
   sharding.check_hosts_agree('the config, the stream and the data',
                              _fingerprint(config, stream, dataset))
-  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   key = jax.random.key(config.seed)
   num_arrivals = stream.num_megabatches
 

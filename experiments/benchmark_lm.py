@@ -10,18 +10,13 @@ context (N: parameters without the embeddings). Writes experiments/results/lm/be
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 
+import common
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from alma_jax import config as alma_config, data, learners, run, sharding, steps  # noqa: E402
+from alma_jax import learners, run, sharding, steps
 
 
 def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 2.0) -> float:
@@ -40,16 +35,10 @@ def matmul_peak(sizes=(256, 512, 1024, 2048), seconds: float = 2.0) -> float:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default='configs/lm.py')
-  parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--out', default='experiments/results/lm/benchmark.json')
-  args = parser.parse_args()
-  path, _, variant = args.config.partition(':')
-  c = alma_config.load(path, variant)
-  dataset = data.load(c.data)
+  args, c, dataset = common.lm_script(__doc__, 'experiments/results/lm/benchmark.json',
+                                      steps=400)
   mesh = sharding.make_mesh()
-  learner = learners.create(c, dataset, run._device_data(dataset, mesh), mesh)
+  learner = learners.create(c, dataset, run.device_data(dataset, mesh), mesh)
   batch, length = c.train.batch_size, c.data.sequence_length
   n = min(args.steps * batch, len(dataset.train_labels))
   indices, n = steps.pad_indices(np.arange(n)[None], batch)
@@ -81,10 +70,7 @@ def main():
       'palm_flops_per_token': palm_per_token,
       'mfu_palm': tokens_per_second * palm_per_token / peak,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  common.write_result(result, args.out)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 from alma_jax import config as alma_config, data, learners, sharding  # noqa: E402
 from alma_jax import stream as alma_stream  # noqa: E402
-from alma_jax.run import _device_data  # noqa: E402
+from alma_jax.run import device_data  # noqa: E402
 
 
 def timed_round(learner, round_data, repeats: int) -> float:
@@ -43,15 +43,15 @@ def main():
   config.learner.num_members = args.members
   dataset = data.load(config.data)
   mesh = sharding.make_mesh()
-  device_data = _device_data(dataset, mesh)
+  on_device = device_data(dataset, mesh)
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches)
   state = alma_stream.arrive(alma_stream.init_state(stream.num_examples))
   round_data, _ = alma_stream.next_round(state, stream, config.stream, config.seed)
 
   config.learner.name = 'k_ensemble'
-  together = timed_round(learners.create(config, dataset, device_data, mesh), round_data, 1)
+  together = timed_round(learners.create(config, dataset, on_device, mesh), round_data, 1)
   config.learner.name = 'finetune'
-  apart = timed_round(learners.create(config, dataset, device_data, mesh), round_data,
+  apart = timed_round(learners.create(config, dataset, on_device, mesh), round_data,
                       args.members)
   print(f'{args.members} members, {args.epochs} epochs on {len(round_data.train)} examples:')
   print(f'  vmapped, one program:   {together:.2f} s')

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from alma_jax import config as alma_config, data, learners, sharding, steps  # noqa: E402
-from alma_jax.run import _device_data  # noqa: E402
+from alma_jax.run import device_data  # noqa: E402
 
 CONFIGS = {'mlp (h=64)': 'fashion_mnist.py', 'vgg (c=16)': 'fashion_mnist_conv.py'}
 
@@ -29,7 +29,7 @@ def examples_per_second(config_file: str, examples: int, epochs: int) -> float:
   config = alma_config.load(os.path.join(ROOT, 'configs', config_file))
   dataset = data.load(config.data)
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   variables = learner.new_members(jax.random.key(0), 1)
   variables, opt_state = jax.device_put((variables, learner.init_optimizer(variables)),
                                         sharding.replicated(mesh))

@@ -34,7 +34,7 @@ from alma_jax import run as alma_run
 
 def load_config(variant: str):
   """The config of configs/fashion_mnist.py (with `variant`), TensorBoard off."""
-  config = alma_config.load(os.path.join(ROOT, 'configs', 'fashion_mnist.py'), variant)
+  config = alma_config.load(os.path.join(ROOT, 'configs', f'fashion_mnist.py:{variant}'))
   config.log.tensorboard = False
   return config
 

@@ -10,17 +10,10 @@ distribution over the 256 bytes, so no byte has probability 0.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
 
+import common
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from alma_jax import config as alma_config, data  # noqa: E402
 
 V = 256
 
@@ -81,14 +74,7 @@ class KneserNey:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default='configs/lm.py')
-  parser.add_argument('--order', type=int, default=3)
-  parser.add_argument('--out', default='experiments/results/lm/ngram.json')
-  args = parser.parse_args()
-  path, _, variant = args.config.partition(':')
-  c = alma_config.load(path, variant)
-  dataset = data.load(c.data)
+  args, _, dataset = common.lm_script(__doc__, 'experiments/results/lm/ngram.json', order=3)
   train = contiguous(dataset.train_images, dataset.train_labels)
   model = KneserNey(train, args.order)
   # The LM's test targets, each with the order-1 bytes before it in the test text.
@@ -102,10 +88,7 @@ def main():
   result = {'config': args.config, 'order': args.order, 'train_bytes': int(len(train)),
             'test_targets': int(len(k)), 'test_loss': loss, 'bits_per_byte': loss / math.log(2),
             'perplexity': math.exp(loss)}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  common.write_result(result, args.out)
 
 
 if __name__ == '__main__':

@@ -52,7 +52,7 @@ def run_point(config_file: str, variant: str, overrides: dict, seed: int, workdi
   finished = os.path.join(workdir, run.SUMMARY_FILE)
   if os.path.exists(finished):
     return analyze.Run(workdir).summary()
-  config = alma_config.load(config_file, variant)
+  config = alma_config.load(f'{config_file}:{variant}')
   for key, value in overrides.items():
     section, name = key.split('.')
     config[section][name] = value

@@ -21,7 +21,7 @@ def validate(c):
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 @pytest.mark.parametrize('variant', ['', 'tiny'])
 def test_every_config_file_loads_and_validates(path, variant):
-  validate(load_config_file(path, variant))
+  validate(load_config_file(f'{path}:{variant}'))
 
 
 def test_config_files_exist():

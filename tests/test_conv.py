@@ -11,7 +11,7 @@ import pytest
 from alma_jax import config as alma_config, data, learners, metrics, run, sharding, steps
 from alma_jax.data import random_crop_flip
 from alma_jax.models import VGG, ResNet18
-from alma_jax.run import _device_data
+from alma_jax.run import device_data
 from conftest import REPO
 
 
@@ -95,10 +95,10 @@ def test_conv_run_checkpoints_batchnorm_statistics_and_resumes_exactly(config, t
 def test_epochs_compile_whole_except_convolutions_on_cpu(config):
   dataset = data.load(config.data)
   mesh = sharding.make_mesh()
-  mlp = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  mlp = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   conv = conv_config(config)
   dataset = data.load(conv.data)
-  vgg = learners.create(conv, dataset, _device_data(dataset, mesh), mesh)
+  vgg = learners.create(conv, dataset, device_data(dataset, mesh), mesh)
   assert mlp.trainer.compiled_epoch and not vgg.trainer.compiled_epoch
 
 
@@ -108,7 +108,7 @@ def test_host_driven_and_compiled_epochs_train_alike(config):
   results = []
   for setting in ('yes', 'no'):
     config.train.compiled_epoch = setting
-    learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+    learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
     variables = learner.new_members(jax.random.key(0), 2)
     opt_state = learner.init_optimizer(variables)
     idx, n = steps.pad_indices(np.tile(np.arange(700), (2, 1)), 128)
@@ -123,7 +123,7 @@ def test_host_driven_and_compiled_epochs_train_alike(config):
 
 def test_cifar10_config_reads_tfds_cifar10():
   import tensorflow_datasets as tfds
-  c = alma_config.load(os.path.join(REPO, 'configs', 'cifar10.py'), 'tiny')
+  c = alma_config.load(os.path.join(REPO, 'configs', 'cifar10.py:tiny'))
   with tfds.testing.mock_data(num_examples=16):
     dataset = data.load(c.data)
   assert dataset.train_images.shape == (16, 32, 32, 3) and dataset.augmentation == 'crop_flip'

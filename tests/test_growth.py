@@ -9,7 +9,7 @@ import pytest
 from alma_jax import config as alma_config, data as alma_data, learners, metrics, run, sharding
 from alma_jax.learners import firefly as firefly_learner
 from alma_jax.models import MLP, VGG, firefly, moe
-from alma_jax.run import _device_data
+from alma_jax.run import device_data
 from test_conv import conv_config
 from test_learners import first_round
 
@@ -73,7 +73,7 @@ def test_gmoe_vgg_grows_one_expert_per_block(config):
   config.learner.update(name='gmoe', grow_every=2)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   state = learner.init(jax.random.key(0))
   before = learner.params(state)
   state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
@@ -133,7 +133,7 @@ def test_firefly_grows_toward_1_plus_0_6_t_times_the_start(config):
   config.learner.update(name='firefly', new_neurons=8)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   layers = learner.model.neuron_layers()
   state = learner.init(jax.random.key(0))
   start = firefly.neurons(state['variables'], layers)
@@ -151,7 +151,7 @@ def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):
   config.learner.update(name='firefly', new_neurons=4)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   one = jax.tree.map(lambda a: a[0], learner.init(jax.random.key(0))['variables'])
   h = config.model.hidden
 

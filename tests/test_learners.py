@@ -11,7 +11,7 @@ import pytest
 from alma_jax import data as alma_data, learners, run, sharding, steps, stream as alma_stream
 from alma_jax.learners import boosting, moe as moe_learner
 from alma_jax.models import moe as moe_model
-from alma_jax.run import _device_data
+from alma_jax.run import device_data
 
 ALL = learners.names()
 
@@ -21,7 +21,7 @@ def make_learner(config, name, **learner_overrides):
   config.learner.update(learner_overrides)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
-  return learners.create(config, dataset, _device_data(dataset, mesh), mesh), dataset
+  return learners.create(config, dataset, device_data(dataset, mesh), mesh), dataset
 
 
 def first_round(dataset, config):

@@ -34,7 +34,7 @@ def corpus(tmp_path_factory):
 
 
 def lm_config(corpus: str, variant='tiny'):
-  c = alma_config.load(LM_CONFIG, variant)
+  c = alma_config.load(f'{LM_CONFIG}:{variant}')
   c.data.path = corpus
   c.log.tensorboard = False
   return c
@@ -92,7 +92,7 @@ def test_shakespeare_default_reads_one_copy_of_each_work():
 
 def test_lm1b_through_tfds(tmp_path):
   import tensorflow_datasets as tfds
-  c = alma_config.load(LM_CONFIG, 'tiny')
+  c = alma_config.load(f'{LM_CONFIG}:tiny')
   c.data.update(source='tfds', name='lm1b', sequence_length=8)
   with tfds.testing.mock_data(num_examples=16):
     dataset = data.load(c.data)
@@ -118,7 +118,7 @@ def make_learner(c, name='finetune'):
   c.learner.name = name
   dataset = data.load(c.data)
   mesh = sharding.make_mesh()
-  return learners.create(c, dataset, run._device_data(dataset, mesh), mesh), dataset
+  return learners.create(c, dataset, run.device_data(dataset, mesh), mesh), dataset
 
 
 def test_lm_ensembles_average_probabilities(corpus):
@@ -217,3 +217,20 @@ def _first_round(dataset, c):
   from alma_jax import stream
   s = stream.make_stream(len(dataset.train_labels), c.stream.num_megabatches)
   return stream.next_round(stream.arrive(stream.init_state(s.num_examples)), s, c.stream, 0)[0]
+
+
+def test_kneser_ney_baseline_is_a_distribution_that_prefers_seen_continuations():
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  from ngram_baseline import KneserNey
+  rng = np.random.default_rng(0)
+  text = np.frombuffer(b'the cat sat on the mat. ' * 20 + bytes(rng.integers(97, 123, 300)),
+                       np.uint8).astype(np.int64)
+  model = KneserNey(text, 3)
+  every_byte = np.arange(256)
+  for history in (b'th', b'at', b'zq', b'\x00\x01'):  # seen, seen, maybe seen, never seen
+    rows = np.tile(np.frombuffer(history, np.uint8).astype(np.int64), (256, 1))
+    p = model.probabilities(rows, every_byte)
+    assert np.all(p > 0)
+    np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-9)
+  p = model.probabilities(np.array([list(b'th')] * 2), np.array([ord('e'), ord('x')]))
+  assert p[0] > 0.5 > p[1]

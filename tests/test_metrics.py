@@ -3,7 +3,7 @@ import pytest
 
 from alma_jax import learners, metrics, sharding
 from alma_jax import data as alma_data
-from alma_jax.run import _device_data
+from alma_jax.run import device_data
 
 
 def test_cer_is_the_sum_of_the_anytime_errors():
@@ -32,7 +32,7 @@ def test_flops_match_an_analytic_count_for_the_mlp(config):
   config.model.update(hidden=32, num_layers=2)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, _device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   state = learner.init(jax.random.key(0))
   d, h, c, b = 144, 32, 10, config.train.batch_size
   matmul = 2 * (d * h + h * h + h * c)  # multiply-adds x 2, per example

@@ -7,6 +7,8 @@ from alma_jax.models.resnet import ResNet18
 from alma_jax.models.transformer import Transformer
 from alma_jax.models.vgg import VGG
 
+__all__ = ['Aggregate', 'MLP', 'ResNet18', 'Transformer', 'VGG', 'build', 'names']
+
 _MODELS = {'mlp': MLP, 'vgg': VGG, 'resnet18': ResNet18, 'transformer': Transformer}
 
 

@@ -1,0 +1,31 @@
+"""What the language-model scripts share: their command line and their JSON result."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alma_jax import config as alma_config, data  # noqa: E402
+
+
+def lm_script(doc: str, out: str, **options: int):
+  """Parsed `--config=path[:variant] --out=PATH --OPTION=N...`, the config and its data set."""
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  parser.add_argument('--config', default='configs/lm.py')
+  parser.add_argument('--out', default=out)
+  for name, default in options.items():
+    parser.add_argument(f'--{name}', type=int, default=default)
+  args = parser.parse_args()
+  config = alma_config.load(args.config)
+  return args, config, data.load(config.data)
+
+
+def write_result(result: dict, path: str) -> None:
+  """Writes `result` as JSON to `path` and prints it."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
