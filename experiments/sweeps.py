@@ -3,7 +3,8 @@
     python experiments/sweeps.py SWEEP [--reduced] [--seeds=3]
 
 SWEEP is one of waiting_time, model_size, replay, learners (Fashion-MNIST, T=10, MLP), fmnist
-(those four in turn), or lm_waiting_time (configs/lm.py). Every grid point runs once per seed
+(those four in turn), conv_waiting_time (configs/fashion_mnist_conv.py: VGG, several epochs a
+round) or lm_waiting_time (configs/lm.py). Every grid point runs once per seed
 (`config.seed` = 0, 1, 2: initialization and shuffling; the stream's permutation stays fixed)
 in experiments/results/SWEEP/runs/POINT/seedK. A run that finished (summary.json) is read back,
 an interrupted one resumes from its checkpoint. Then SWEEP/table.md (mean and standard
@@ -28,13 +29,17 @@ sys.path.insert(0, ROOT)
 from alma_jax import analyze, config as alma_config, learners, run  # noqa: E402
 
 FMNIST = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
+FMNIST_CONV = os.path.join(ROOT, 'configs', 'fashion_mnist_conv.py')
 LM = os.path.join(ROOT, 'configs', 'lm.py')
+T10 = {'stream.num_megabatches': 10}  # also in `--reduced` runs, whose `:tiny` configs have T=4
 
 # sweep -> (config file, [(grid point, {dotted config key: value})])
 SWEEPS = {
     'waiting_time': (FMNIST, [
-        (f'w{w}_replay_{replay}', {'stream.waiting_time': w, 'stream.replay': replay})
+        (f'w{w}_replay_{replay}', {**T10, 'stream.waiting_time': w, 'stream.replay': replay})
         for replay in ('none', 'all') for w in (1, 2, 5, 10)]),
+    'conv_waiting_time': (FMNIST_CONV, [(f'w{w}', {**T10, 'stream.waiting_time': w})
+                                        for w in (1, 2, 5, 10)]),
     'model_size': (FMNIST, [(f'h{h}', {'model.hidden': h}) for h in (4, 32, 64, 256)] + [
         (f'{learner}_h{h}', {'model.hidden': h, 'learner.name': learner,
                              'learner.grow_every': 2})
@@ -52,14 +57,19 @@ def run_point(config_file: str, variant: str, overrides: dict, seed: int, workdi
   finished = os.path.join(workdir, run.SUMMARY_FILE)
   if os.path.exists(finished):
     return analyze.Run(workdir).summary()
+  with contextlib.redirect_stdout(io.StringIO()):
+    return run.run(point_config(config_file, variant, overrides, seed), workdir)
+
+
+def point_config(config_file: str, variant: str, overrides: dict, seed: int):
+  """The config of one grid point and seed, logging to files only."""
   config = alma_config.load(f'{config_file}:{variant}')
   for key, value in overrides.items():
     section, name = key.split('.')
     config[section][name] = value
   config.seed = seed
   config.log.update(tensorboard=False, epochs=False)
-  with contextlib.redirect_stdout(io.StringIO()):
-    return run.run(config, workdir)
+  return config
 
 
 def mean_std(values) -> str:

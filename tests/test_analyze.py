@@ -99,6 +99,18 @@ def test_a_sweep_point_runs_once_then_is_read_back(idx_dir, tmp_path):
   assert f"| w2 | 2 | {first['final_error']:.4f} ± 0.0000 |" in open(tmp_path / 'table.md').read()
 
 
+@pytest.mark.parametrize('variant', ['', 'tiny'])
+def test_every_sweep_point_has_a_valid_config_full_and_reduced(variant):
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  import sweeps
+  from test_config import validate
+  for name, (config_file, grid) in sweeps.SWEEPS.items():
+    for point, overrides in grid:
+      config = sweeps.point_config(config_file, variant, overrides, seed=2)
+      validate(config)
+      assert config.seed == 2, (name, point)
+
+
 def test_a_grown_run_written_by_an_earlier_version_is_read_back(tmp_path):
   """tests/data/run_e405b29_gmoe: a gMoE run written by commit e405b29 (before the data task,
   tokens and the current mixture model existed) on the tests' synthetic data set."""
