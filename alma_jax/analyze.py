@@ -160,8 +160,11 @@ def plot(runs: list[Run], labels: list[str], out: str) -> list[str]:
   cer = np.array([s[area] for s in summaries])
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.scatter(flops, cer, color='tab:blue')
+  names_at = {}  # runs that land on the same point share one label
   for label, x, y in zip(labels, flops, cer):
-    ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    names_at.setdefault((x, y), []).append(label)
+  for (x, y), names in names_at.items():
+    ax.annotate(' = '.join(names), (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
   front = pareto_front(flops, cer)
   ax.plot(flops[front], cer[front], color='tab:red', lw=1.5, marker='o', mfc='none', ms=10,
           label='Pareto front')
