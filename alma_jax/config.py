@@ -17,7 +17,7 @@ GROWN_MODELS = {'moe': ('mlp', 'vgg'), 'gmoe': ('mlp', 'vgg'), 'firefly': ('mlp'
 
 
 def base() -> ml_collections.ConfigDict:
-  """The ALMA protocol with the reference's MNIST defaults (ALMA.md sections 1, 3, 4)."""
+  """The ALMA protocol with the reference's MNIST defaults (facebookresearch/alma)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # model initialization and shuffling; the stream has its own seed
 
@@ -101,7 +101,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def growing(learner: str):
   """A variant that switches to a growing or mixture learner with the reference's CIFAR-10
-  settings for it (ALMA.md section 4: Nesterov momentum; growth every 2 of 10 mega-batches)."""
+  settings for it (Nesterov momentum; growth every 2 of 10 mega-batches)."""
   def variant(c: ml_collections.ConfigDict) -> None:
     c.learner.update(name=learner, grow_every=2)
     c.optimizer.nesterov = True

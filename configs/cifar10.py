@@ -1,4 +1,4 @@
-"""ALMA on CIFAR-10 (TFDS `cifar10`) with the reference's defaults (ALMA.md section 4).
+"""ALMA on CIFAR-10 (TFDS `cifar10`) with the reference code's defaults.
 
 VGG-19 layout of constant width 16 (about 36K parameters), SGD lr 0.01, momentum 0.9, weight
 decay 1e-4, batch 128, random crop with padding 4 and horizontal flips. Needs the prepared TFDS

@@ -1,6 +1,6 @@
 """The convolutional path on real data offline: Fashion-MNIST padded to 32x32, VGG of width 16.
 
-CIFAR-10's training setup (ALMA.md section 4: SGD lr 0.01, momentum 0.9, weight decay 1e-4,
+The reference code's CIFAR-10 training setup (SGD lr 0.01, momentum 0.9, weight decay 1e-4,
 random crop with padding 4 and horizontal flips) on the Debian package's Fashion-MNIST. At most
 10 epochs a round with patience 3 (ours), so a T=10 run fits a CPU.
 Variants: `:tiny` is a smoke run; `:moe`, `:gmoe`, `:firefly` switch to that learner with the

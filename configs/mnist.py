@@ -1,4 +1,4 @@
-"""ALMA on MNIST (TFDS catalog `mnist`) with the reference's defaults (ALMA.md section 4).
+"""ALMA on MNIST (TFDS catalog `mnist`) with the reference code's defaults.
 
 Needs the prepared TFDS data set (internet and TensorFlow the first time).
 Variants: `--config=configs/mnist.py:tiny` is a seconds-long smoke run.
