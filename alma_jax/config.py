@@ -145,6 +145,9 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('learner.prediction', c.learner.prediction, 'a language model averages probabilities')
   if c.data.sequence_length < 2:
     _fail('data.sequence_length', c.data.sequence_length, 'must be >= 2')
+  if language_model and c.data.sequence_length > c.model.context:
+    _fail('data.sequence_length', c.data.sequence_length,
+          f'longer than the transformer\'s positions (model.context={c.model.context})')
   if not 0.0 < c.data.test_fraction < 1.0:
     _fail('data.test_fraction', c.data.test_fraction, 'must be in (0, 1)')
   if t.stop_on not in ('accuracy', 'loss'):

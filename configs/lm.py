@@ -7,7 +7,8 @@ recorded. A decoder-only transformer (width 128, 4 blocks of 4 heads, tied embed
 0.8M parameters) is fine-tuned with AdamW (warm-up, then cosine decay within each round), early
 stopping on validation loss. Sized to finish in minutes on a 2-core CPU; GPT-2 small is
 `--config.model.width=768 --config.model.depth=12 --config.model.heads=12
---config.data.sequence_length=1024` (with `--config.model.dtype=bfloat16` on accelerators).
+--config.model.context=1024 --config.data.sequence_length=1024` (with
+`--config.model.dtype=bfloat16` on accelerators).
 Subword tokens: `--config.data.tokenizer=PATH.model` (a SentencePiece model file).
 Variants: `:tiny` is a seconds-long smoke run.
 """
@@ -21,8 +22,8 @@ def get_config(variant: str = ''):
   c.data.update(task='language_model', source='text', name='shakespeare', path='',
                 sequence_length=64, test_fraction=0.1, max_test_examples=2048, mean=(), std=())
   c.stream.num_megabatches = 5
-  c.model = ml_collections.ConfigDict(dict(name='transformer', width=128, depth=4, heads=4,
-                                           tied_embeddings=True, dtype='float32'))
+  c.model = ml_collections.ConfigDict(dict(name='transformer', context=128, width=128, depth=4,
+                                           heads=4, tied_embeddings=True, dtype='float32'))
   c.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=0.01, warmup_steps=100,
                      decay_steps=1600)
   c.train.update(batch_size=16, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',

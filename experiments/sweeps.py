@@ -33,7 +33,7 @@ FMNIST_CONV = os.path.join(ROOT, 'configs', 'fashion_mnist_conv.py')
 LM = os.path.join(ROOT, 'configs', 'lm.py')
 T10 = {'stream.num_megabatches': 10}  # also in `--reduced` runs, whose `:tiny` configs have T=4
 
-# sweep -> (config file, [(grid point, {dotted config key: value})])
+# sweep -> (config file, [(grid point, {dotted config key: value, or function of its value})])
 SWEEPS = {
     'waiting_time': (FMNIST, [
         (f'w{w}_replay_{replay}', {**T10, 'stream.waiting_time': w, 'stream.replay': replay})
@@ -47,7 +47,10 @@ SWEEPS = {
     'replay': (FMNIST, [(f'replay_{replay}', {'stream.replay': replay})
                         for replay in ('none', 'all', 'fraction', 'reservoir')]),
     'learners': (FMNIST, [(name, {'learner.name': name}) for name in learners.names()]),
-    'lm_waiting_time': (LM, [(f'w{w}', {'stream.waiting_time': w}) for w in (1, 2, 5)]),
+    # Each round's cosine decay spans its two epochs: decay_steps is one mega-batch's, times w.
+    'lm_waiting_time': (LM, [(f'w{w}', {'stream.waiting_time': w,
+                                        'optimizer.decay_steps': lambda steps, w=w: w * steps})
+                             for w in (1, 2, 5)]),
 }
 GROUPS = {'fmnist': ('waiting_time', 'model_size', 'replay', 'learners')}
 
@@ -66,7 +69,7 @@ def point_config(config_file: str, variant: str, overrides: dict, seed: int):
   config = alma_config.load(f'{config_file}:{variant}')
   for key, value in overrides.items():
     section, name = key.split('.')
-    config[section][name] = value
+    config[section][name] = value(config[section][name]) if callable(value) else value
   config.seed = seed
   config.log.update(tensorboard=False, epochs=False)
   return config

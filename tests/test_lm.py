@@ -152,7 +152,8 @@ def test_warmup_then_cosine_decay_within_a_round():
 
 
 @pytest.mark.parametrize('key, value', [('model.name', 'mlp'), ('learner.name', 'boosting'),
-                                        ('learner.prediction', 'vote'), ('data.source', 'idx')])
+                                        ('learner.prediction', 'vote'), ('data.source', 'idx'),
+                                        ('data.sequence_length', 129)])
 def test_lm_configs_that_cannot_work_are_refused(corpus, key, value):
   c = lm_config(corpus)
   section, name = key.split('.')
