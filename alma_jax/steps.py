@@ -160,6 +160,5 @@ class Trainer:
     shape = lambda a, dtype=None: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:],
                                                        dtype or a.dtype)
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
-    lowered = jax.jit(self.train_step).lower(variables, opt_state, shape(images), shape(labels),
-                                             w, jax.random.key(0))
-    return metrics.cost_flops(lowered)
+    return metrics.cost_flops(jax.jit(self.train_step), variables, opt_state, shape(images),
+                              shape(labels), w, jax.random.key(0))

@@ -1,7 +1,10 @@
+import math
+
 import jax
+import jax.numpy as jnp
 import pytest
 
-from alma_jax import learners, metrics, sharding
+from alma_jax import learners, metrics, run, sharding
 from alma_jax import data as alma_data
 from alma_jax.run import device_data
 
@@ -47,3 +50,35 @@ def test_flops_match_an_analytic_count_for_the_mlp(config):
   assert learner.params(state) == params == d * h + h + h * h + h + h * c + c
   # The reference's convention counts multiply-adds of the forward pass only (fvcore).
   assert learner.flops()['multiply_adds'] == d * h + h * h + h * c
+
+
+def _train_flops(config, workdir) -> float:
+  config.train.update(max_epochs=1, patience=1)
+  config.stream.num_megabatches = 2
+  return run.run(config, str(workdir))['train_flops']
+
+
+def test_flops_are_counted_where_the_lowered_program_has_no_analysis(config, tmp_path,
+                                                                     monkeypatch):
+  """GPU backends give no cost analysis before compilation: the compiled program's count is
+  used, within 1% of the lowered count for matrix products (XLA:CPU here)."""
+  lowered = _train_flops(config, tmp_path / 'lowered')
+  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
+  compiled = _train_flops(config, tmp_path / 'compiled')
+  assert lowered > 0 and compiled == pytest.approx(lowered, rel=0.01)
+
+
+def test_a_backend_without_any_flop_count_says_so(config, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
+  monkeypatch.setattr(jax.stages.Compiled, 'cost_analysis', lambda self: None)
+  assert math.isnan(_train_flops(config, tmp_path))
+  assert 'training FLOPs not counted' in capsys.readouterr().out
+
+
+def test_flops_do_not_depend_on_where_the_arguments_live(config):
+  """The count is of the program lowered for the CPU from abstract arguments, so placement on
+  any backend or mesh does not change it."""
+  f = jax.jit(lambda x, y: jnp.tanh(x @ y))
+  x = jnp.ones((64, 32))
+  placed = jax.device_put(x, sharding.replicated(sharding.make_mesh()))
+  assert metrics.cost_flops(f, x, x.T) == metrics.cost_flops(f, placed, placed.T) >= 2 * 64 ** 2 * 32

@@ -15,6 +15,7 @@ describes the learner completely.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 from flax import serialization
@@ -114,6 +115,11 @@ def validation_score(sums: dict, stop_on: str) -> np.ndarray:
   return np.asarray(sums['correct']) / count
 
 
+def counted(flops: float | None) -> float:
+  """A FLOP count for the history: NaN where the backend gave none (never a silent 0)."""
+  return math.nan if flops is None else flops
+
+
 def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: DeviceData,
         train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
         weights: np.ndarray | None = None, progress=None) -> tuple[Any, Any, RoundReport]:
@@ -154,11 +160,11 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
     if np.all(bad_epochs >= train_config.patience):
       break
   steps_per_epoch = -(-n_train // trainer.batch_size)
-  forward = (flops['forward'] or 0.0) * members
+  forward = counted(flops['forward']) * members
   report = RoundReport(
       epochs=epochs, steps=epochs * steps_per_epoch, train_examples=epochs * n_train * members,
       valid_examples=epochs * len(valid),
-      train_flops=(flops['step'] or 0.0) * members * epochs * steps_per_epoch,
+      train_flops=counted(flops['step']) * members * epochs * steps_per_epoch,
       valid_flops=forward * epochs * len(valid),
       reference_flops=flops['multiply_adds'] * epochs * n_train * members)
   return best[0], best[1], report

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from alma_jax import metrics, sharding
-from alma_jax.learners import members, single
+from alma_jax.learners import base, members, single
 from alma_jax.models import firefly as firefly_model
 
 
@@ -70,7 +70,7 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
     totals = jax.tree.map(jnp.add, totals, gate_grads(cands, ones, batch))
   scores = jax.tree.map(lambda t: sharding.to_host(t) / len(batches), totals)
   flops = len(batches) * sum(
-      metrics.cost_flops(f.lower(*args)) or 0.0
+      base.counted(metrics.cost_flops(f, *args))
       for f, args in ((optimize_step, (cands, opt_state, batches[0])),
                       (gate_grads, (cands, ones, batches[0]))))
   return cands, scores, flops

@@ -192,7 +192,7 @@ class MemberLearner:
       one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
       opt_state = jax.eval_shape(self.optimizer.init, one['params'])
       x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
-      forward = metrics.cost_flops(jax.jit(self.apply_fn).lower(one, x))
+      forward = metrics.cost_flops(jax.jit(self.apply_fn), one, x)
       self._flops[signature] = {
           'step': self.trainer.step_flops(one, opt_state, self.data.train_images,
                                           self.data.train_labels),

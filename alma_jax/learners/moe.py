@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alma_jax import steps
-from alma_jax.learners import members, single
+from alma_jax.learners import base, members, single
 from alma_jax.models import moe as moe_model
 
 
@@ -59,7 +59,7 @@ def gmoe(config) -> members.Plan:
     one = jax.tree.map(lambda p: p[0], state['variables'])
     grown = grow(learner, one, round.valid, key, by_usage=by_usage)
     # Measuring usage is one forward pass over the validation split.
-    measured = (learner.flops(state['variables'])['forward'] or 0.0) * len(round.valid)
+    measured = base.counted(learner.flops(state['variables'])['forward']) * len(round.valid)
     return members.Work(start=jax.tree.map(lambda p: p[None], grown),
                         train=members.same_data(round, 1),
                         extra_flops=measured if by_usage else 0.0)
