@@ -1,7 +1,8 @@
 """Config defaults shared by every config file, and the checks a config must pass before any work.
 
-A config has sections: data, stream, model, learner, optimizer, train, mesh, checkpoint, and
-the top-level `seed`. Config files under configs/ start from `base()` and set what differs.
+A config has sections: data, stream, model, learner, optimizer, train, mesh, checkpoint, log,
+backend, and the top-level `seed`. Config files under configs/ start from `base()` and set what
+differs.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import ml_collections
 
 # Sections that may change when a run is resumed: they do not change what the run computes.
-RESUMABLE_SECTIONS = ('checkpoint', 'mesh', 'log')
+RESUMABLE_SECTIONS = ('checkpoint', 'mesh', 'log', 'backend')
 # Learners that rebuild their model's layers, and the models they know how to rebuild.
 GROWN_MODELS = {'moe': ('mlp', 'vgg'), 'gmoe': ('mlp', 'vgg'), 'firefly': ('mlp', 'vgg')}
 
@@ -66,6 +67,10 @@ def base() -> ml_collections.ConfigDict:
   # Checkpoints kept: 0 keeps one per arrival (what analysis reads back); else the newest n.
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=0))
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
+  # Deterministic GPU kernels (identical reruns and resumes), and where compiled programs are
+  # kept between runs ('' for nowhere). See alma_jax/backend.py.
+  c.backend = ml_collections.ConfigDict(dict(deterministic=True,
+                                             compilation_cache='~/.cache/alma_jax/jax'))
   return c
 
 

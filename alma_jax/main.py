@@ -8,7 +8,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from alma_jax import run
+from alma_jax import backend, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                           lock_config=True)
@@ -27,6 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
+  backend.configure(_CONFIG.value.backend)  # XLA flags are read when the backend starts
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   run.run(_CONFIG.value, _WORKDIR.value)

@@ -189,4 +189,12 @@ def format_summary(s: dict) -> str:
           f"{s['cumulative_loss_per_t']:.4f} | "
           f"training FLOPs {_count(s['train_flops'])} (+ validation {_count(s['valid_flops'])}; "
           f"reference convention {s['reference_flops']:.3e}) | params {int(s['params']):,d} | "
-          f"{s['rounds']} rounds in {s['seconds']:.1f} s")
+          f"{s['rounds']} rounds in {s['seconds']:.1f} s" + _timings(s))
+
+
+def _timings(s: dict) -> str:
+  """This process's start-up and compilation (part of start-up and of the rounds)."""
+  if 'startup_seconds' not in s:
+    return ''
+  return (f" | start-up {s['startup_seconds']:.1f} s, compiling {s['compile_seconds']:.1f} s "
+          f"({s['compilations']} programs, {s['compilations_from_cache']} from the cache)")

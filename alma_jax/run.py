@@ -19,7 +19,8 @@ import zlib
 import jax
 import numpy as np
 
-from alma_jax import checkpoint, config as alma_config, data, learners, metrics, models, optim
+from alma_jax import backend, checkpoint, config as alma_config, data, learners, metrics, models
+from alma_jax import optim
 from alma_jax import sharding, stream as alma_stream
 from alma_jax.learners import base
 
@@ -127,19 +128,29 @@ class _Writers:
       self.tensorboard.flush()
     print(metrics.format_row(row), flush=True)
 
-  def close(self, history: dict) -> dict:
-    s = metrics.summary(history)
-    if not self.enabled:
-      return s
-    _write_atomic(os.path.join(self.workdir, SUMMARY_FILE), json.dumps(s, indent=2))
+  def close(self) -> None:
     if self.tensorboard:
       self.tensorboard.close()
-    return s
 
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the ALMA protocol of `config` in `workdir`; returns the summary."""
+  began = time.perf_counter()
   alma_config.validate(config, learners.names(), models.names(), optim.names())
+  backend.configure(config.backend)
+  with backend.Compilations() as compiled:
+    history, startup = _run(config, workdir, began)
+  timings = {'startup_seconds': startup, 'compile_seconds': compiled.seconds,
+             'compilations': compiled.count, 'compilations_from_cache': compiled.loaded}
+  summary = {**metrics.summary(history), **timings}
+  if sharding.is_main_process():
+    _write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2))
+  _say(metrics.format_summary(summary))
+  return summary
+
+
+def _run(config, workdir: str, began: float) -> tuple[dict, float]:
+  """The arrivals left; the history, and the seconds from `began` to the first arrival."""
   prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
   data_devices = mesh.shape[sharding.DATA]
@@ -170,6 +181,7 @@ def run(config, workdir: str) -> dict:
     _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
   writers = _Writers(workdir, config.log.tensorboard)
+  startup = time.perf_counter() - began
   _say(metrics.TABLE_HEADER)
   for row in metrics.rows(history):
     _say(metrics.format_row(row))
@@ -201,6 +213,5 @@ def run(config, workdir: str) -> dict:
         {'stream': stream_state, 'learner': base.to_tree(learner_state), 'history': history}))
     writers.arrival(history, t)
   checkpointer.close()
-  summary = writers.close(history)
-  _say(metrics.format_summary(summary))
-  return summary
+  writers.close()
+  return history, startup

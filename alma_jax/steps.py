@@ -43,6 +43,11 @@ def pad_indices(indices: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
   return padded, n
 
 
+def _count(stack) -> int:
+  """Members in a stack (the leading axis of its leaves)."""
+  return jax.tree.leaves(stack)[0].shape[0]
+
+
 def _block(array, start, size):
   return jax.lax.dynamic_slice_in_dim(array, start, size)
 
@@ -102,15 +107,29 @@ class Trainer:
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
     object.__setattr__(self, '_epoch', jax.jit(
-        members(self._member_epoch, 0, 0, None, None, 0, 0, None, 0, None),
+        self._stacked(members(self._member_epoch, 0, 0, None, None, 0, 0, None, 0, None)),
         donate_argnums=(0, 1)))
     object.__setattr__(self, '_order', jax.jit(members(self._member_order, 0, 0, None, 0, None)))
     object.__setattr__(self, '_step', jax.jit(
-        members(self._member_step, 0, 0, None, None, 0, 0, None, 0, None),
+        self._stacked(members(self._member_step, 0, 0, None, None, 0, 0, None, 0, None)),
         donate_argnums=(0, 1)))
+
+  def _stacked(self, update):
+    """`update(variables, opt_state, ...)` with its outputs placed as its inputs are (see
+    `place`), so that a call on its own outputs finds the program it compiled."""
+    def placed(variables, opt_state, *rest):
+      out = update(variables, opt_state, *rest)
+      return jax.lax.with_sharding_constraint(out, sharding.stacked(self.mesh, _count(variables)))
+    return placed
+
+  def place(self, variables, opt_state):
+    """A stack of members and its optimizer states split over the mesh's member axis: where
+    the compiled epochs take and leave them (a no-op for their own outputs)."""
+    return jax.device_put((variables, opt_state), sharding.stacked(self.mesh, _count(variables)))
 
   def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch):
     """Epoch `epoch` of every member (leading axis) over its first `n` indices."""
+    variables, opt_state = self.place(variables, opt_state)
     if self.compiled_epoch:
       return self._epoch(variables, opt_state, images, labels, indices, weights, n, keys, epoch)
     indices, weights = self._order(indices, weights, n, keys, epoch)

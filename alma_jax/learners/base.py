@@ -167,4 +167,4 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
       train_flops=counted(flops['step']) * members * epochs * steps_per_epoch,
       valid_flops=forward * epochs * len(valid),
       reference_flops=flops['multiply_adds'] * epochs * n_train * members)
-  return best[0], best[1], report
+  return *trainer.place(*best), report

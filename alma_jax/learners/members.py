@@ -155,8 +155,10 @@ class MemberLearner:
 
   # Members.
   def new_members(self, key, count: int):
-    """The variables of `count` freshly initialized members, stacked."""
-    return self._init_members(key, count)
+    """The variables of `count` freshly initialized members, stacked and placed where trained
+    members are (so both share one compiled evaluation and epoch)."""
+    return jax.device_put(self._init_members(key, count),
+                          sharding.stacked(self.trainer.mesh, count))
 
   def member(self, variables, i: int, count: int = 1):
     """Members i .. i + count - 1 of a stack (negative i counts from the end)."""
@@ -264,7 +266,10 @@ class MemberLearner:
     if 'variables' not in tree:
       tree = {**{k: v for k, v in tree.items() if k != 'params'},
               'variables': {'params': tree['params']}}
-    state = {**tree, 'rounds': np.int64(tree['rounds'])}
+    count = int(np.shape(tree['member_weights'])[0])
+    state = {**tree, 'rounds': np.int64(tree['rounds']),
+             'variables': jax.device_put(tree['variables'],
+                                         sharding.stacked(self.trainer.mesh, count))}
     if self.keep_optimizer:  # optax states are named tuples: rebuild them from a template
       template = jax.eval_shape(self.init_optimizer, tree['variables'])
       state['opt_state'] = base.restore_like(template, tree['opt_state'])

@@ -1,0 +1,96 @@
+"""What a run asks of the XLA backend before it starts, and what the backend compiles.
+
+Deterministic kernels: on GPUs, XLA picks some reduction, scatter and convolution algorithms that
+accumulate in a varying order, so two runs of one config differ in their last bits from the first
+step on, and a resumed run differs from an uninterrupted one. `--xla_gpu_deterministic_ops`
+makes XLA pick deterministic ones. XLA reads its flags when the backend starts, so `configure`
+sets it before the first device is touched (`alma_jax.main` calls it first thing) and refuses a
+GPU backend that started without it. CPU and TPU programs are deterministic as compiled.
+
+The persistent compilation cache (JAX's `jax_compilation_cache_dir`) keeps every compiled program
+on disk, so a resume, a repeated run and every run of a sweep after the first load them instead
+of compiling.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+from jax import monitoring
+
+DETERMINISTIC_GPU_FLAG = '--xla_gpu_deterministic_ops=true'
+# Programs faster to compile than this are not worth a file in the persistent cache.
+MIN_CACHED_COMPILE_SECONDS = 0.0
+_COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                   '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                   '/jax/core/compile/backend_compile_duration')
+_CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
+
+
+def configure(config) -> None:
+  """Applies `config` (the `backend` section) to this process; call before any device work."""
+  if config.deterministic:
+    flags = os.environ.get('XLA_FLAGS', '')
+    if DETERMINISTIC_GPU_FLAG not in flags.split():
+      if _backend_started():
+        if jax.default_backend() == 'gpu':
+          raise RuntimeError(
+              'config.backend.deterministic=True, but the GPU backend started without '
+              f'XLA_FLAGS={DETERMINISTIC_GPU_FLAG}: set it in the environment before JAX '
+              'touches a device (alma_jax.main does), or set '
+              'config.backend.deterministic=False to accept runs that differ in the last bits')
+      else:
+        os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISTIC_GPU_FLAG}'.strip()
+  if config.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_CACHED_COMPILE_SECONDS)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def _backend_started() -> bool:
+  from jax._src import xla_bridge  # no public way to ask without starting it
+  return xla_bridge.backends_are_initialized()
+
+
+class Compilations:
+  """Counts the programs XLA compiles while active (`count`, those loaded from the persistent
+  cache included: `loaded`), and the seconds spent tracing, lowering and compiling them."""
+
+  def __init__(self):
+    self.count = 0
+    self.loaded = 0
+    self.seconds = 0.0
+
+  def _duration(self, event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+      self.seconds += duration
+      self.count += event == _COMPILE_EVENTS[-1]
+
+  def _event(self, event: str, **_) -> None:
+    self.loaded += event == _CACHE_HIT_EVENT
+
+  def __enter__(self) -> 'Compilations':
+    monitoring.register_event_duration_secs_listener(self._duration)
+    monitoring.register_event_listener(self._event)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    monitoring.unregister_event_duration_listener(self._duration)
+    monitoring.unregister_event_listener(self._event)
+
+
+class CompiledInTimedRegion(RuntimeError):
+  """A benchmark's timed region compiled a program, so its time is not steady-state."""
+
+
+@contextlib.contextmanager
+def no_compilation(what: str):
+  """Raises CompiledInTimedRegion if anything compiles inside the block (benchmarks' proof
+  that they time only compiled work)."""
+  with Compilations() as compiled:
+    yield
+  if compiled.count:
+    raise CompiledInTimedRegion(f'{what}: {compiled.count} program(s) compiled in the timed '
+                                f'region ({compiled.seconds:.2f} s); its time is not a '
+                                f'steady-state figure')

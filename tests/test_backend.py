@@ -1,0 +1,91 @@
+"""What a run asks of the XLA backend: deterministic GPU kernels, the persistent compilation
+cache, and no program compiled twice."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from alma_jax import backend, data as alma_data, learners, run, sharding, steps
+from alma_jax import stream as alma_stream
+from conftest import REPO
+
+
+def _python(code: str, **env) -> str:
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **env}, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def test_deterministic_gpu_kernels_are_asked_for_before_the_backend_starts(config):
+  out = _python(
+      'import os, jax\n'
+      'from alma_jax import backend, config\n'
+      'backend.configure(config.base().backend)\n'
+      'print(os.environ["XLA_FLAGS"]); jax.devices()', XLA_FLAGS='--xla_dump_to=/dev/null')
+  assert out.split() == ['--xla_dump_to=/dev/null', backend.DETERMINISTIC_GPU_FLAG]
+
+
+def test_a_gpu_backend_started_without_determinism_is_refused(config, monkeypatch):
+  jax.devices()  # the backend has started
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(RuntimeError, match='config.backend.deterministic'):
+    backend.configure(config.backend)
+  config.backend.deterministic = False
+  backend.configure(config.backend)
+
+
+def test_a_repeated_run_loads_its_programs_from_the_compilation_cache(config, tmp_path):
+  config.stream.num_megabatches = 2
+  summaries = []
+  for name in ('first', 'again'):
+    args = [f'--config.{k}={v}' for k, v in (
+        ('data.path', config.data.path), ('data.mean', '(0.5,)'), ('data.std', '(0.3,)'),
+        ('stream.num_megabatches', 2), ('model.hidden', 16), ('train.max_epochs', 2),
+        ('log.tensorboard', False), ('backend.compilation_cache', tmp_path / 'cache'))]
+    subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=configs/fashion_mnist.py',
+                    f'--workdir={tmp_path / name}', *args], check=True, cwd=REPO,
+                   capture_output=True, timeout=300)
+    with open(tmp_path / name / run.SUMMARY_FILE) as f:
+      summaries.append(json.load(f))
+  first, again = summaries
+  assert first['compilations_from_cache'] == 0 and first['compilations'] > 0
+  assert again['compilations_from_cache'] == again['compilations'] == first['compilations']
+  assert again['final_error'] == first['final_error']
+
+
+def test_fresh_members_and_trained_ones_share_their_compiled_programs(config):
+  """A caller's fresh members, the learner's own and its trained ones are placed alike, so
+  an epoch, a validation and a test evaluation compile once over a whole stream."""
+  dataset = alma_data.load(config.data)
+  mesh = sharding.make_mesh()
+  learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+  indices, n = steps.pad_indices(np.arange(256)[None], config.train.batch_size)
+  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
+  variables = learner.new_members(jax.random.key(0), 1)
+  opt_state = learner.init_optimizer(variables)
+  for epoch in range(3):
+    variables, opt_state = learner.trainer.train_epoch(
+        variables, opt_state, learner.data.train_images, learner.data.train_labels, indices,
+        weights, n, jax.random.split(jax.random.key(1), 1), epoch)
+  assert learner.trainer._epoch._cache_size() == 1
+
+  stream = alma_stream.make_stream(len(dataset.train_labels), 5)
+  stream_state = alma_stream.init_state(stream.num_examples)
+  state = learner.init(jax.random.key(0))
+  learner.evaluate(state)
+  with backend.Compilations() as compiled:
+    for t in range(1, 4):
+      stream_state = alma_stream.arrive(stream_state)
+      round_data, stream_state = alma_stream.next_round(stream_state, stream, config.stream, 0)
+      state, _ = learner.train_round(state, round_data, jax.random.key(t))
+      learner.evaluate(state)
+      if t == 1:
+        after_first_round = compiled.count
+  assert compiled.count == after_first_round  # rounds 2 and 3 compiled nothing
+  assert learner.tester.sums._cache_size() == learner.validator.sums._cache_size() == 1
