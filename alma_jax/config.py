@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000,
       stop_on='accuracy',      # early stopping on validation 'accuracy' or 'loss'
+      microbatches=1,          # gradient accumulation: a batch's update from this many slices
       compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call
   # Devices splitting each batch (0: all that `member` leaves) x devices holding different members.
   c.mesh = ml_collections.ConfigDict(dict(data=0, member=1))
@@ -209,9 +210,15 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
   if c.optimizer.learning_rate <= 0:
     _fail('optimizer.learning_rate', c.optimizer.learning_rate, 'must be > 0')
-  for key in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size'):
+  for key in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size', 'microbatches'):
     if t[key] < 1:
       _fail(f'train.{key}', t[key], 'must be >= 1')
+  if t.batch_size % t.microbatches:
+    _fail('train.microbatches', t.microbatches,
+          f'must divide train.batch_size={t.batch_size} into equal slices')
+  if c.model.get('attention', 'auto') not in ('auto', 'xla'):
+    _fail('model.attention', c.model.attention, "must be 'auto' (cuDNN on GPUs where it can) "
+          "or 'xla'")
   if t.compiled_epoch not in ('auto', 'yes', 'no'):
     _fail('train.compiled_epoch', t.compiled_epoch, "must be 'auto', 'yes' or 'no'")
   if t.patience_delta < 0:

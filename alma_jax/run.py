@@ -154,9 +154,11 @@ def _run(config, workdir: str, began: float) -> tuple[dict, float]:
   prepare_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
   data_devices = mesh.shape[sharding.DATA]
-  if config.train.batch_size % data_devices:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size}: must divide evenly '
-                     f'over the {data_devices} devices of the data axis')
+  microbatch = config.train.batch_size // config.train.microbatches
+  if microbatch % data_devices:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size}: its '
+                     f'{config.train.microbatches} microbatch(es) of {microbatch} must divide '
+                     f'evenly over the {data_devices} devices of the data axis')
 
   dataset = data.load(config.data)
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,

@@ -37,6 +37,11 @@ def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def microbatch_sharded(mesh) -> NamedSharding:
+  """A batch cut into microbatches (microbatch, example, ...): examples split over `data`."""
+  return NamedSharding(mesh, P(None, DATA))
+
+
 def stacked(mesh, count: int) -> NamedSharding:
   """A stack of `count` members split over the `member` axis (replicated if it does not divide)."""
   return NamedSharding(mesh, P(MEMBER) if count % mesh.shape[MEMBER] == 0 else P())

@@ -22,7 +22,8 @@ import optax
 
 from alma_jax import metrics, sharding
 
-# loss_fn(variables, images, labels, weights, key) -> (scalar, updated non-parameter collections)
+# loss_fn(variables, images, labels, weights, key) -> (sum of the weighted per-example losses,
+# updated non-parameter collections)
 # for one member's Flax variables ({'params': ..., 'batch_stats': ...}); weights are 0 on padding.
 # metric_fn(variables, images, labels, weights) -> dict of sums over the batch.
 LossFn = Callable[..., jax.Array]
@@ -103,6 +104,7 @@ class Trainer:
   mesh: Any
   resample: bool = False
   compiled_epoch: bool = True
+  microbatches: int = 1
 
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
@@ -140,10 +142,38 @@ class Trainer:
 
   def train_step(self, variables, opt_state, images, labels, weights, key):
     """One optimizer update of one member on one (weighted, padded) batch. The optimizer sees
-    the parameters; other collections (BatchNorm statistics) come updated from the forward."""
+    the parameters; other collections (BatchNorm statistics) come updated from the forward.
+
+    With `microbatches` > 1 the batch's gradient is accumulated over that many equal slices
+    run one after another (the same update, less activation memory); each slice updates the
+    other collections in turn.
+    """
     params = variables['params']
-    loss = lambda p: self.loss_fn({**variables, 'params': p}, images, labels, weights, key)
-    grads, updated = jax.grad(loss, has_aux=True)(params)
+    count = jnp.maximum(jnp.sum(weights > 0), 1.0)  # the mean is over the whole batch's examples
+
+    def gradients(collections, images, labels, weights, key):
+      def loss(p):
+        total, updated = self.loss_fn({**collections, 'params': p}, images, labels, weights, key)
+        return total / count, updated
+      return jax.grad(loss, has_aux=True)(params)
+
+    collections = {k: v for k, v in variables.items() if k != 'params'}
+    if self.microbatches == 1:
+      grads, updated = gradients(collections, images, labels, weights, key)
+    else:
+      def accumulate(carry, micro):
+        total, collections = carry
+        i, *batch = micro
+        grads, updated = gradients(collections, *batch, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, total, grads), {**collections, **updated}), None
+
+      split = sharding.microbatch_sharded(self.mesh)
+      slices = [jax.lax.with_sharding_constraint(
+          a.reshape((self.microbatches, -1) + a.shape[1:]), split)
+          for a in (images, labels, weights)]
+      (grads, updated), _ = jax.lax.scan(
+          accumulate, (jax.tree.map(jnp.zeros_like, params), collections),
+          (jnp.arange(self.microbatches), *slices))
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return {**variables, **updated, 'params': optax.apply_updates(params, updates)}, opt_state
 

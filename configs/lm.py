@@ -23,7 +23,8 @@ def get_config(variant: str = ''):
                 sequence_length=64, test_fraction=0.1, max_test_examples=2048, mean=(), std=())
   c.stream.num_megabatches = 5
   c.model = ml_collections.ConfigDict(dict(name='transformer', context=128, width=128, depth=4,
-                                           heads=4, tied_embeddings=True, dtype='float32'))
+                                           heads=4, tied_embeddings=True, dtype='float32',
+                                           attention='auto', remat=False))
   c.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=0.01, warmup_steps=100,
                      decay_steps=1600)
   c.train.update(batch_size=16, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from alma_jax import config as alma_config, data, learners, metrics, optim, run, sharding
 from alma_jax.data import text
 from alma_jax.models import Transformer
+from alma_jax.models.transformer import CausalSelfAttention
 from conftest import REPO
 from test_run import write_config
 
@@ -57,6 +59,63 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   variables = model.init(jax.random.key(0), tokens)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
   assert model.apply(variables, tokens).dtype == jnp.float32
+
+
+class _FlaxAttentionBlock(nn.Module):
+  """The block as earlier versions wrote it: flax's attention over a materialized causal mask."""
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    return nn.MultiHeadDotProductAttention(self.heads, kernel_init=nn.initializers.normal(0.02))(
+        x, x, mask=mask)
+
+
+def test_fused_causal_attention_matches_flax_attention_over_a_mask():
+  x = jax.random.normal(jax.random.key(0), (2, 24, 32))
+  old = _FlaxAttentionBlock(heads=4)
+  variables = old.init(jax.random.key(1), x)
+  new = CausalSelfAttention(heads=4, dtype=jnp.float32)
+  # Same parameter names and shapes, so runs of earlier versions restore.
+  assert (jax.tree.map(jnp.shape, variables['params']['MultiHeadDotProductAttention_0'])
+          == jax.tree.map(jnp.shape, new.init(jax.random.key(1), x)['params']))
+  expected = old.apply(variables, x)
+  got = new.apply({'params': variables['params']['MultiHeadDotProductAttention_0']}, x)
+  np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_rematerialized_blocks_give_the_same_gradients():
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  plain, remat = Transformer(width=32, depth=2, heads=4), Transformer(width=32, depth=2, heads=4,
+                                                                         remat=True)
+  variables = plain.init(jax.random.key(1), tokens)
+  grads = [jax.grad(lambda v: jnp.sum(m.apply(v, tokens) ** 2))(variables) for m in (plain, remat)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
+def test_microbatches_accumulate_the_full_batch_update(corpus):
+  """Gradient accumulation over 4 slices gives the update of the whole batch (padding
+  examples included in the batch but not in the mean)."""
+  c = lm_config(corpus)
+  c.optimizer.warmup_steps = 0  # a first step of learning rate 0 would update nothing
+  dataset = data.load(c.data)
+  mesh = sharding.make_mesh()
+  updated = []
+  for microbatches in (1, 4):
+    c.train.microbatches = microbatches
+    learner = learners.create(c, dataset, run.device_data(dataset, mesh), mesh)
+    variables = learner.member(learner.new_members(jax.random.key(0), 1), 0)
+    one = jax.tree.map(lambda a: a[0], variables)
+    batch = c.train.batch_size
+    weights = jnp.asarray(np.arange(batch) < batch - 3, jnp.float32)
+    step = jax.jit(learner.trainer.train_step)
+    new, _ = step(one, learner.optimizer.init(one['params']),
+                  learner.data.train_images[:batch], learner.data.train_labels[:batch],
+                  weights, jax.random.key(2))
+    updated.append(new)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *updated)
+  assert not np.allclose(updated[0]['params']['positions'], one['params']['positions'])
 
 
 def test_bytes_pack_into_sequences_with_targets_shifted_by_one():

@@ -72,15 +72,16 @@ def restore_like(template, tree):
 
 
 def cross_entropy_loss(apply_train):
-  """Weighted mean cross-entropy in training mode, `apply_train(variables, inputs, key, real
-  examples) -> (logits, updated collections)`. An example's loss is the mean over its targets
-  (one for a classifier, one per token for a language model)."""
+  """Weighted sum of the examples' cross-entropies in training mode (the trainer takes the mean
+  over a batch), `apply_train(variables, inputs, key, real examples) -> (logits, updated
+  collections)`. An example's loss is the mean over its targets (one for a classifier, one per
+  token for a language model)."""
 
   def loss_fn(variables, images, labels, weights, key):
     logits, updated = apply_train(variables, images, key, weights > 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     per_example = ce.reshape(ce.shape[0], -1).mean(-1)
-    return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights > 0), 1.0), updated
+    return jnp.sum(weights * per_example), updated
 
   return loss_fn
 

@@ -146,7 +146,8 @@ class MemberLearner:
         plan.resample, compile_epochs(config.train.compiled_epoch, apply_fn,
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
-                                      self.example))
+                                      self.example),
+        config.train.microbatches)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
                                               spmd_axis_name=sharding.MEMBER),
                                      config.train.eval_batch_size, mesh)

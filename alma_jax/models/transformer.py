@@ -3,25 +3,86 @@ self-attention and a 4x MLP, learned positions, optionally tied input and output
 
 Parameters are float32; `dtype='bfloat16'` computes in bfloat16 (for accelerators), with the
 logits returned in float32. GPT-2 small is width 768, depth 12, 12 heads, context 1024.
+
+Attention is `jax.nn.dot_product_attention` with its causal option, which never materializes
+a mask: cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes
+(`attention='auto'`), XLA's elsewhere (`'xla'`). The two give the same result to rounding.
+`remat=True` recomputes each block's activations in the backward pass instead of keeping them
+(less memory, about a third more compute).
 """
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 _init = nn.initializers.normal(0.02)
+ATTENTION = ('auto', 'xla')
+
+
+def _xla_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+
+
+def _cudnn_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+
+
+def causal_attention(q, k, v, implementation: str = 'auto'):
+  """Causal multi-head attention of (B, L, heads, head width) queries, keys and values.
+
+  With 'auto', cuDNN runs it where the process has a GPU backend and cuDNN takes these inputs
+  (bfloat16 or float16; head width a multiple of 8, at most 128 or 256); the choice between the
+  two is made when the program is lowered for a platform (`lax.platform_dependent`), so the same
+  traced program lowers to XLA's attention for the CPU (as FLOP counting does).
+  """
+  if implementation == 'xla' or not _cudnn_takes(q, k, v):
+    return _xla_attention(q, k, v)
+  return jax.lax.platform_dependent(q, k, v, cuda=_cudnn_attention, default=_xla_attention)
+
+
+def _cudnn_takes(q, k, v) -> bool:
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or jax.default_backend() != 'gpu':
+    return False
+  try:
+    jax.eval_shape(_cudnn_attention, q, k, v)
+  except (NotImplementedError, RuntimeError, ValueError):  # cuDNN missing, or these shapes
+    return False
+  return True
+
+
+class CausalSelfAttention(nn.Module):
+  """Query, key, value and output projections named and shaped as flax's
+  MultiHeadDotProductAttention (which earlier versions used), so their checkpoints restore."""
+  heads: int
+  dtype: jnp.dtype
+  implementation: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.heads:
+      raise ValueError(f'config.model.width={width}: must be a multiple of model.heads='
+                       f'{self.heads}')
+    project = lambda name: nn.DenseGeneral((self.heads, width // self.heads), dtype=self.dtype,
+                                           kernel_init=_init, name=name)
+    y = causal_attention(project('query')(x), project('key')(x), project('value')(x),
+                         self.implementation)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=_init,
+                           name='out')(y)
 
 
 class Block(nn.Module):
   heads: int
   dtype: jnp.dtype
+  attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x):
     width = x.shape[-1]
     h = nn.LayerNorm(dtype=self.dtype)(x)
-    x = x + nn.MultiHeadDotProductAttention(self.heads, dtype=self.dtype, kernel_init=_init)(
-        h, h, mask=mask)
+    x = x + CausalSelfAttention(self.heads, self.dtype, self.attention,
+                                name='MultiHeadDotProductAttention_0')(h)
     h = nn.LayerNorm(dtype=self.dtype)(x)
     h = nn.gelu(nn.Dense(4 * width, dtype=self.dtype, kernel_init=_init)(h))
     return x + nn.Dense(width, dtype=self.dtype, kernel_init=_init)(h)
@@ -35,6 +96,8 @@ class Transformer(nn.Module):
   heads: int = 4
   tied_embeddings: bool = True
   dtype: str = 'float32'
+  attention: str = 'auto'  # 'auto' (cuDNN on GPUs where it can) or 'xla'
+  remat: bool = False      # recompute block activations in the backward pass
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
@@ -44,9 +107,9 @@ class Transformer(nn.Module):
     embed = nn.Embed(self.num_classes, self.width, embedding_init=_init, dtype=dtype)
     positions = self.param('positions', _init, (self.context, self.width))
     x = embed(tokens) + positions[:tokens.shape[1]].astype(dtype)
-    mask = nn.make_causal_mask(tokens)
-    for _ in range(self.depth):
-      x = Block(self.heads, dtype)(x, mask)
+    block = nn.remat(Block) if self.remat else Block
+    for i in range(self.depth):
+      x = block(self.heads, dtype, self.attention, name=f'Block_{i}')(x)
     x = nn.LayerNorm(dtype=dtype)(x)
     if self.tied_embeddings:
       return embed.attend(x).astype(jnp.float32)
