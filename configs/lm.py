@@ -5,12 +5,12 @@ as the test set. The stream cuts the training sequences into T=5 mega-batches; a
 arrival the predictor's test cross-entropy (nats per byte), bits per byte and perplexity are
 recorded. A decoder-only transformer (width 128, 4 blocks of 4 heads, tied embeddings, about
 0.8M parameters) is fine-tuned with AdamW (warm-up, then cosine decay within each round), early
-stopping on validation loss. Sized to finish in minutes on a 2-core CPU; GPT-2 small is
-`--config.model.width=768 --config.model.depth=12 --config.model.heads=12
---config.model.context=1024 --config.data.sequence_length=1024` (with
-`--config.model.dtype=bfloat16` on accelerators).
+stopping on validation loss. Sized to finish in minutes on a 2-core CPU; `:gpt2_small` is GPT-2
+small's shape (width 768, 12 blocks of 12 heads, 1024-byte context, bfloat16 compute: for
+accelerators). Larger models: `--config.train.microbatches=K` accumulates each batch's gradient
+over K slices, `--config.model.remat=True` recomputes block activations in the backward pass.
 Subword tokens: `--config.data.tokenizer=PATH.model` (a SentencePiece model file).
-Variants: `:tiny` is a seconds-long smoke run.
+Variants: `:tiny` is a seconds-long smoke run; `:gpt2_small`.
 """
 import ml_collections
 
@@ -30,7 +30,14 @@ def get_config(variant: str = ''):
   c.train.update(batch_size=16, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',
                  eval_batch_size=512)
   c.log.epochs = True
-  return alma_config.apply_variants(c, variant, 'configs/lm.py', {'tiny': _tiny})
+  return alma_config.apply_variants(c, variant, 'configs/lm.py',
+                                    {'tiny': _tiny, 'gpt2_small': _gpt2_small})
+
+
+def _gpt2_small(c):
+  """GPT-2 small's shape over bytes (86M parameters), bfloat16 compute (for accelerators)."""
+  c.model.update(width=768, depth=12, heads=12, context=1024, dtype='bfloat16')
+  c.data.sequence_length = 1024
 
 
 def _tiny(c):

@@ -1,7 +1,8 @@
 """k members trained side by side through vmap, against k single-model rounds one after another.
 
 One round of the demo protocol's data (Fashion-MNIST mega-batch 1), a fixed number of epochs
-(early stopping off, so both do the same work), after a first round that compiles. Run from the
+(early stopping off, so both do the same work), after a first round that compiles (nothing
+may compile in the timed rounds). Run from the
 repository root:
 
   python experiments/benchmark_members.py [--members=4] [--epochs=5]
@@ -18,7 +19,7 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from alma_jax import config as alma_config, data, learners, sharding  # noqa: E402
+from alma_jax import backend, config as alma_config, data, learners, sharding  # noqa: E402
 from alma_jax import stream as alma_stream  # noqa: E402
 from alma_jax.run import device_data  # noqa: E402
 
@@ -28,8 +29,9 @@ def timed_round(learner, round_data, repeats: int) -> float:
   state = learner.init(jax.random.key(0))
   jax.block_until_ready(learner.train_round(state, round_data, jax.random.key(1))[0])
   began = time.perf_counter()
-  for r in range(repeats):
-    jax.block_until_ready(learner.train_round(state, round_data, jax.random.key(2 + r))[0])
+  with backend.no_compilation('the timed rounds'):
+    for r in range(repeats):
+      jax.block_until_ready(learner.train_round(state, round_data, jax.random.key(2 + r))[0])
   return time.perf_counter() - began
 
 

@@ -62,11 +62,12 @@ def _mlp(config, in_features: int) -> torch.nn.Module:
   return torch.nn.Sequential(*layers)
 
 
-def _tensors(dataset, images, labels):
+def _tensors(dataset, images, labels, device):
   """uint8 images -> normalized, flattened float32 (as `Dataset.preprocess`); int64 labels."""
   x = images.astype(np.float32) / 255.0
   x = (x - np.asarray(dataset.mean, np.float32)) / np.asarray(dataset.std, np.float32)
-  return torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(labels.astype(np.int64))
+  return (torch.from_numpy(x.reshape(len(x), -1)).to(device),
+          torch.from_numpy(labels.astype(np.int64)).to(device))
 
 
 @torch.no_grad()
@@ -77,14 +78,14 @@ def _accuracy(model, x, y) -> float:
 
 def _index_batches(x, y, train, batch_size, generator):
   """Shuffled batches by indexing the tensors directly (the fastest plain-PyTorch loop)."""
-  order = train[torch.randperm(len(train), generator=generator)]
+  order = train[torch.randperm(len(train), generator=generator).to(train.device)]
   return ((x[batch], y[batch]) for batch in order.split(batch_size))
 
 
 def _loader_batches(x, y, train, batch_size, generator):
   """Shuffled batches from a DataLoader over a TensorDataset (as in PyTorch's tutorials and the
   ALMA reference code)."""
-  dataset = torch.utils.data.TensorDataset(x[train], y[train])
+  dataset = torch.utils.data.TensorDataset(x[train].cpu(), y[train].cpu())
   return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                      generator=generator)
 
@@ -94,11 +95,13 @@ def _fit(model, x, y, train, valid, config, generator, batches) -> int:
   optimizer = torch.optim.Adadelta(model.parameters(), lr=config.optimizer.learning_rate,
                                    rho=0.9, eps=1e-6)
   train_config = config.train
-  train, valid = torch.from_numpy(train).long(), torch.from_numpy(valid).long()
+  train = torch.from_numpy(train).long().to(x.device)
+  valid = torch.from_numpy(valid).long().to(x.device)
   best_accuracy, bad_epochs, best_state = -float('inf'), 0, None
   for epoch in range(train_config.max_epochs):
     model.train()
     for inputs, targets in batches(x, y, train, train_config.batch_size, generator):
+      inputs, targets = inputs.to(x.device), targets.to(x.device)
       optimizer.zero_grad()
       torch.nn.functional.cross_entropy(model(inputs), targets).backward()
       optimizer.step()
@@ -113,20 +116,21 @@ def _fit(model, x, y, train, valid, config, generator, batches) -> int:
   return epoch + 1
 
 
-def bench_torch(config, batches) -> dict:
-  """The same protocol in plain PyTorch on the CPU, timed end to end and per arrival."""
+def bench_torch(config, batches, device: str = 'cpu') -> dict:
+  """The same protocol in plain PyTorch on `device` (data there too), timed end to end and per
+  arrival."""
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(config.seed)
   generator = torch.Generator().manual_seed(config.seed)
   began = time.perf_counter()
   dataset = data.load(config.data)
-  x, y = _tensors(dataset, dataset.train_images, dataset.train_labels)
-  x_test, y_test = _tensors(dataset, dataset.test_images, dataset.test_labels)
+  x, y = _tensors(dataset, dataset.train_images, dataset.train_labels, device)
+  x_test, y_test = _tensors(dataset, dataset.test_images, dataset.test_labels, device)
   s = config.stream
   stream = alma_stream.make_stream(len(y), s.num_megabatches, s.permutation_seed,
                                    s.validation_fraction)
   state = alma_stream.init_state(stream.num_examples)
-  model = _mlp(config, x.shape[1])
+  model = _mlp(config, x.shape[1]).to(device)
   rounds_s, train_examples, epochs, error = 0.0, 0, [], float('nan')
   print(f"{'t':>4s}  {'epochs':>6s}  {'test_error':>10s}  {'seconds':>8s}  (torch)", flush=True)
   for t in range(1, stream.num_megabatches + 1):

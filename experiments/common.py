@@ -23,6 +23,23 @@ def lm_script(doc: str, out: str, **options: int):
   return args, config, data.load(config.data)
 
 
+def environment() -> dict:
+  """Where a figure was measured: the device and the versions of what computed it."""
+  import importlib.metadata
+  import platform
+
+  import jax
+  versions = {}
+  for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'torch'):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+          'devices': jax.device_count(), 'cpu_count': os.cpu_count(),
+          'python': platform.python_version(), 'versions': versions}
+
+
 def write_result(result: dict, path: str) -> None:
   """Writes `result` as JSON to `path` and prints it."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -1,0 +1,188 @@
+"""alma_jax on whatever backend it finds (CPU, GPU, TPU), in one command of a few minutes:
+
+    python experiments/benchmark_accelerator.py [--out=PATH] [--only=SECTION,...]
+
+Sections, in this order (each writes its part of the JSON as soon as it is measured, and a
+section that fails records its error and the others still run):
+  peak        the matmul peak that MFU is measured against (bfloat16 on accelerators, float32
+              on CPUs), measured here;
+  lm_gpt2     the GPT-2-small shape (width 768, 12 blocks, 12 heads, 1024 tokens, batch 16;
+              bfloat16 on accelerators) inside a compiled ALMA epoch: tokens/s and MFU, with
+              the attention the config picks and with XLA's (on CPUs: batch 1, a few steps);
+  demo        the demo protocol (configs/fashion_mnist.py) end to end, three processes: with an
+              empty compilation cache, again with it filled, and killed after arrival 2 and
+              resumed; time to the first arrival, start-up, compilation and time in rounds
+              apart, and whether the three give identical rows;
+  torch       the demo protocol in plain PyTorch on the same device (index batches, data on the
+              device), when torch is importable;
+  steps       MLP and VGG train-step examples/s (benchmark_steps.py);
+  lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU;
+  lm_runs     the LM config end to end, twice and once killed after arrival 2 and resumed:
+              identical rows (configs/lm.py on accelerators, its :tiny variant on CPUs);
+  nondeterministic  (GPUs) the demo again with config.backend.deterministic=False: the cost of
+              determinism.
+Every timed region is checked to compile nothing. Writes
+experiments/results/accelerator_<backend>.json by default.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import common  # noqa: F401  (puts the repository on the path)
+import jax
+
+from alma_jax import config as alma_config, data
+import benchmark_lm
+import benchmark_steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ('peak', 'lm_gpt2', 'demo', 'torch', 'steps', 'lm_default', 'lm_runs',
+            'nondeterministic')
+ROW_FIELDS = ('t', 'trained', 'test_error', 'test_loss', 'train_flops', 'valid_flops',
+              'reference_flops', 'epochs', 'params', 'inference_flops')
+
+
+def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
+             overrides: tuple[str, ...] = ()) -> dict:
+  """`python -m alma_jax.main` in a fresh process: seconds to its first arrival's row, wall
+  time, its summary; with `kill_after`, SIGKILLed once that arrival's row is printed."""
+  command = [sys.executable, '-m', 'alma_jax.main', f'--config={config}',
+             f'--workdir={workdir}', '--config.log.tensorboard=False',
+             f'--config.backend.compilation_cache={cache}', *overrides]
+  began = time.perf_counter()
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  first = None
+  for line in process.stdout:
+    fields = line.split()
+    if fields and fields[0].isdigit():
+      first = first or time.perf_counter() - began
+      if kill_after and int(fields[0]) == kill_after:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return {'killed_after_arrival': kill_after}
+  stderr = process.stderr.read()
+  if process.wait():
+    raise RuntimeError(f'{" ".join(command)} failed:\n{stderr[-3000:]}')
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  return {'first_arrival_s': first, 'wall_s': time.perf_counter() - began,
+          'startup_s': summary['startup_seconds'], 'compile_s': summary['compile_seconds'],
+          'compilations': summary['compilations'],
+          'compilations_from_cache': summary['compilations_from_cache'],
+          'rounds_s': summary['seconds'], 'final_error': summary['final_error'],
+          'final_test_loss': summary['final_test_loss'],
+          'train_flops': summary['train_flops'], 'train_examples': summary['train_examples']}
+
+
+def rows(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: r[k] for k in ROW_FIELDS} for r in map(json.loads, f)]
+
+
+def repeated_runs(config: str, tmp: str, overrides: tuple[str, ...] = ()) -> dict:
+  """A run with an empty compilation cache, the same run again, and one killed after arrival
+  2 and resumed; whether all three wrote identical rows."""
+  cache = os.path.join(tmp, 'cache')
+  out = {'config': config}
+  for name in ('first', 'again'):
+    out[name] = main_run(config, os.path.join(tmp, name), cache, overrides=overrides)
+  resumed = os.path.join(tmp, 'resumed')
+  main_run(config, resumed, cache, kill_after=2, overrides=overrides)
+  out['resumed'] = main_run(config, resumed, cache, overrides=overrides)
+  first = rows(os.path.join(tmp, 'first'))
+  out['identical_rows'] = {name: rows(os.path.join(tmp, name)) == first
+                           for name in ('again', 'resumed')}
+  out['first_arrival_speedup_with_cache'] = (out['first']['first_arrival_s']
+                                             / out['again']['first_arrival_s'])
+  return out
+
+
+def gpt2_small(cpu: bool):
+  c = alma_config.load(os.path.join(ROOT, 'configs', 'lm.py:gpt2_small'))
+  if cpu:  # a few steps of one sequence in float32: the shape, not the batch, at CPU speed
+    c.train.batch_size = 1
+    c.model.dtype = 'float32'
+  return c
+
+
+def lm_gpt2(cpu: bool, peak: float) -> dict:
+  c = gpt2_small(cpu)
+  dataset = data.load(c.data)
+  out = {}
+  for attention in ('auto', 'xla'):
+    c.model.attention = attention
+    out[attention] = benchmark_lm.throughput(c, dataset, 2 if cpu else 60, peak)
+    if cpu:
+      break  # 'auto' is XLA's attention on a CPU
+  return out
+
+
+def torch_demo() -> dict:
+  if importlib.util.find_spec('torch') is None:
+    return {'skipped': 'torch is not importable here'}
+  import benchmark_torch
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  config = benchmark_torch.load_config('')
+  result = benchmark_torch.bench_torch(config, benchmark_torch._index_batches, device)
+  return {'device': device, **result}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--out', default='')
+  parser.add_argument('--only', default=','.join(SECTIONS))
+  args = parser.parse_args()
+  cpu = jax.default_backend() == 'cpu'
+  out_path = args.out or os.path.join(ROOT, 'experiments', 'results',
+                                      f'accelerator_{jax.default_backend()}.json')
+  result = {**common.environment(), 'sections': {}}
+  began = time.perf_counter()
+
+  def section(name, fn):
+    if name not in args.only.split(','):
+      return None
+    print(f'== {name} ({time.perf_counter() - began:.0f} s so far)', flush=True)
+    try:
+      result['sections'][name] = fn()
+    except Exception as error:  # a failed section is reported, the rest still runs
+      traceback.print_exc()
+      result['sections'][name] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+    result['total_seconds'] = time.perf_counter() - began
+    common.write_result(result, out_path)
+    return result['sections'][name]
+
+  peak = section('peak', benchmark_lm.matmul_peak)
+  if not peak or 'flops' not in peak:
+    peak = benchmark_lm.matmul_peak()
+  demo = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
+  with tempfile.TemporaryDirectory() as tmp:
+    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops']))
+    section('demo', lambda: repeated_runs(demo, os.path.join(tmp, 'demo')))
+    section('torch', torch_demo)
+    section('steps', lambda: {name: benchmark_steps.examples_per_second(f, 5376, 3, 'auto')
+                              for name, f in benchmark_steps.CONFIGS.items()})
+
+    def lm_default():
+      c = alma_config.load(os.path.join(ROOT, 'configs', 'lm.py'))
+      return benchmark_lm.throughput(c, data.load(c.data), 200 if cpu else 2000, peak['flops'])
+    section('lm_default', lm_default)
+    lm = os.path.join(ROOT, 'configs', 'lm.py' + (':tiny' if cpu else ''))
+    section('lm_runs', lambda: repeated_runs(lm, os.path.join(tmp, 'lm')))
+    if jax.default_backend() == 'gpu':
+      section('nondeterministic', lambda: main_run(
+          demo, os.path.join(tmp, 'nondeterministic'), os.path.join(tmp, 'demo', 'cache'),
+          overrides=('--config.backend.deterministic=False',)))
+
+
+if __name__ == '__main__':
+  main()
