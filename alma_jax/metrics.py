@@ -61,7 +61,7 @@ def cost_flops(jitted, *args) -> float | None:
   args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)  # no placement
   try:
     flops = _flops(jitted.trace(*args).lower(lowering_platforms=('cpu',)).cost_analysis())
-  except (RuntimeError, NotImplementedError, ValueError):  # no CPU backend in this process
+  except (RuntimeError, NotImplementedError, ValueError, TypeError):  # e.g. no CPU backend here
     flops = None
   if flops is None:
     flops = _flops(jitted.lower(*args).compile().cost_analysis())
