@@ -21,7 +21,8 @@ section that fails records its error and the others still run):
               identical rows (configs/lm.py on accelerators, its :tiny variant on CPUs);
   nondeterministic  (GPUs) the demo again with config.backend.deterministic=False: the cost of
               determinism.
-Every timed region is checked to compile nothing. Writes
+Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
+checked to compile nothing. Writes
 experiments/results/accelerator_<backend>.json by default.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ import traceback
 import common  # noqa: F401  (puts the repository on the path)
 import jax
 
-from alma_jax import config as alma_config, data
+from alma_jax import backend, config as alma_config, data
 import benchmark_lm
 import benchmark_steps
 
@@ -142,6 +143,9 @@ def main():
   parser.add_argument('--out', default='')
   parser.add_argument('--only', default=','.join(SECTIONS))
   args = parser.parse_args()
+  # As a run of the default config would: deterministic GPU kernels (set before the backend
+  # starts), programs cached under the default compilation cache.
+  backend.configure(alma_config.base().backend)
   cpu = jax.default_backend() == 'cpu'
   out_path = args.out or os.path.join(ROOT, 'experiments', 'results',
                                       f'accelerator_{jax.default_backend()}.json')

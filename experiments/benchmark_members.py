@@ -40,6 +40,7 @@ def main():
   parser.add_argument('--members', type=int, default=4)
   parser.add_argument('--epochs', type=int, default=5)
   args = parser.parse_args()
+  backend.configure(alma_config.base().backend)  # as a run would, before the backend starts
   config = alma_config.load(os.path.join(ROOT, 'configs', 'fashion_mnist.py'))
   config.train.update(max_epochs=args.epochs, patience=args.epochs)
   config.learner.num_members = args.members

@@ -56,6 +56,7 @@ def main():
   parser.add_argument('--compiled_epoch', choices=('auto', 'yes', 'no'), default='auto',
                       help="'yes': an epoch is one compiled loop; 'no': one compiled call a step")
   args = parser.parse_args()
+  backend.configure(alma_config.base().backend)  # as a run would, before the backend starts
   print('| model | train examples/s |\n|---|---:|')
   for name, config_file in CONFIGS.items():
     rate = examples_per_second(config_file, args.examples, args.epochs, args.compiled_epoch)

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alma_jax import config as alma_config, data  # noqa: E402
+from alma_jax import backend, config as alma_config, data  # noqa: E402
 
 
 def lm_script(doc: str, out: str, **options: int):
@@ -20,6 +20,7 @@ def lm_script(doc: str, out: str, **options: int):
     parser.add_argument(f'--{name}', type=int, default=default)
   args = parser.parse_args()
   config = alma_config.load(args.config)
+  backend.configure(config.backend)  # as a run of the config would, before the backend starts
   return args, config, data.load(config.data)
 
 
