@@ -87,13 +87,18 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A run's saved config.json as a config, keys added since the run was written at their
-  defaults (which keep the behaviour of that time). The model section is taken as saved."""
+  defaults (which keep the behaviour of that time): the sections' defaults, and the model's
+  own for model keys its config left out."""
+  from alma_jax import models
   c = base()
   for section, values in saved.items():
     if section == 'model' or not isinstance(values, dict):
       c[section] = values if not isinstance(values, dict) else ml_collections.ConfigDict(values)
     else:
       c[section].update(values)
+  for key, value in models.defaults(c.model.get('name', '')).items():
+    if key not in c.model:
+      c.model[key] = value
   return c
 
 
@@ -239,7 +244,9 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
 
 
 def protocol_differences(saved: dict, current: dict) -> list[str]:
-  """Keys (dotted) whose values differ between two configs, outside RESUMABLE_SECTIONS."""
+  """Keys (dotted) whose values differ between two configs, outside RESUMABLE_SECTIONS, both
+  completed with today's defaults (a key added since a run was written, at its default, is no
+  difference; nor is NaN saved and NaN given)."""
 
   def flatten(d, prefix=''):
     out = {}
@@ -250,6 +257,10 @@ def protocol_differences(saved: dict, current: dict) -> list[str]:
         out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
     return out
 
-  a, b = flatten(saved), flatten(current)
+  def same(a, b):
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+  complete = lambda d: flatten(from_saved(d).to_dict())
+  a, b = complete(saved), complete(current)
   return sorted(k for k in set(a) | set(b)
-                if k.split('.')[0] not in RESUMABLE_SECTIONS and a.get(k) != b.get(k))
+                if k.split('.')[0] not in RESUMABLE_SECTIONS and not same(a.get(k), b.get(k)))

@@ -66,3 +66,10 @@ def test_impossible_waiting_time_fails_before_any_work(tmp_path):
                  '--config.stream.waiting_time=20')
   assert out.returncode != 0 and 'config.stream.waiting_time=20' in out.stderr
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_nan_saved_and_given_again_is_no_protocol_change():
+  nan = float('nan')
+  given = lambda rate: {'optimizer': {'learning_rate': rate}}
+  assert alma_config.protocol_differences(given(nan), given(nan)) == []
+  assert alma_config.protocol_differences(given(nan), given(1.0)) == ['optimizer.learning_rate']

@@ -49,6 +49,21 @@ def test_resume_with_a_different_protocol_is_refused(config, tmp_path):
     run.run(config, str(tmp_path))
 
 
+def test_a_run_written_before_a_config_key_existed_resumes(config, tmp_path):
+  """Keys added since (here train.microbatches and the backend section) at their defaults
+  are no protocol change."""
+  config.stream.num_megabatches = 2
+  first = run.run(config, str(tmp_path))
+  path = tmp_path / run.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  del saved['train']['microbatches'], saved['backend']
+  path.write_text(json.dumps(saved))
+  assert run.run(config, str(tmp_path))['cer'] == first['cer']
+  config.train.microbatches = 2
+  with pytest.raises(run.WorkdirError, match='train.microbatches'):
+    run.run(config, str(tmp_path))
+
+
 def test_a_foreign_workdir_is_refused(config, tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
   with pytest.raises(run.WorkdirError, match='not empty'):
