@@ -26,6 +26,9 @@ class Checkpointer:
     """Keeps the newest `max_to_keep` steps (0: all). `mesh`: where device arrays are restored
     (default: a mesh of every device present)."""
     self.directory = os.path.abspath(directory)
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise FileExistsError(f'{self.directory} is a file, not a checkpoint directory: move it '
+                            f'away (a run keeps its checkpoints there)')
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -81,6 +84,16 @@ class Checkpointer:
     shutil.move(os.path.join(self.directory, str(step)), target)
     return target
 
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the pending write (raising its error, if it failed), then stops the
+    manager's threads in any case, so a failed write never leaves the process hanging."""
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()

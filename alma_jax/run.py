@@ -82,6 +82,30 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _check_checkpoints(steps: list[int], workdir: str, num_arrivals: int) -> None:
+  """Refuses checkpoints this run cannot have written (numbered beyond its T arrivals)."""
+  stray = [step for step in steps if step > num_arrivals]
+  if stray:
+    raise WorkdirError(
+        f'workdir {workdir!r} holds checkpoints {stray} but this run has only {num_arrivals} '
+        f'arrivals (stream.num_megabatches): they are not this run\'s; move them away')
+
+
+def _check_results_are_checkpointed(workdir: str, start: int) -> None:
+  """Refuses to restart a run whose results go beyond its checkpoints (deleted or replaced):
+  rows are written after their checkpoint is begun, so at most one can be ahead of them."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    written = sum(1 for line in f if line.strip())
+  if written > start + 1:
+    raise WorkdirError(
+        f'workdir {workdir!r} holds results of {written} arrivals ({METRICS_FILE}) but '
+        f'checkpoints only up to arrival {start}: its checkpoints were lost, and running on '
+        f'would overwrite those results. Move the workdir aside or use a new --workdir.')
+
+
 def device_data(dataset, mesh) -> base.DeviceData:
   """The data set's arrays on the mesh, replicated: what `learners.create` trains from."""
   put = lambda x: sharding.global_array(x, sharding.replicated(mesh))
@@ -128,7 +152,10 @@ class _Writers:
       self.tensorboard.flush()
     print(metrics.format_row(row), flush=True)
 
-  def close(self) -> None:
+  def __enter__(self) -> '_Writers':
+    return self
+
+  def __exit__(self, *exc) -> None:
     if self.tensorboard:
       self.tensorboard.close()
 
@@ -170,50 +197,52 @@ def _run(config, workdir: str, began: float) -> tuple[dict, float]:
   key = jax.random.key(config.seed)
   num_arrivals = stream.num_megabatches
 
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         config.checkpoint.max_to_keep, mesh)
-  start, tree = checkpointer.restore_latest()
-  if tree is None:
-    stream_state = alma_stream.init_state(stream.num_examples)
-    history = metrics.empty_history(num_arrivals)
-    learner_state = learner.init(jax.random.fold_in(key, 0))
-  else:
-    stream_state, history = tree['stream'], tree['history']
-    learner_state = learner.restore(tree['learner'])
-    _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                               config.checkpoint.max_to_keep, mesh) as checkpointer:
+    _check_checkpoints(checkpointer.steps(), workdir, num_arrivals)
+    start, tree = checkpointer.restore_latest()
+    _check_results_are_checkpointed(workdir, start)
+    if tree is None:
+      stream_state = alma_stream.init_state(stream.num_examples)
+      history = metrics.empty_history(num_arrivals)
+      learner_state = learner.init(jax.random.fold_in(key, 0))
+    else:
+      stream_state, history = tree['stream'], tree['history']
+      learner_state = learner.restore(tree['learner'])
+      _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
-  writers = _Writers(workdir, config.log.tensorboard)
-  startup = time.perf_counter() - began
-  _say(metrics.TABLE_HEADER)
-  for row in metrics.rows(history):
-    _say(metrics.format_row(row))
-  for t in range(start + 1, num_arrivals + 1):
-    began = time.perf_counter()
-    stream_state = alma_stream.arrive(stream_state)
-    report = base.RoundReport()
-    trained = alma_stream.should_train(t, config.stream.waiting_time, num_arrivals,
-                                       config.stream.train_on_last)
-    if trained:
-      round_data, stream_state = alma_stream.next_round(stream_state, stream, config.stream,
-                                                        config.seed)
-      learner_state, report = learner.train_round(learner_state, round_data,
-                                                  jax.random.fold_in(key, t))
-    test = learner.evaluate(learner_state)
-    if not np.isfinite(test['loss']):
-      raise FloatingPointError(
-          f"test loss {test['loss']} after arrival {t}: training diverged (try a lower "
-          f"config.optimizer.learning_rate); checkpoints up to arrival {t - 1} are kept")
-    history = metrics.record(
-        history, t, trained=float(trained), test_error=test['error'], test_loss=test['loss'],
-        train_flops=report.train_flops, valid_flops=report.valid_flops,
-        reference_flops=report.reference_flops, train_examples=report.train_examples,
-        train_tokens=report.train_examples * dataset.targets_per_example,
-        epochs=report.epochs, params=learner.params(learner_state),
-        inference_flops=learner.inference_flops(learner_state),
-        seconds=time.perf_counter() - began)
-    checkpointer.save(t, sharding.checkpointable(
-        {'stream': stream_state, 'learner': base.to_tree(learner_state), 'history': history}))
-    writers.arrival(history, t)
-  checkpointer.close()
-  writers.close()
+    startup = time.perf_counter() - began
+    with _Writers(workdir, config.log.tensorboard) as writers:
+      _say(metrics.TABLE_HEADER)
+      for row in metrics.rows(history):
+        _say(metrics.format_row(row))
+      for t in range(start + 1, num_arrivals + 1):
+        began = time.perf_counter()
+        stream_state = alma_stream.arrive(stream_state)
+        report = base.RoundReport()
+        trained = alma_stream.should_train(t, config.stream.waiting_time, num_arrivals,
+                                           config.stream.train_on_last)
+        if trained:
+          round_data, stream_state = alma_stream.next_round(stream_state, stream,
+                                                            config.stream, config.seed)
+          learner_state, report = learner.train_round(learner_state, round_data,
+                                                      jax.random.fold_in(key, t))
+        test = learner.evaluate(learner_state)
+        if not np.isfinite(test['loss']):
+          raise FloatingPointError(
+              f"test loss {test['loss']} after arrival {t}: training diverged (try a lower "
+              f"config.optimizer.learning_rate); checkpoints up to arrival {t - 1} are kept")
+        history = metrics.record(
+            history, t, trained=float(trained), test_error=test['error'],
+            test_loss=test['loss'], train_flops=report.train_flops,
+            valid_flops=report.valid_flops, reference_flops=report.reference_flops,
+            train_examples=report.train_examples,
+            train_tokens=report.train_examples * dataset.targets_per_example,
+            epochs=report.epochs, params=learner.params(learner_state),
+            inference_flops=learner.inference_flops(learner_state),
+            seconds=time.perf_counter() - began)
+        checkpointer.save(t, sharding.checkpointable(
+            {'stream': stream_state, 'learner': base.to_tree(learner_state),
+             'history': history}))
+        writers.arrival(history, t)
   return history, startup

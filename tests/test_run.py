@@ -1,6 +1,7 @@
 """End-to-end runs of the driver on the synthetic data set: protocol, resume, bad workdirs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,47 @@ def test_a_run_written_before_a_config_key_existed_resumes(config, tmp_path):
   config.train.microbatches = 2
   with pytest.raises(run.WorkdirError, match='train.microbatches'):
     run.run(config, str(tmp_path))
+
+
+def test_checkpoints_beyond_the_stream_are_refused(config, tmp_path):
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  shutil.copytree(tmp_path / 'checkpoints' / '2', tmp_path / 'checkpoints' / '9')
+  with pytest.raises(run.WorkdirError, match=r'checkpoints \[9\] but this run has only 2'):
+    run.run(config, str(tmp_path))
+
+
+def test_results_whose_checkpoints_were_lost_are_not_overwritten(config, tmp_path):
+  config.stream.num_megabatches = 3
+  run.run(config, str(tmp_path))
+  kept = (tmp_path / run.METRICS_FILE).read_text()
+  shutil.rmtree(tmp_path / 'checkpoints')
+  with pytest.raises(run.WorkdirError, match='results of 3 arrivals'):
+    run.run(config, str(tmp_path))
+  shutil.rmtree(tmp_path / 'checkpoints')
+  (tmp_path / 'checkpoints').write_text('x')
+  with pytest.raises(FileExistsError, match='is a file, not a checkpoint directory'):
+    run.run(config, str(tmp_path))
+  assert (tmp_path / run.METRICS_FILE).read_text() == kept
+
+
+def test_a_failing_run_closes_its_checkpoints_and_exits(config, tmp_path):
+  """An error after checkpoints were written (here: in the second arrival's evaluation) ends
+  the process with the error, its checkpoint writes finished and their threads stopped."""
+  config_file = tmp_path / 'config.py'
+  write_config(config, config_file)
+  code = ('import sys; from alma_jax import config, learners, run; from alma_jax.learners import members\n'
+          'evaluate = members.MemberLearner.evaluate; calls = []\n'
+          'def failing(self, state, *a):\n'
+          '  calls.append(1)\n'
+          '  if len(calls) == 2: raise RuntimeError("injected failure")\n'
+          '  return evaluate(self, state, *a)\n'
+          'members.MemberLearner.evaluate = failing\n'
+          f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode != 0 and 'injected failure' in result.stderr
+  assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['1']
 
 
 def test_a_foreign_workdir_is_refused(config, tmp_path):
