@@ -11,8 +11,10 @@ console, and all processes write their shards of each checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 import zlib
 
@@ -25,6 +27,7 @@ from alma_jax import sharding, stream as alma_stream
 from alma_jax.learners import base
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 
@@ -47,6 +50,67 @@ def prepare_workdir(config, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     _write_atomic(path, json.dumps(_config_dict(config), indent=2, sort_keys=True))
   sharding.barrier('alma_jax.workdir.created')
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """Holds the workdir's lock file for the run (process 0 for all processes): a second run
+  started on the workdir is refused, naming the holder. A lock left by a process of this host
+  that no longer exists (killed) is stale and taken over."""
+  path = os.path.join(workdir, LOCK_FILE)
+  error = None
+  if sharding.is_main_process():
+    try:
+      _acquire(path)
+    except WorkdirError as e:
+      error = e
+  if not sharding.all_processes_ok(error is None):
+    raise error or WorkdirError(f'workdir {workdir!r} is locked by another run (see process 0)')
+  try:
+    yield
+  finally:
+    if sharding.is_main_process():
+      os.remove(path)
+
+
+def _acquire(path: str) -> None:
+  holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      other = _holder(path)
+      if other.get('host') == holder['host'] and not _alive(other.get('pid')):
+        os.remove(path)  # stale: its process is gone
+        continue
+      raise WorkdirError(
+          f"workdir {os.path.dirname(path)!r} is in use by another run (host "
+          f"{other.get('host')}, PID {other.get('pid')}, started {other.get('started')}); if "
+          f"that process is gone, delete {path}") from None
+    with os.fdopen(fd, 'w') as f:
+      json.dump(holder, f)
+    return
+
+
+def _holder(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):  # being written, or emptied: as held by an unknown process
+    return {}
+
+
+def _alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def _check_workdir(config, workdir: str) -> None:
@@ -179,6 +243,11 @@ def run(config, workdir: str) -> dict:
 def _run(config, workdir: str, began: float) -> tuple[dict, float]:
   """The arrivals left; the history, and the seconds from `began` to the first arrival."""
   prepare_workdir(config, workdir)
+  with locked(workdir):
+    return _run_locked(config, workdir, began)
+
+
+def _run_locked(config, workdir: str, began: float) -> tuple[dict, float]:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
   data_devices = mesh.shape[sharding.DATA]
   microbatch = config.train.batch_size // config.train.microbatches

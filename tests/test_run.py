@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -104,6 +105,22 @@ def test_a_failing_run_closes_its_checkpoints_and_exits(config, tmp_path):
                           text=True, timeout=120)
   assert result.returncode != 0 and 'injected failure' in result.stderr
   assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['1']
+
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(config, tmp_path):
+  config.stream.num_megabatches = 2
+  run.prepare_workdir(config, str(tmp_path))
+  lock = tmp_path / run.LOCK_FILE
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                              'started': 'earlier'}))
+  with pytest.raises(run.WorkdirError, match=f'in use by another run .*PID {os.getpid()}'):
+    run.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / run.METRICS_FILE)
+  gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+  gone.wait()  # a process that held the lock and was killed
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': gone.pid}))
+  assert run.run(config, str(tmp_path))['arrivals'] == 2
+  assert not lock.exists()  # released at the end
 
 
 def test_a_foreign_workdir_is_refused(config, tmp_path):
