@@ -4,20 +4,76 @@ The run state is saved as a plain tree. It is restored to the tree the checkpoin
 describes, so a tree whose shapes changed over the stream (a grown ensemble) restores as saved;
 the learner then rebuilds its own structure from it. Device arrays are restored replicated over
 the current mesh, whatever the devices that wrote them (a checkpoint written on 8 devices
-restores on 1); host arrays (stream, history) come back as numpy arrays. A checkpoint that fails
-to restore is moved aside (never deleted) and the one before it is used.
+restores on 1); host arrays (stream, history) come back as numpy arrays.
+
+Every checkpoint holds a checksum of the tree it saved, checked on restore, so flipped bits are
+found. A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
+and the one before it is used; any other failure to restore (memory, I/O, a library) stops the
+run with its error, and all processes take the same decision.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import zlib
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from alma_jax import sharding
+
+
+CHECKSUM = 'checksum'
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint's files do not hold the tree that was saved."""
+
+
+# What reading damaged files raises (tensorstore and Orbax raise ValueError for undecodable
+# data, JSON metadata raises ValueError, a missing file FileNotFoundError).
+_CORRUPTION = (ValueError, KeyError, EOFError, FileNotFoundError, zlib.error)
+
+
+def is_corruption(error: BaseException) -> bool:
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS,
+                                                    errno.ENOMEM):
+    return False
+  return isinstance(error, _CORRUPTION)
+
+
+@jax.jit
+def _array_sums(arrays):
+  """Per array, a position-weighted sum of its bits as 32-bit words: odd weights, so any one
+  flipped bit changes it; integer sums, so the value does not depend on the sharding."""
+  def words(x):
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    if size == 8:
+      x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif size in (1, 2, 4):
+      x = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size])
+    flat = x.astype(jnp.uint32).reshape(-1)
+    return jnp.sum(flat * (2 * jnp.arange(flat.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+  return jnp.stack([words(x) for x in arrays])
+
+
+def checksum(tree) -> int:
+  """A checksum of every leaf of a run state (device arrays summed on their devices)."""
+  leaves = jax.tree.leaves(tree)
+  on_device = [x for x in leaves if isinstance(x, jax.Array)]
+  device_sums = iter(sharding.to_host(_array_sums(on_device)) if on_device else [])
+  total = 0
+  for leaf in leaves:
+    value = (int(next(device_sums)) if isinstance(leaf, jax.Array)
+             else zlib.crc32(np.ascontiguousarray(leaf).tobytes()))
+    total = (total * 1_000_003 + value) % (1 << 61)
+  return total
 
 
 class Checkpointer:
@@ -39,6 +95,7 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, tree) -> None:
+    tree = {**tree, CHECKSUM: np.asarray(checksum(tree), np.int64)}
     self.manager.save(step, args=ocp.args.StandardSave(tree))
 
   def restore(self, step: int):
@@ -49,28 +106,38 @@ class Checkpointer:
                                   sharding=sharding.replicated(self.mesh))
 
     abstract = jax.tree.map(target, self.manager.item_metadata(step).tree)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    tree = dict(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+    if CHECKSUM in tree:  # (checkpoints of earlier versions have none)
+      saved = int(tree.pop(CHECKSUM))
+      if checksum(tree) != saved:
+        raise CorruptCheckpointError(f'checkpoint {step}: its data does not match the '
+                                     f'checksum saved with it')
+    return tree
 
-  def restore_latest(self, is_valid=lambda tree: None):
-    """(step, tree) of the newest checkpoint that restores, or (0, None) if there is none.
-
-    `is_valid(tree)` may raise ValueError to reject a restored tree as corrupt.
-    """
+  def restore_latest(self):
+    """(step, tree) of the newest checkpoint that restores, or (0, None) if there is none."""
     for step in reversed(self.steps()):
       try:
-        tree = self.restore(step)
-        is_valid(tree)
+        tree, error = self.restore(step), None
+      except Exception as e:  # classified below, the same way on every process
+        tree, error = None, e
+      status = 0 if error is None else 1 if is_corruption(error) else 2
+      worst = sharding.worst(status)
+      if worst == 0:
         return step, tree
-      except Exception as error:  # Any failure to read a step is treated as a corrupt step.
-        if sharding.is_main_process():
-          aside = self._move_aside(step)
-          logging.warning('checkpoint %d could not be restored (%s: %s); moved it to %s and '
-                          'falling back to the one before it', step, type(error).__name__,
-                          error, aside)
-          print(f'WARNING: checkpoint {step} is corrupt ({type(error).__name__}); kept it at '
-                f'{aside} and resumed from the previous one.', flush=True)
-        sharding.barrier(f'alma_jax.checkpoint.corrupt.{step}')
-        self.manager.reload()
+      if worst == 2:
+        if error is not None and status == 2:
+          raise error
+        raise RuntimeError(f'checkpoint {step} could not be restored on another process')
+      if sharding.is_main_process():
+        aside = self._move_aside(step)
+        shown = f'{type(error).__name__}: {error}' if error else 'on another process'
+        logging.warning('checkpoint %d is corrupt (%s); moved it to %s and falling back to '
+                        'the one before it', step, shown, aside)
+        print(f'WARNING: checkpoint {step} is corrupt ({shown[:200]}); kept it at {aside} and '
+              f'resumed from the previous one.', flush=True)
+      sharding.barrier(f'alma_jax.checkpoint.corrupt.{step}')
+      self.manager.reload()
     return 0, None
 
   def _move_aside(self, step: int) -> str:

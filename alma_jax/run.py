@@ -64,7 +64,7 @@ def locked(workdir: str):
       _acquire(path)
     except WorkdirError as e:
       error = e
-  if not sharding.all_processes_ok(error is None):
+  if sharding.worst(int(error is not None)):
     raise error or WorkdirError(f'workdir {workdir!r} is locked by another run (see process 0)')
   try:
     yield

@@ -79,12 +79,12 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def all_processes_ok(ok: bool) -> bool:
-  """Whether `ok` holds on every process (each learns the same answer)."""
+def worst(value: int) -> int:
+  """The largest of `value` over all processes (each learns the same answer)."""
   if jax.process_count() == 1:
-    return ok
-  seen = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
-  return bool(np.all(np.asarray(seen)))
+    return value
+  seen = multihost_utils.process_allgather(np.array([value], np.int32))
+  return int(np.max(np.asarray(seen)))
 
 
 def check_hosts_agree(name: str, fingerprint: int) -> None:

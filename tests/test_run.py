@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from alma_jax import run
+from alma_jax import checkpoint, run
 from conftest import REPO
 
 
@@ -156,6 +156,42 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(config, tmp_path):
   assert summary['cer'] == pytest.approx(reference['cer'], abs=1e-7)
   assert os.listdir(workdir / 'checkpoints_corrupt') == ['5']  # moved aside, not deleted
   assert errors(workdir) == errors(tmp_path / 'a')
+
+
+def _data_files(checkpoint_dir):
+  """The files holding a checkpoint's array data (Orbax OCDBT), largest first."""
+  found = [os.path.join(root, name) for root, _, names in os.walk(checkpoint_dir)
+           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  return sorted(found, key=os.path.getsize, reverse=True)
+
+
+def test_a_flipped_bit_is_found_and_the_checkpoint_before_used(config, tmp_path):
+  reference = run.run(config, str(tmp_path / 'a'))
+  workdir = tmp_path / 'b'
+  run.run(config, str(workdir))
+  data_file = _data_files(workdir / 'checkpoints' / '5')[0]
+  with open(data_file, 'r+b') as f:
+    content = bytearray(f.read())
+    content[len(content) // 2] ^= 0x10
+    f.seek(0)
+    f.write(content)
+  summary = run.run(config, str(workdir))
+  assert os.listdir(workdir / 'checkpoints_corrupt') == ['5']
+  assert summary['cer'] == pytest.approx(reference['cer'], abs=1e-7)
+  assert errors(workdir) == errors(tmp_path / 'a')
+
+
+def test_a_failure_that_is_not_corruption_stops_the_run_and_moves_nothing(config, tmp_path,
+                                                                          monkeypatch):
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  def out_of_memory(self, step):
+    raise MemoryError('injected')
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore', out_of_memory)
+  with pytest.raises(MemoryError):
+    run.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  assert not os.path.exists(tmp_path / 'checkpoints_corrupt')
 
 
 def write_config(config, path):
