@@ -4,6 +4,9 @@ On several hosts (a TPU pod, a GPU cluster), run the same command on every host 
 `--multihost` (JAX finds the coordinator on TPU pods and SLURM), or name the coordinator with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
+import signal
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -30,7 +33,10 @@ def main(argv):
   backend.configure(_CONFIG.value.backend)  # XLA flags are read when the backend starts
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    run.run(_CONFIG.value, _WORKDIR.value)
+  except run.Interrupted as stop:  # said on the console; the usual status of that signal
+    sys.exit(128 + signal.Signals[stop.signal_name].value)
 
 
 if __name__ == '__main__':

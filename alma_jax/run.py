@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import zlib
 
@@ -34,6 +36,38 @@ SUMMARY_FILE = 'summary.json'
 
 class WorkdirError(ValueError):
   """The workdir holds something this run must not touch."""
+
+
+class Interrupted(Exception):
+  """The run was asked to stop (SIGTERM: a preemption notice; SIGINT: Ctrl-C)."""
+
+  def __init__(self, signal_name: str, arrival: int | None = None):
+    super().__init__(signal_name)
+    self.signal_name, self.arrival = signal_name, arrival
+
+
+@contextlib.contextmanager
+def _interruptible():
+  """SIGTERM and SIGINT stop the run: at once with one process (the round in progress is
+  redone on resume); with several, all stop together after the arrival in progress (a second
+  signal stops at once). Yields whether all processes agreed to stop."""
+  received = []
+
+  def handler(signum, frame):
+    del frame
+    received.append(signal.Signals(signum).name)
+    if jax.process_count() == 1 or len(received) > 1:
+      raise Interrupted(received[-1])
+
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: None
+    return
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda: (received or ['SIGTERM'])[0] if sharding.worst(int(bool(received))) else None
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def _config_dict(config) -> dict:
@@ -146,6 +180,36 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_state, history):
+  """Arrival t: a training round if the waiting time says so, then the test evaluation of the
+  predictor held; the new stream and learner states and the history with row t."""
+  began = time.perf_counter()
+  num_arrivals = stream.num_megabatches
+  stream_state = alma_stream.arrive(stream_state)
+  report = base.RoundReport()
+  trained = alma_stream.should_train(t, config.stream.waiting_time, num_arrivals,
+                                     config.stream.train_on_last)
+  if trained:
+    round_data, stream_state = alma_stream.next_round(stream_state, stream, config.stream,
+                                                      config.seed)
+    learner_state, report = learner.train_round(learner_state, round_data,
+                                                jax.random.fold_in(key, t))
+  test = learner.evaluate(learner_state)
+  if not np.isfinite(test['loss']):
+    raise FloatingPointError(
+        f"test loss {test['loss']} after arrival {t}: training diverged (try a lower "
+        f"config.optimizer.learning_rate); checkpoints up to arrival {t - 1} are kept")
+  history = metrics.record(
+      history, t, trained=float(trained), test_error=test['error'], test_loss=test['loss'],
+      train_flops=report.train_flops, valid_flops=report.valid_flops,
+      reference_flops=report.reference_flops, train_examples=report.train_examples,
+      train_tokens=report.train_examples * dataset.targets_per_example,
+      epochs=report.epochs, params=learner.params(learner_state),
+      inference_flops=learner.inference_flops(learner_state),
+      seconds=time.perf_counter() - began)
+  return stream_state, learner_state, history
+
+
 def _check_checkpoints(steps: list[int], workdir: str, num_arrivals: int) -> None:
   """Refuses checkpoints this run cannot have written (numbered beyond its T arrivals)."""
   stray = [step for step in steps if step > num_arrivals]
@@ -229,8 +293,14 @@ def run(config, workdir: str) -> dict:
   began = time.perf_counter()
   alma_config.validate(config, learners.names(), models.names(), optim.names())
   backend.configure(config.backend)
-  with backend.Compilations() as compiled:
-    history, startup = _run(config, workdir, began)
+  try:
+    with backend.Compilations() as compiled, _interruptible() as stop_requested:
+      history, startup = _run(config, workdir, began, stop_requested)
+  except Interrupted as stop:
+    where = ('before its first arrival' if stop.arrival is None else
+             f'after arrival {stop.arrival}, its checkpoint written')
+    _say(f'{stop.signal_name}: interrupted {where}; run the same command to resume.')
+    raise
   timings = {'startup_seconds': startup, 'compile_seconds': compiled.seconds,
              'compilations': compiled.count, 'compilations_from_cache': compiled.loaded}
   summary = {**metrics.summary(history), **timings}
@@ -240,14 +310,14 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
-def _run(config, workdir: str, began: float) -> tuple[dict, float]:
+def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
   """The arrivals left; the history, and the seconds from `began` to the first arrival."""
   prepare_workdir(config, workdir)
   with locked(workdir):
-    return _run_locked(config, workdir, began)
+    return _run_locked(config, workdir, began, stop_requested)
 
 
-def _run_locked(config, workdir: str, began: float) -> tuple[dict, float]:
+def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
   data_devices = mesh.shape[sharding.DATA]
   microbatch = config.train.batch_size // config.train.microbatches
@@ -285,33 +355,20 @@ def _run_locked(config, workdir: str, began: float) -> tuple[dict, float]:
       _say(metrics.TABLE_HEADER)
       for row in metrics.rows(history):
         _say(metrics.format_row(row))
-      for t in range(start + 1, num_arrivals + 1):
-        began = time.perf_counter()
-        stream_state = alma_stream.arrive(stream_state)
-        report = base.RoundReport()
-        trained = alma_stream.should_train(t, config.stream.waiting_time, num_arrivals,
-                                           config.stream.train_on_last)
-        if trained:
-          round_data, stream_state = alma_stream.next_round(stream_state, stream,
-                                                            config.stream, config.seed)
-          learner_state, report = learner.train_round(learner_state, round_data,
-                                                      jax.random.fold_in(key, t))
-        test = learner.evaluate(learner_state)
-        if not np.isfinite(test['loss']):
-          raise FloatingPointError(
-              f"test loss {test['loss']} after arrival {t}: training diverged (try a lower "
-              f"config.optimizer.learning_rate); checkpoints up to arrival {t - 1} are kept")
-        history = metrics.record(
-            history, t, trained=float(trained), test_error=test['error'],
-            test_loss=test['loss'], train_flops=report.train_flops,
-            valid_flops=report.valid_flops, reference_flops=report.reference_flops,
-            train_examples=report.train_examples,
-            train_tokens=report.train_examples * dataset.targets_per_example,
-            epochs=report.epochs, params=learner.params(learner_state),
-            inference_flops=learner.inference_flops(learner_state),
-            seconds=time.perf_counter() - began)
-        checkpointer.save(t, sharding.checkpointable(
-            {'stream': stream_state, 'learner': base.to_tree(learner_state),
-             'history': history}))
-        writers.arrival(history, t)
+      done = start
+      try:
+        for t in range(start + 1, num_arrivals + 1):
+          stopping = stop_requested()
+          if stopping:
+            raise Interrupted(stopping, done)
+          stream_state, learner_state, history = _arrival(
+              t, config, stream, dataset, learner, key, stream_state, learner_state, history)
+          checkpointer.save(t, sharding.checkpointable(
+              {'stream': stream_state, 'learner': base.to_tree(learner_state),
+               'history': history}))
+          writers.arrival(history, t)
+          done = t
+      except Interrupted as stop:
+        stop.arrival = done if stop.arrival is None else stop.arrival
+        raise
   return history, startup

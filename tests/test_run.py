@@ -123,6 +123,31 @@ def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(config, tmp_pat
   assert not lock.exists()  # released at the end
 
 
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_preemption_notice_stops_cleanly_and_the_run_resumes(config, tmp_path, signum):
+  config.stream.num_megabatches = 4
+  config.train.update(max_epochs=30, patience=30)
+  config_file = tmp_path / 'config.py'
+  write_config(config, config_file)
+  command = [sys.executable, '-m', 'alma_jax.main', f'--config={config_file}',
+             f'--workdir={tmp_path / "w"}']
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  for line in process.stdout:
+    if line.split()[:1] == ['1']:
+      process.send_signal(signum)
+      break
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 128 + signum
+  assert f'{signal.Signals(signum).name}: interrupted after arrival' in out
+  assert 'Traceback' not in err
+  assert not os.path.exists(tmp_path / 'w' / run.LOCK_FILE)
+  assert all(name.isdigit() for name in os.listdir(tmp_path / 'w' / 'checkpoints'))
+  resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0 and 'Resuming' in resumed.stdout
+  assert len(errors(tmp_path / 'w')) == 4
+
+
 def test_a_foreign_workdir_is_refused(config, tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
   with pytest.raises(run.WorkdirError, match='not empty'):
