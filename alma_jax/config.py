@@ -7,6 +7,7 @@ differs.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -135,9 +136,33 @@ def _fail(key: str, value, why: str):
   raise ValueError(f'config.{key}={value!r}: {why}')
 
 
+def _finite(c: ml_collections.ConfigDict, prefix: str = '') -> None:
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _finite(value, f'{prefix}{key}.')
+    elif isinstance(value, (tuple, list)) and any(isinstance(v, float) and not math.isfinite(v)
+                                                  for v in value):
+      _fail(prefix + key, value, 'must hold finite numbers')
+    elif isinstance(value, float) and not math.isfinite(value):
+      _fail(prefix + key, value, 'must be a finite number')
+
+
 def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer_names) -> None:
   """Raises ValueError naming the first bad key; called before any data or compute."""
+  _finite(c)
   s, t = c.stream, c.train
+  if c.data.num_classes < 2:
+    _fail('data.num_classes', c.data.num_classes, 'must be >= 2')
+  if any(x <= 0 for x in c.data.std):
+    _fail('data.std', c.data.std, 'must be > 0 (inputs are divided by it)')
+  if len(c.data.mean) != len(c.data.std):
+    _fail('data.mean', c.data.mean, f'needs one value per channel, as data.std={c.data.std}')
+  if not 0 <= s.permutation_seed < 2 ** 32:
+    _fail('stream.permutation_seed', s.permutation_seed, 'must be in [0, 2**32)')
+  if c.optimizer.weight_decay < 0:
+    _fail('optimizer.weight_decay', c.optimizer.weight_decay, 'must be >= 0')
+  if not 0 <= c.optimizer.momentum < 1:
+    _fail('optimizer.momentum', c.optimizer.momentum, 'must be in [0, 1)')
   language_model = c.data.task == 'language_model'
   if c.data.task not in ('classification', 'language_model'):
     _fail('data.task', c.data.task, "must be 'classification' or 'language_model'")

@@ -12,6 +12,7 @@ console, and all processes write their shards of each checkpoint.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from alma_jax.learners import base
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
+DATA_FILE = 'data.json'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 
@@ -75,12 +77,12 @@ def _config_dict(config) -> dict:
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Checks that `workdir` is new or holds a run of the same protocol (a resume), on every
-  process; then process 0 creates it."""
+  """Checks that `workdir` is new, holds a run of the same protocol (a resume) or a start that
+  got no results, on every process; then process 0 writes the config there."""
   _check_workdir(config, workdir)
   sharding.barrier('alma_jax.workdir.checked')
   path = os.path.join(workdir, CONFIG_FILE)
-  if sharding.is_main_process() and not os.path.exists(path):
+  if sharding.is_main_process() and not _has_results(workdir):  # new, or a start that failed
     os.makedirs(workdir, exist_ok=True)
     _write_atomic(path, json.dumps(_config_dict(config), indent=2, sort_keys=True))
   sharding.barrier('alma_jax.workdir.created')
@@ -148,21 +150,44 @@ def _alive(pid) -> bool:
 
 
 def _check_workdir(config, workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'workdir {workdir!r} is a file, not a directory')
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    saved = _saved_config(path)
     differences = alma_config.protocol_differences(saved, _config_dict(config))
-    if differences:
-      shown = ', '.join(f'{k} (saved {_lookup(saved, k)!r}, now {_lookup(_config_dict(config), k)!r})'
+    if differences and _has_results(workdir):
+      now = _config_dict(config)
+      shown = ', '.join(f'{k} (saved {_lookup(saved, k)!r}, now {_lookup(now, k)!r})'
                         for k in differences[:5])
       raise WorkdirError(
           f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
-          f'--workdir, or the saved config ({path}) to resume it.')
+          f'--workdir, or resume it with the command that started it (its config is in {path}).')
     return
-  if os.path.isdir(workdir) and os.listdir(workdir):
+  ours = {CONFIG_FILE + '.tmp', LOCK_FILE}
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) - ours:
+    if _has_results(workdir):
+      raise WorkdirError(f'workdir {workdir!r} holds checkpoints or results but no '
+                         f'{CONFIG_FILE} (deleted?): put it back, or use a new --workdir.')
     raise WorkdirError(f'workdir {workdir!r} is not empty and holds no {CONFIG_FILE}: it is not '
                        f'an alma_jax run; refusing to write into it.')
+
+
+def _saved_config(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as error:
+    raise WorkdirError(f'{path} is not a readable run config ({error}): restore it, or use a '
+                       f'new --workdir') from None
+
+
+def _has_results(workdir: str) -> bool:
+  """Whether a start in `workdir` got as far as a committed checkpoint or a row of results;
+  until then a corrected command may start it afresh."""
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  committed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+  return committed or os.path.exists(os.path.join(workdir, METRICS_FILE))
 
 
 def _lookup(tree: dict, dotted: str):
@@ -220,18 +245,19 @@ def _check_checkpoints(steps: list[int], workdir: str, num_arrivals: int) -> Non
 
 
 def _check_results_are_checkpointed(workdir: str, start: int) -> None:
-  """Refuses to restart a run whose results go beyond its checkpoints (deleted or replaced):
-  rows are written after their checkpoint is begun, so at most one can be ahead of them."""
+  """Refuses to restart from scratch a run whose results show it got further: its checkpoints
+  were deleted or replaced (rows are written after their checkpoint is begun, so a run killed
+  before its first checkpoint has at most one)."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if start or not os.path.exists(path):
     return
   with open(path) as f:
     written = sum(1 for line in f if line.strip())
-  if written > start + 1:
+  if written > 1:
     raise WorkdirError(
-        f'workdir {workdir!r} holds results of {written} arrivals ({METRICS_FILE}) but '
-        f'checkpoints only up to arrival {start}: its checkpoints were lost, and running on '
-        f'would overwrite those results. Move the workdir aside or use a new --workdir.')
+        f'workdir {workdir!r} holds results of {written} arrivals ({METRICS_FILE}) but no '
+        f'checkpoint to resume from: its checkpoints were lost, and running on would restart '
+        f'it from scratch. Move the workdir aside or use a new --workdir.')
 
 
 def device_data(dataset, mesh) -> base.DeviceData:
@@ -249,36 +275,78 @@ def _fingerprint(config, stream, dataset) -> int:
   return crc
 
 
+def _check_same_data(workdir: str, dataset, data_config) -> None:
+  """Refuses to resume a run on data that changed since it started (at the same path, say),
+  naming the arrays that differ; a new run records checksums of its arrays."""
+  parts = {name: zlib.crc32(np.ascontiguousarray(getattr(dataset, name)).tobytes())
+           for name in ('train_images', 'train_labels', 'test_images', 'test_labels')}
+  path = os.path.join(workdir, DATA_FILE)
+  if _has_results(workdir) and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [name for name in parts if name in saved and saved[name] != parts[name]]
+    if changed:
+      where = data_config.path or data_config.name
+      raise WorkdirError(
+          f'the data set {where!r} differs from the one run {workdir!r} started on '
+          f'({", ".join(changed)} changed): resuming would mix two data sets. Restore the data, '
+          f'or use a new --workdir.')
+  elif sharding.is_main_process():
+    _write_atomic(path, json.dumps(parts, indent=2))
+
+
 def _say(text: str) -> None:
   if sharding.is_main_process():
     print(text, flush=True)
 
 
 class _Writers:
-  """The run's outputs, all read from the history: JSON lines, TensorBoard, the console.
-  Only process 0 writes."""
+  """The run's outputs, all rebuilt from the (checkpointed) history: JSON lines, TensorBoard,
+  the console. Only process 0 writes. A restart rewrites `metrics.jsonl` and the TensorBoard
+  events from the restored history, so a damaged file is repaired and no point is lost or
+  doubled; the events of earlier starts are replaced by one file."""
+  _SCALARS = ('test_error', 'test_loss', 'test_bits', 'cumulative_flops', 'params', 'epochs')
 
-  def __init__(self, workdir: str, tensorboard: bool):
+  def __init__(self, workdir: str, tensorboard: bool, history: dict):
     self.workdir = workdir
     self.enabled = sharding.is_main_process()
     self.tensorboard = None
-    if tensorboard and self.enabled:
+    rows = metrics.rows(history)
+    _say(metrics.TABLE_HEADER)
+    for row in rows:
+      _say(metrics.format_row(row))
+    if not self.enabled:
+      return
+    if rows:
+      self._write_rows(rows)
+    if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      directory = os.path.join(workdir, 'tensorboard')
+      earlier = glob.glob(os.path.join(directory, 'events.out.tfevents.*'))
+      self.tensorboard = SummaryWriter(directory)
+      for row in rows:
+        self._add_scalars(row)
+      self.tensorboard.flush()
+      for path in earlier:
+        os.remove(path)
+
+  def _write_rows(self, rows: list[dict]) -> None:
+    _write_atomic(os.path.join(self.workdir, METRICS_FILE),
+                  ''.join(json.dumps(r) + '\n' for r in rows))
+
+  def _add_scalars(self, row: dict) -> None:
+    for name in self._SCALARS:
+      self.tensorboard.add_scalar(name, row[name], row['t'])
 
   def arrival(self, history: dict, t: int) -> None:
     if not self.enabled:
       return
     rows = metrics.rows(history)
-    _write_atomic(os.path.join(self.workdir, METRICS_FILE),
-                  ''.join(json.dumps(r) + '\n' for r in rows))
-    row = rows[t - 1]
+    self._write_rows(rows)
     if self.tensorboard:
-      for name in ('test_error', 'test_loss', 'test_bits', 'cumulative_flops', 'params',
-                   'epochs'):
-        self.tensorboard.add_scalar(name, row[name], t)
+      self._add_scalars(rows[t - 1])
       self.tensorboard.flush()
-    print(metrics.format_row(row), flush=True)
+    print(metrics.format_row(rows[t - 1]), flush=True)
 
   def __enter__(self) -> '_Writers':
     return self
@@ -312,8 +380,12 @@ def run(config, workdir: str) -> dict:
 
 def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
   """The arrivals left; the history, and the seconds from `began` to the first arrival."""
-  prepare_workdir(config, workdir)
+  _check_workdir(config, workdir)  # before creating anything
+  if sharding.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+  sharding.barrier('alma_jax.workdir.exists')
   with locked(workdir):
+    prepare_workdir(config, workdir)  # again, now that no other run can change the workdir
     return _run_locked(config, workdir, began, stop_requested)
 
 
@@ -327,6 +399,7 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
                      f'evenly over the {data_devices} devices of the data axis')
 
   dataset = data.load(config.data)
+  _check_same_data(workdir, dataset, config.data)
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
                                    config.stream.permutation_seed,
                                    config.stream.validation_fraction)
@@ -351,10 +424,7 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
       _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
     startup = time.perf_counter() - began
-    with _Writers(workdir, config.log.tensorboard) as writers:
-      _say(metrics.TABLE_HEADER)
-      for row in metrics.rows(history):
-        _say(metrics.format_row(row))
+    with _Writers(workdir, config.log.tensorboard, history) as writers:
       done = start
       try:
         for t in range(start + 1, num_arrivals + 1):

@@ -40,6 +40,14 @@ def test_config_files_exist():
     ('model.hidden', 0, 'config.model.hidden'),
     ('model.name', 'giant', 'config.model.name'),
     ('data.max_train_examples', -5, 'config.data.max_train_examples'),
+    ('optimizer.learning_rate', float('nan'), 'config.optimizer.learning_rate'),
+    ('optimizer.learning_rate', float('inf'), 'config.optimizer.learning_rate'),
+    ('optimizer.momentum', float('nan'), 'config.optimizer.momentum'),
+    ('optimizer.weight_decay', -0.1, 'config.optimizer.weight_decay'),
+    ('train.patience_delta', float('nan'), 'config.train.patience_delta'),
+    ('data.std', (0.0,), 'config.data.std'),
+    ('data.num_classes', 0, 'config.data.num_classes'),
+    ('stream.permutation_seed', -1, 'config.stream.permutation_seed'),
 ])
 def test_bad_values_name_the_key(key, value, message):
   c = load_config_file(os.path.join(REPO, 'configs', 'fashion_mnist.py'))

@@ -69,3 +69,19 @@ def test_preprocess_normalizes(idx_dir):
   assert len(dataset.train_labels) == 100
   x = np.asarray(dataset.preprocess(np.full((1, 2, 2, 1), 255, np.uint8)))
   np.testing.assert_allclose(x, (1.0 - 0.5) / 0.3, rtol=1e-6)
+
+
+def test_a_garbage_gzip_file_is_named(tmp_path):
+  path = tmp_path / 'train-images-idx3-ubyte.gz'
+  path.write_bytes(b'\x1f\x8b' + b'garbage' * 10)
+  with pytest.raises(ValueError, match='train-images-idx3-ubyte.gz: unreadable'):
+    idx.read(str(path))
+
+
+def test_labels_beyond_num_classes_and_channels_beyond_the_images_are_refused(config):
+  config.data.num_classes = 5
+  with pytest.raises(ValueError, match=r'train labels span \[0, 9\].*num_classes=5'):
+    data.load(config.data)
+  config.data.update(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3))
+  with pytest.raises(ValueError, match=r'config.data.mean=.*3 values for the 1-channel'):
+    data.load(config.data)

@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from alma_jax import checkpoint, run
-from conftest import REPO
+from conftest import REPO, make_idx_dataset
 
 
 def errors(workdir):
@@ -146,6 +147,75 @@ def test_a_preemption_notice_stops_cleanly_and_the_run_resumes(config, tmp_path,
   resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0 and 'Resuming' in resumed.stdout
   assert len(errors(tmp_path / 'w')) == 4
+
+
+def test_a_start_that_got_no_results_does_not_claim_the_workdir(config, tmp_path):
+  good_path = config.data.path
+  config.data.path = str(tmp_path / 'typo')
+  with pytest.raises(FileNotFoundError):
+    run.run(config, str(tmp_path / 'w'))
+  config.data.path = good_path
+  config.stream.num_megabatches = 2
+  assert run.run(config, str(tmp_path / 'w'))['arrivals'] == 2
+  (tmp_path / 'v').mkdir()
+  (tmp_path / 'v' / (run.CONFIG_FILE + '.tmp')).write_text('{"half": ')  # killed mid-write
+  assert run.run(config, str(tmp_path / 'v'))['arrivals'] == 2
+
+
+@pytest.mark.parametrize('damage,message', [
+    (lambda w: (w / run.CONFIG_FILE).write_text('{"seed": '), 'is not a readable run config'),
+    (lambda w: (w / run.CONFIG_FILE).unlink(), r'no config.json \(deleted\?\)'),
+])
+def test_a_damaged_workdir_is_named(config, tmp_path, damage, message):
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  damage(tmp_path)
+  with pytest.raises(run.WorkdirError, match=message):
+    run.run(config, str(tmp_path))
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(run.WorkdirError, match='is a file, not a directory'):
+    run.run(config, str(tmp_path / 'file'))
+
+
+def test_a_resume_on_changed_data_is_refused(config, tmp_path):
+  data_dir = tmp_path / 'data'
+  shutil.copytree(config.data.path, data_dir)
+  config.data.path = str(data_dir)
+  config.stream.num_megabatches = 3
+  run.run(config, str(tmp_path / 'w'))
+  shutil.rmtree(tmp_path / 'w' / 'checkpoints' / '3')
+  make_idx_dataset(str(data_dir), seed=1)  # other images and labels at the same path
+  with pytest.raises(run.WorkdirError, match='train_images, train_labels, test_images'):
+    run.run(config, str(tmp_path / 'w'))
+
+
+def test_outputs_are_rebuilt_from_the_checkpointed_history(config, tmp_path):
+  config.stream.num_megabatches = 3
+  config.log.tensorboard = True
+  run.run(config, str(tmp_path))
+  kept = (tmp_path / run.METRICS_FILE).read_text()
+  (tmp_path / run.METRICS_FILE).write_text('damaged')
+  shutil.rmtree(tmp_path / 'checkpoints' / '3')  # as if killed before its last checkpoint
+  run.run(config, str(tmp_path))
+  rebuilt = (tmp_path / run.METRICS_FILE).read_text().splitlines()
+  assert rebuilt[:2] == kept.splitlines()[:2]  # arrival 3 ran again (its seconds differ)
+  assert [json.loads(r)['test_error'] for r in rebuilt] == [
+      json.loads(r)['test_error'] for r in kept.splitlines()]
+  events = os.listdir(tmp_path / 'tensorboard')
+  assert len(events) == 1
+  assert _scalar_steps(tmp_path / 'tensorboard' / events[0], 'test_error') == [1, 2, 3]
+
+
+def _scalar_steps(path, tag: str) -> list[int]:
+  """The steps of scalar `tag` in a TensorBoard events file (TFRecords of Event protos)."""
+  from tensorboardX.proto import event_pb2
+  data, steps, i = path.read_bytes(), [], 0
+  while i < len(data):
+    length = struct.unpack('<Q', data[i:i + 8])[0]
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+    steps += [event.step for value in event.summary.value if value.tag == tag]
+    i += 12 + length + 4
+  return steps
 
 
 def test_a_foreign_workdir_is_refused(config, tmp_path):

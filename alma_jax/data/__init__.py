@@ -108,6 +108,15 @@ def load(config) -> Dataset:
   if config.pad_to:
     train = (pad_images(train[0], config.pad_to), train[1])
     test = (pad_images(test[0], config.pad_to), test[1])
+  where = config.path or config.name
+  channels = train[0].shape[-1]
+  if len(config.mean) not in (1, channels):
+    raise ValueError(f'config.data.mean={tuple(config.mean)}: {len(config.mean)} values for the '
+                     f'{channels}-channel images of {where!r} (give 1 or {channels})')
+  for split, (_, labels) in (('train', train), ('test', test)):
+    if len(labels) and (labels.min() < 0 or labels.max() >= config.num_classes):
+      raise ValueError(f'{where!r}: {split} labels span [{labels.min()}, {labels.max()}], '
+                       f'outside [0, config.data.num_classes={config.num_classes})')
   return Dataset(
       name=config.name,
       train_images=train[0], train_labels=train[1].astype(np.int32),

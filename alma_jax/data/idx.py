@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -21,8 +22,11 @@ _HINT = {
 def read(path: str) -> np.ndarray:
   """Reads one idx file into an array of its stored shape."""
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  try:
+    with opener(path, 'rb') as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+    raise ValueError(f'{path}: unreadable ({error})') from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
     raise ValueError(f'{path}: not an idx file (bad magic number)')
   ndim = data[3]
