@@ -218,6 +218,24 @@ def _scalar_steps(path, tag: str) -> list[int]:
   return steps
 
 
+def test_a_checkpoint_write_that_fails_ends_the_process(config, tmp_path):
+  """The workdir's checkpoints become a file mid-run: the write of arrival 2 fails, and the
+  process exits with an error instead of waiting forever on the checkpointer's threads."""
+  config_file = tmp_path / 'config.py'
+  write_config(config, config_file)
+  code = ('import os, shutil; from alma_jax import checkpoint, config, run\n'
+          'save = checkpoint.Checkpointer.save\n'
+          'def sabotaged(self, step, tree):\n'
+          '  if step == 2:\n'
+          '    shutil.rmtree(self.directory); open(self.directory, "w").write("x")\n'
+          '  return save(self, step, tree)\n'
+          'checkpoint.Checkpointer.save = sabotaged\n'
+          f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode != 0
+
+
 def test_a_foreign_workdir_is_refused(config, tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
   with pytest.raises(run.WorkdirError, match='not empty'):
