@@ -83,7 +83,11 @@ def test_conv_run_checkpoints_batchnorm_statistics_and_resumes_exactly(config, t
   run.run(config, str(tmp_path / 'straight'))
   shutil.copytree(tmp_path / 'straight', tmp_path / 'stopped')
   shutil.rmtree(tmp_path / 'stopped' / 'checkpoints' / '3')
+  for name in (run.METRICS_FILE, run.SUMMARY_FILE):  # the rows must come from the resumed run
+    os.remove(tmp_path / 'stopped' / name)
+  kept = os.path.getmtime(tmp_path / 'stopped' / 'checkpoints' / '2')
   run.run(config, str(tmp_path / 'stopped'))
+  assert os.path.getmtime(tmp_path / 'stopped' / 'checkpoints' / '2') == kept
   read = lambda d: [json.loads(l)['test_error'] for l in open(d / run.METRICS_FILE)]
   assert read(tmp_path / 'stopped') == read(tmp_path / 'straight')
   from alma_jax.checkpoint import Checkpointer

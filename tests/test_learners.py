@@ -48,7 +48,11 @@ def test_every_learner_runs_and_resumes_mid_stream_exactly(config, tmp_path, nam
   shutil.copytree(tmp_path / 'straight', tmp_path / 'stopped')
   for step in ('3', '4'):
     shutil.rmtree(tmp_path / 'stopped' / 'checkpoints' / step)
+  for name in (run.METRICS_FILE, run.SUMMARY_FILE):  # the rows must come from the resumed run
+    os.remove(tmp_path / 'stopped' / name)
+  kept = os.path.getmtime(tmp_path / 'stopped' / 'checkpoints' / '2')
   resumed = run.run(config, str(tmp_path / 'stopped'))
+  assert os.path.getmtime(tmp_path / 'stopped' / 'checkpoints' / '2') == kept  # resumed, not redone
   assert errors(tmp_path / 'stopped') == errors(tmp_path / 'straight')
   assert resumed['params'] == straight['params']
 
