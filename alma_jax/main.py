@@ -3,7 +3,15 @@
 On several hosts (a TPU pod, a GPU cluster), run the same command on every host with
 `--multihost` (JAX finds the coordinator on TPU pods and SLURM), or name the coordinator with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
+
+A mistake (a config file or key that does not exist, an impossible value, a workdir or data set
+that cannot be used) prints one line naming it and exits with status 2; `--verbose` adds the
+traceback. `--dry_run` checks the config, loads the data, builds the learner and prints the
+resolved config and the plan of the run, without running it.
 """
+import difflib
+import json
+import os
 import signal
 import sys
 
@@ -11,33 +19,101 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from alma_jax import backend, run
+from alma_jax import backend, config as alma_config, data, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: outputs and checkpoints (on '
                                'a file system that every host sees, for multi-host runs).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the config, load the data, build the '
+                             'learner, print the resolved config and the plan, and stop.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'On an error, print its traceback too.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Join a multi-process run '
                                '(jax.distributed.initialize).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 '
                                    '(implies --multihost; default: found by JAX).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
+
+# What a user's mistake raises. An internal error of one of these types is also shown as one
+# line; --verbose shows its traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, run.WorkdirError,
+               data.DataNotFoundError)
+
+
+def _mistake(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _flat_keys(tree: dict, prefix: str = '') -> list[str]:
+  keys = []
+  for key, value in tree.items():
+    keys.append(prefix + key)
+    if isinstance(value, dict):
+      keys += _flat_keys(value, f'{prefix}{key}.')
+  return keys
+
+
+def check_arguments(argv: list[str]) -> None:
+  """Before absl parses the flags: the config file exists and loads, and every `--config.KEY`
+  override names a key of it (else one line, with the closest key)."""
+  specs = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  if not specs:
+    return
+  path = specs[-1].partition(':')[0]
+  if not os.path.isfile(path):
+    _mistake(f'--config={specs[-1]}: no config file {path!r} (from {os.getcwd()!r})')
+  try:
+    keys = _flat_keys(alma_config.load(specs[-1]).to_dict())
+  except ValueError as error:
+    _mistake(f'--config={specs[-1]}: {error}')
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, 1)
+        hint = f'; did you mean --config.{close[0]}?' if close else ''
+        _mistake(f'--config.{key}: {path} has no key {key!r}{hint}')
+
+
+def _parse(argv: list[str]):
+  check_arguments(argv[1:])
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, TypeError, ValueError) as error:
+    _mistake(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _mistake(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
-  backend.configure(_CONFIG.value.backend)  # XLA flags are read when the backend starts
-  if _MULTIHOST.value or _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
   try:
-    run.run(_CONFIG.value, _WORKDIR.value)
+    backend.configure(config.backend)  # XLA flags are read when the backend starts
+    if _DRY_RUN.value:
+      print(json.dumps({'config': json.loads(config.to_json_best_effort()),
+                        'plan': run.plan(config)}, indent=2))
+      return
+    if not _WORKDIR.value:
+      _mistake('--workdir is required (a directory for the run\'s outputs and checkpoints)')
+    if _MULTIHOST.value or _COORDINATOR.value:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    run.run(config, _WORKDIR.value)
   except run.Interrupted as stop:  # said on the console; the usual status of that signal
     sys.exit(128 + signal.Signals[stop.signal_name].value)
+  except USER_ERRORS as error:
+    if _VERBOSE.value:
+      raise
+    _mistake(f'{error} (--verbose for the traceback)')
+
+
+def cli():
+  """The `alma-jax` console script."""
+  app.run(main, flags_parser=_parse)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli()

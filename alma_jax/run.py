@@ -378,6 +378,33 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
+def plan(config) -> dict:
+  """What a run of `config` would do, without running it or touching a workdir (--dry_run):
+  its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
+  alma_config.validate(config, learners.names(), models.names(), optim.names())
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+  dataset = data.load(config.data)
+  stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
+                                   config.stream.permutation_seed,
+                                   config.stream.validation_fraction)
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
+  s = config.stream
+  flops = learner.flops()
+  return {
+      'arrivals': stream.num_megabatches,
+      'rounds_after_arrivals': [t for t in range(1, stream.num_megabatches + 1)
+                                if alma_stream.should_train(t, s.waiting_time,
+                                                            stream.num_megabatches,
+                                                            s.train_on_last)],
+      'train_examples_per_megabatch': [len(x) for x in stream.train],
+      'validation_examples_per_megabatch': [len(x) for x in stream.valid],
+      'test_examples': len(dataset.test_labels),
+      'params_at_start': learner.params(learner.init(jax.random.key(config.seed))),
+      'train_step_flops': flops['step'], 'forward_flops_per_example': flops['forward'],
+      'mesh': dict(mesh.shape), 'backend': jax.default_backend(),
+  }
+
+
 def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
   """The arrivals left; the history, and the seconds from `began` to the first arrival."""
   _check_workdir(config, workdir)  # before creating anything

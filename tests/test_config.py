@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -62,18 +63,44 @@ def run_main(*args, timeout=120):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_unknown_override_key_fails_before_any_work(tmp_path):
-  out = run_main('--config=configs/fashion_mnist.py', f'--workdir={tmp_path}/run',
-                 '--config.stream.wait=3')
-  assert out.returncode != 0 and 'wait' in out.stderr
-  assert not os.path.exists(tmp_path / 'run')
+@pytest.mark.parametrize('args,line', [
+    (('--config=configs/fashion_mnist.py', '--config.stream.waitng_time=3'),
+     "error: --config.stream.waitng_time: configs/fashion_mnist.py has no key "
+     "'stream.waitng_time'; did you mean --config.stream.waiting_time?"),
+    (('--config=configs/nope.py',), "error: --config=configs/nope.py: no config file"),
+    (('--config=configs/fashion_mnist.py:huge',), "unknown variant 'huge'"),
+    (('--config=configs/fashion_mnist.py', '--config.model.width=8'),
+     "has no key 'model.width'; did you mean --config.model.hidden?"),
+    (('--config=configs/fashion_mnist.py', '--config.stream.waiting_time=20'),
+     'error: config.stream.waiting_time=20: the waiting time must be between 1 and'),
+    (('--config=configs/fashion_mnist.py', '--config.stream.waiting_time=abc'),
+     "error: flag --config.stream.waiting_time=abc"),
+    (('--config=configs/fashion_mnist.py', '--config.data.path=/nowhere'),
+     "error: idx data set not found"),
+])
+def test_a_mistake_is_one_line_naming_it_and_status_2_before_any_work(tmp_path, args, line):
+  out = run_main(*args, f'--workdir={tmp_path}/run')
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.count('\n') == 1 and line in out.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
-def test_impossible_waiting_time_fails_before_any_work(tmp_path):
+def test_verbose_shows_the_traceback(tmp_path):
   out = run_main('--config=configs/fashion_mnist.py', f'--workdir={tmp_path}/run',
-                 '--config.stream.waiting_time=20')
-  assert out.returncode != 0 and 'config.stream.waiting_time=20' in out.stderr
-  assert not os.path.exists(tmp_path / 'run')
+                 '--config.stream.waiting_time=20', '--verbose')
+  assert out.returncode != 0 and 'Traceback' in out.stderr
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+  out = run_main('--config=configs/fashion_mnist.py:tiny', '--dry_run')
+  assert out.returncode == 0, out.stderr
+  printed = json.loads(out.stdout)
+  assert printed['config']['stream']['num_megabatches'] == 4
+  plan = printed['plan']
+  assert plan['rounds_after_arrivals'] == [1, 2, 3, 4] and plan['params_at_start'] == 55_050
+  assert sum(plan['train_examples_per_megabatch']) + sum(
+      plan['validation_examples_per_megabatch']) == 2000
+  assert plan['train_step_flops'] > 0
 
 
 def test_a_nan_saved_and_given_again_is_no_protocol_change():
