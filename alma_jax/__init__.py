@@ -1,1 +1,3 @@
 """alma_jax: anytime learning at macroscale in JAX."""
+
+__version__ = '0.4.0'

@@ -10,15 +10,16 @@ The learner is rebuilt from the run's saved config over a mesh of the devices pr
 restores whatever the checkpoint holds (a grown ensemble included), so a run written on 8
 devices is read on 1. Command line (markdown table on stdout, PNG plots in --out):
 
-    python -m alma_jax.analyze RUN_DIR... [--out=DIR] [--labels=a,b,...]
+    alma-jax-analyze RUN_DIR... [--out=DIR] [--labels=a,b,...]   (or python -m alma_jax.analyze)
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
 
-from absl import app, flags
+from absl import logging
 import numpy as np
 
 from alma_jax import checkpoint, config as alma_config, data, learners, metrics
@@ -188,23 +189,23 @@ def plot(runs: list[Run], labels: list[str], out: str) -> list[str]:
   return paths
 
 
-_OUT = flags.DEFINE_string('out', 'analysis', 'Folder for the PNG plots.')
-_LABELS = flags.DEFINE_list('labels', None, 'Names of the runs in the table and plots '
-                            '(default: the directory names).')
-
-
-def main(argv):
-  directories = argv[1:]
-  if not directories:
-    raise app.UsageError('give one or more run directories')
-  runs = [Run(d) for d in directories]
-  labels = _LABELS.value or [r.name for r in runs]
+def cli(argv: list[str] | None = None) -> None:
+  """The command line (`alma-jax-analyze`): the table on stdout, the plots in --out."""
+  parser = argparse.ArgumentParser(prog='alma-jax-analyze', description=__doc__.split('\n')[0])
+  parser.add_argument('runs', nargs='+', help='run directories (workdirs)')
+  parser.add_argument('--out', default='analysis', help='folder for the PNG plots')
+  parser.add_argument('--labels', default='', help='comma-separated names of the runs in the '
+                      'table and plots (default: the directory names)')
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  runs = [Run(d) for d in args.runs]
+  labels = args.labels.split(',') if args.labels else [r.name for r in runs]
   if len(labels) != len(runs):
-    raise app.UsageError(f'--labels names {len(labels)} runs, but {len(runs)} were given')
+    parser.error(f'--labels names {len(labels)} runs, but {len(runs)} were given')
   print(table(runs, labels))
-  for path in plot(runs, labels, _OUT.value):
+  for path in plot(runs, labels, args.out):
     print(f'wrote {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli()

@@ -76,9 +76,24 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+# The repository (a source checkout or an editable install), whose configs/ a relative config
+# path may name from any directory.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve(path: str) -> str:
+  """`path` as given if it names a file, else relative to the repository (so
+  `configs/lm.py` works from any directory); unchanged if neither exists."""
+  if os.path.isfile(path) or os.path.isabs(path):
+    return path
+  in_repository = os.path.join(REPOSITORY, path)
+  return in_repository if os.path.isfile(in_repository) else path
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
   """The config that `--config=path[:variant]` gives main, for scripts and tests."""
   path, _, variant = spec.partition(':')
+  path = resolve(path)
   source = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0] + '_config', path)
   module = importlib.util.module_from_spec(source)

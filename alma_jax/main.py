@@ -56,13 +56,15 @@ def _flat_keys(tree: dict, prefix: str = '') -> list[str]:
   return keys
 
 
-def check_arguments(argv: list[str]) -> None:
-  """Before absl parses the flags: the config file exists and loads, and every `--config.KEY`
-  override names a key of it (else one line, with the closest key)."""
+def check_arguments(argv: list[str]) -> list[str]:
+  """Before absl parses the flags: the config file exists (as given, or in the repository) and
+  loads, and every `--config.KEY` override names a key of it (else one line, with the closest
+  key). Returns `argv` with the config file's path resolved."""
   specs = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
   if not specs:
-    return
-  path = specs[-1].partition(':')[0]
+    return argv
+  path, _, variant = specs[-1].partition(':')
+  path = alma_config.resolve(path)
   if not os.path.isfile(path):
     _mistake(f'--config={specs[-1]}: no config file {path!r} (from {os.getcwd()!r})')
   try:
@@ -76,10 +78,12 @@ def check_arguments(argv: list[str]) -> None:
         close = difflib.get_close_matches(key, keys, 1)
         hint = f'; did you mean --config.{close[0]}?' if close else ''
         _mistake(f'--config.{key}: {path} has no key {key!r}{hint}')
+  resolved = f'--config={path}' + (f':{variant}' if variant else '')
+  return [resolved if a.startswith('--config=') else a for a in argv]
 
 
 def _parse(argv: list[str]):
-  check_arguments(argv[1:])
+  argv = argv[:1] + check_arguments(argv[1:])
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, TypeError, ValueError) as error:

@@ -108,3 +108,12 @@ def test_a_nan_saved_and_given_again_is_no_protocol_change():
   given = lambda rate: {'optimizer': {'learning_rate': rate}}
   assert alma_config.protocol_differences(given(nan), given(nan)) == []
   assert alma_config.protocol_differences(given(nan), given(1.0)) == ['optimizer.learning_rate']
+
+
+def test_configs_resolve_from_any_directory(tmp_path):
+  """`--config=configs/...` names the repository's config when run elsewhere."""
+  out = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=configs/lm.py:tiny',
+                        '--dry_run'], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': REPO})
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)['config']['model']['name'] == 'transformer'
