@@ -15,6 +15,7 @@ devices is read on 1. Command line (markdown table on stdout, PNG plots in --out
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import json
 import os
@@ -59,12 +60,21 @@ class Run:
       return [json.loads(line) for line in f if line.strip()]
 
   def summary(self) -> dict:
-    """summary.json of a finished run; for an unfinished one, the same numbers so far."""
+    """summary.json of a finished run; for an unfinished one, the same numbers over the
+    arrivals done (`arrivals` < `num_megabatches`: its CER/T is not comparable)."""
     path = os.path.join(self.directory, alma_run.SUMMARY_FILE)
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
+    if not self.arrivals():
+      raise NotARunError(f'{self.directory!r} holds no checkpoint yet: the run has not '
+                         f'finished its first arrival')
     return metrics.summary(self.state(self.arrivals()[-1])['history'])
+
+  @property
+  def finished(self) -> bool:
+    s = self.summary()
+    return s['arrivals'] == s['num_megabatches']
 
   @functools.cached_property
   def _checkpointer(self) -> checkpoint.Checkpointer:
@@ -101,16 +111,36 @@ class Run:
     return self.learner.evaluate(self.predictor(t), images, labels)
 
 
-def table(runs: list[Run], labels: list[str]) -> str:
-  """A markdown comparison table of finished (or partial) runs."""
-  lines = ['| run | learner | final error | CER/T | final loss | params | training FLOPs '
-           '| wall time (s) |', '|---|---|---:|---:|---:|---:|---:|---:|']
+COLUMNS = ('run', 'learner', 'arrivals', 'final error', 'CER/T', 'final loss', 'params',
+           'training FLOPs', 'seconds')
+
+
+def table_rows(runs: list[Run], labels: list[str]) -> list[tuple]:
+  """One tuple of COLUMNS per run. A partial run's arrivals read 'a/T (partial)'; its CER/T
+  and final numbers cover only those arrivals."""
+  out = []
   for label, r in zip(labels, runs):
     s = r.summary()
-    lines.append(f"| {label} | {r.config.learner.name} | {s['final_error']:.4f} | "
-                 f"{s['cer_per_t']:.4f} | {s['final_test_loss']:.4f} | {int(s['params']):,d} | "
-                 f"{s['train_flops']:.3g} | {s['seconds']:.0f} |")
+    done = f"{s['arrivals']}/{s['num_megabatches']}" + ('' if r.finished else ' (partial)')
+    out.append((label, r.config.learner.name, done, s['final_error'], s['cer_per_t'],
+                s['final_test_loss'], int(s['params']), s['train_flops'], s['seconds']))
+  return out
+
+
+def table(runs: list[Run], labels: list[str]) -> str:
+  """A markdown comparison table of finished (and partial, marked) runs."""
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|---|---|---|---:|---:|---:|---:|---:|---:|']
+  for label, learner, done, error, cer, loss, params, flops, seconds in table_rows(runs, labels):
+    lines.append(f'| {label} | {learner} | {done} | {error:.4f} | {cer:.4f} | {loss:.4f} | '
+                 f'{params:,d} | {flops:.3g} | {seconds:.0f} |')
   return '\n'.join(lines)
+
+
+def write_csv(runs: list[Run], labels: list[str], path: str) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(COLUMNS)
+    writer.writerows(table_rows(runs, labels))
 
 
 def pareto_front(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -155,17 +185,22 @@ def plot(runs: list[Run], labels: list[str], out: str) -> list[str]:
   ax.legend(fontsize=8)
   save(fig, 'anytime.png')
 
-  summaries = [r.summary() for r in runs]
+  # Only finished runs are compared: a partial run's area covers fewer arrivals.
+  finished = [(label, r.summary()) for label, r in zip(labels, runs) if r.finished]
   area = 'cumulative_loss_per_t' if lm else 'cer_per_t'
-  flops = np.array([s['train_flops'] for s in summaries])
-  cer = np.array([s[area] for s in summaries])
+  flops = np.array([s['train_flops'] for _, s in finished])
+  cer = np.array([s[area] for _, s in finished])
   fig, ax = plt.subplots(figsize=(7, 4.5))
   ax.scatter(flops, cer, color='tab:blue')
   names_at = {}  # runs that land on the same point share one label
-  for label, x, y in zip(labels, flops, cer):
+  for (label, _), x, y in zip(finished, flops, cer):
     names_at.setdefault((x, y), []).append(label)
   for (x, y), names in names_at.items():
     ax.annotate(' = '.join(names), (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  partial = [label for label, r in zip(labels, runs) if not r.finished]
+  if partial:
+    ax.text(0.01, 0.01, 'not shown, unfinished: ' + ', '.join(partial), fontsize=7,
+            transform=ax.transAxes)
   front = pareto_front(flops, cer)
   ax.plot(flops[front], cer[front], color='tab:red', lw=1.5, marker='o', mfc='none', ms=10,
           label='Pareto front')
@@ -205,6 +240,8 @@ def cli(argv: list[str] | None = None) -> None:
   print(table(runs, labels))
   for path in plot(runs, labels, args.out):
     print(f'wrote {path}')
+  write_csv(runs, labels, os.path.join(args.out, 'table.csv'))
+  print(f"wrote {os.path.join(args.out, 'table.csv')}")
 
 
 if __name__ == '__main__':

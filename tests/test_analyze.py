@@ -1,4 +1,5 @@
 """Reading runs back: exact per-arrival errors from checkpoints, the CLI's table and plots."""
+import csv
 import json
 import os
 import shutil
@@ -57,6 +58,24 @@ def test_a_directory_that_is_not_a_run_is_named(tmp_path):
     analyze.Run(str(tmp_path))
 
 
+def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_path):
+  partial = tmp_path / 'partial'
+  shutil.copytree(runs['finetune'], partial)
+  os.remove(partial / run.SUMMARY_FILE)
+  for step in os.listdir(partial / 'checkpoints'):
+    if int(step) > 2:
+      shutil.rmtree(partial / 'checkpoints' / step)
+  finished, stopped = analyze.Run(runs['finetune']), analyze.Run(str(partial))
+  assert finished.finished and not stopped.finished
+  total = stopped.summary()['num_megabatches']
+  assert f'| 2/{total} (partial) |' in analyze.table([finished, stopped], ['a', 'b'])
+  analyze.plot([finished, stopped], ['a', 'b'], str(tmp_path / 'plots'))  # draws; b left out
+  (tmp_path / 'empty').mkdir()
+  shutil.copy(partial / run.CONFIG_FILE, tmp_path / 'empty')
+  with pytest.raises(analyze.NotARunError, match='no checkpoint yet'):
+    analyze.Run(str(tmp_path / 'empty')).summary()
+
+
 def test_pareto_front():
   costs = np.array([1.0, 2.0, 3.0, 4.0, 2.5])
   values = np.array([0.5, 0.4, 0.45, 0.2, 0.3])
@@ -73,6 +92,8 @@ def test_cli_prints_a_table_and_writes_plots(runs, tmp_path):
   assert len(rows) == 2 and '| gens |' in rows[1]
   summary = json.load(open(os.path.join(runs['gens'], run.SUMMARY_FILE)))
   assert f"{summary['final_error']:.4f}" in rows[1]
+  with open(tmp_path / 'table.csv') as f:
+    assert list(csv.reader(f))[2][:3] == ['gEns', 'gens', f"{summary['arrivals']}/{summary['arrivals']}"]
   import matplotlib.image
   for name in ('anytime.png', 'cer_vs_flops.png', 'params.png'):
     image = matplotlib.image.imread(tmp_path / name)
