@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from alma_jax import config as alma_config, learners, models, optim
+from alma_jax import config as alma_config, learners, main, models, optim
 from conftest import REPO
 
 load_config_file = alma_config.load
@@ -71,15 +71,23 @@ def run_main(*args, timeout=120):
     (('--config=configs/fashion_mnist.py:huge',), "unknown variant 'huge'"),
     (('--config=configs/fashion_mnist.py', '--config.model.width=8'),
      "has no key 'model.width'; did you mean --config.model.hidden?"),
-    (('--config=configs/fashion_mnist.py', '--config.stream.waiting_time=20'),
-     'error: config.stream.waiting_time=20: the waiting time must be between 1 and'),
-    (('--config=configs/fashion_mnist.py', '--config.stream.waiting_time=abc'),
-     "error: flag --config.stream.waiting_time=abc"),
-    (('--config=configs/fashion_mnist.py', '--config.data.path=/nowhere'),
-     "error: idx data set not found"),
 ])
-def test_a_mistake_is_one_line_naming_it_and_status_2_before_any_work(tmp_path, args, line):
-  out = run_main(*args, f'--workdir={tmp_path}/run')
+def test_a_config_mistake_is_one_line_naming_it_and_status_2(args, line, capsys, monkeypatch):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as exit_:
+    main.check_arguments(list(args))
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count('\n') == 1 and line in err
+
+
+@pytest.mark.parametrize('args,line', [
+    (('--config.stream.waiting_time=20',),
+     'error: config.stream.waiting_time=20: the waiting time must be between 1 and'),
+    (('--config.stream.waiting_time=abc',), "error: flag --config.stream.waiting_time=abc"),
+    (('--config.data.path=/nowhere',), "error: idx data set not found"),
+])
+def test_a_mistake_is_one_line_and_status_2_before_any_work(tmp_path, args, line):
+  out = run_main('--config=configs/fashion_mnist.py', *args, f'--workdir={tmp_path}/run')
   assert out.returncode == 2, out.stderr
   assert out.stderr.count('\n') == 1 and line in out.stderr
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
