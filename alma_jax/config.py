@@ -68,7 +68,9 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=0, member=1))
   # Checkpoints kept: 0 keeps one per arrival (what analysis reads back); else the newest n.
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=0))
-  c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False))
+  # Console: a progress bar while a round trains ('auto': when stderr is a terminal; 'on',
+  # 'off'); a line per epoch with the validation score (epochs=True).
+  c.log = ml_collections.ConfigDict(dict(tensorboard=True, epochs=False, progress='auto'))
   # Deterministic GPU kernels (identical reruns and resumes), and where compiled programs are
   # kept between runs ('' for nowhere). See alma_jax/backend.py.
   c.backend = ml_collections.ConfigDict(dict(deterministic=True,
@@ -264,6 +266,8 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
   if c.model.get('attention', 'auto') not in ('auto', 'xla'):
     _fail('model.attention', c.model.attention, "must be 'auto' (cuDNN on GPUs where it can) "
           "or 'xla'")
+  if c.log.progress not in ('auto', 'on', 'off'):
+    _fail('log.progress', c.log.progress, "must be 'auto', 'on' or 'off'")
   if t.compiled_epoch not in ('auto', 'yes', 'no'):
     _fail('train.compiled_epoch', t.compiled_epoch, "must be 'auto', 'yes' or 'no'")
   if t.patience_delta < 0:

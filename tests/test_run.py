@@ -236,6 +236,18 @@ def test_a_checkpoint_write_that_fails_ends_the_process(config, tmp_path):
   assert result.returncode != 0
 
 
+def test_a_progress_bar_shows_while_rounds_train_unless_the_output_is_not_a_terminal(
+    config, tmp_path, capsys):
+  config.stream.num_megabatches = 2
+  config.log.progress = 'on'
+  run.run(config, str(tmp_path / 'on'))
+  shown = capsys.readouterr().err
+  assert 'round' in shown and 'examples/s' in shown and 'validation accuracy' in shown
+  config.log.progress = 'auto'  # pytest's stderr is not a terminal
+  run.run(config, str(tmp_path / 'auto'))
+  assert 'examples/s' not in capsys.readouterr().err
+
+
 def test_a_foreign_workdir_is_refused(config, tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
   with pytest.raises(run.WorkdirError, match='not empty'):

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from alma_jax import metrics, optim, sharding, steps
 from alma_jax.learners import base
@@ -213,22 +215,11 @@ class MemberLearner:
     count = jax.tree.leaves(work.start)[0].shape[0]
     start, opt_state = jax.device_put((work.start, opt_state),
                                       sharding.stacked(self.trainer.mesh, count), may_alias=False)
-    variables, opt_state, report = base.fit(
-        self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
-        key, self.config.train, self.flops(work.start), work.weights, self._progress())
+    with RoundProgress(self.config, work.train.size) as progress:
+      variables, opt_state, report = base.fit(
+          self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
+          key, self.config.train, self.flops(work.start), work.weights, progress)
     return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
-
-  def _progress(self):
-    """A console line per epoch, when `config.log.epochs` (process 0)."""
-    if not (self.config.log.epochs and sharding.is_main_process()):
-      return None
-    began = time.perf_counter()
-    stop_on = self.config.train.stop_on
-    def line(epoch, scores):
-      shown = ' '.join(f'{s:.4f}' if stop_on == 'accuracy' else f'{-s:.4f}' for s in scores)
-      print(f'      epoch {epoch + 1}: validation {stop_on} {shown} '
-            f'({time.perf_counter() - began:.1f} s)', flush=True)
-    return line
 
   def train_round(self, state, round, key):
     work_key, fit_key = jax.random.split(key)
@@ -275,6 +266,49 @@ class MemberLearner:
       template = jax.eval_shape(self.init_optimizer, tree['variables'])
       state['opt_state'] = base.restore_like(template, tree['opt_state'])
     return state
+
+
+class RoundProgress:
+  """What the console shows while a round trains (process 0): a progress bar over its epochs
+  with the best validation score and examples/s (`config.log.progress`: 'auto' shows it when
+  stderr is a terminal; 'on', 'off'), removed when the round ends so the arrival's row follows;
+  and with `config.log.epochs`, a line per epoch."""
+
+  def __init__(self, config, examples_per_epoch: int):
+    self.stop_on = config.train.stop_on
+    self.lines = config.log.epochs and sharding.is_main_process()
+    setting = config.log.progress
+    show = setting == 'on' or (setting == 'auto' and sys.stderr.isatty())
+    self.bar = (tqdm.tqdm(total=config.train.max_epochs, desc='      round', unit='epoch',
+                          leave=False, file=sys.stderr, dynamic_ncols=True)
+                if show and sharding.is_main_process() else None)
+    self.examples_per_epoch = examples_per_epoch
+    self.began = time.perf_counter()
+
+  def _shown(self, scores) -> str:
+    return ' '.join(f'{s:.4f}' if self.stop_on == 'accuracy' else f'{-s:.4f}' for s in scores)
+
+  def __call__(self, epoch: int, scores) -> None:
+    seconds = time.perf_counter() - self.began
+    if self.lines:  # above the bar, if there is one
+      line = (f'      epoch {epoch + 1}: validation {self.stop_on} {self._shown(scores)} '
+              f'({seconds:.1f} s)')
+      if self.bar is not None:
+        self.bar.write(line)
+      else:
+        print(line, flush=True)
+    if self.bar is not None:
+      self.bar.set_postfix_str(f'validation {self.stop_on} {self._shown(scores)}, '
+                               f'{self.examples_per_epoch * (epoch + 1) / seconds:,.0f} '
+                               f'examples/s', refresh=False)
+      self.bar.update(1)
+
+  def __enter__(self) -> 'RoundProgress':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def compile_epochs(setting: str, apply_fn, variables, example) -> bool:
