@@ -10,6 +10,7 @@ traceback. `--dry_run` checks the config, loads the data, builds the learner and
 resolved config and the plan of the run, without running it.
 """
 import difflib
+import errno
 import json
 import os
 import signal
@@ -112,6 +113,11 @@ def main(argv):
     if _VERBOSE.value:
       raise
     _mistake(f'{error} (--verbose for the traceback)')
+  except OSError as error:
+    if _VERBOSE.value or error.errno != errno.ENOSPC:
+      raise
+    _mistake(f'no space left on the device of {error.filename or _WORKDIR.value!r}: free some '
+             f'and run the same command to resume from the last checkpoint')
 
 
 def cli():

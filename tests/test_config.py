@@ -125,3 +125,17 @@ def test_configs_resolve_from_any_directory(tmp_path):
                        env={**os.environ, 'PYTHONPATH': REPO})
   assert out.returncode == 0, out.stderr
   assert json.loads(out.stdout)['config']['model']['name'] == 'transformer'
+
+
+def test_a_full_disk_is_one_line(tmp_path):
+  code = ('import errno, sys; from alma_jax import main, run\n'
+          'def full(config, workdir):\n'
+          '  raise OSError(errno.ENOSPC, "No space left on device", workdir + "/checkpoints/3")\n'
+          'run.run = full\n'
+          f'sys.argv = ["alma-jax", "--config=configs/fashion_mnist.py:tiny", '
+          f'"--workdir={tmp_path}"]\n'
+          'main.cli()\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2 and out.stderr.count('\n') == 1
+  assert f'no space left on the device of {str(tmp_path)!r}'[:40] in out.stderr
