@@ -1,0 +1,208 @@
+"""The workdir of a run: what may be written there, by whom, and when a run may resume there.
+
+A workdir holds one run: its config (a resume must keep the protocol), a lock while a process
+runs it, checksums of the data it started on, its checkpoints and its results. Nothing a user
+saved is overwritten: another run's workdir, results whose checkpoints were lost, checkpoints
+this run cannot have written and data that changed are refused, naming the problem; a start that
+got no result (a typo in a path, a kill while writing the config) does not claim the workdir.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import zlib
+
+import numpy as np
+
+from alma_jax import config as alma_config, sharding
+
+CONFIG_FILE = 'config.json'
+LOCK_FILE = 'lock'
+DATA_FILE = 'data.json'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+class WorkdirError(ValueError):
+  """The workdir holds something this run must not touch."""
+
+
+def config_dict(config) -> dict:
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def prepare(config, workdir: str) -> None:
+  """Checks that `workdir` is new, holds a run of the same protocol (a resume) or a start that
+  got no results, on every process; then process 0 writes the config there."""
+  check(config, workdir)
+  sharding.barrier('alma_jax.workdir.checked')
+  path = os.path.join(workdir, CONFIG_FILE)
+  if sharding.is_main_process() and not _has_results(workdir):  # new, or a start that failed
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(path, json.dumps(config_dict(config), indent=2, sort_keys=True))
+  sharding.barrier('alma_jax.workdir.created')
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """Holds the workdir's lock file for the run (process 0 for all processes): a second run
+  started on the workdir is refused, naming the holder. A lock left by a process of this host
+  that no longer exists (killed) is stale and taken over."""
+  path = os.path.join(workdir, LOCK_FILE)
+  error = None
+  if sharding.is_main_process():
+    try:
+      _acquire(path)
+    except WorkdirError as e:
+      error = e
+  if sharding.worst(int(error is not None)):
+    raise error or WorkdirError(f'workdir {workdir!r} is locked by another run (see process 0)')
+  try:
+    yield
+  finally:
+    if sharding.is_main_process():
+      os.remove(path)
+
+
+def _acquire(path: str) -> None:
+  holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      other = _holder(path)
+      if other.get('host') == holder['host'] and not _alive(other.get('pid')):
+        os.remove(path)  # stale: its process is gone
+        continue
+      raise WorkdirError(
+          f"workdir {os.path.dirname(path)!r} is in use by another run (host "
+          f"{other.get('host')}, PID {other.get('pid')}, started {other.get('started')}); if "
+          f"that process is gone, delete {path}") from None
+    with os.fdopen(fd, 'w') as f:
+      json.dump(holder, f)
+    return
+
+
+def _holder(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):  # being written, or emptied: as held by an unknown process
+    return {}
+
+
+def _alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def check(config, workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'workdir {workdir!r} is a file, not a directory')
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    saved = _saved_config(path)
+    differences = alma_config.protocol_differences(saved, config_dict(config))
+    if differences and _has_results(workdir):
+      now = config_dict(config)
+      shown = ', '.join(f'{k} (saved {_lookup(saved, k)!r}, now {_lookup(now, k)!r})'
+                        for k in differences[:5])
+      raise WorkdirError(
+          f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
+          f'--workdir, or resume it with the command that started it (its config is in {path}).')
+    return
+  ours = {CONFIG_FILE + '.tmp', LOCK_FILE}
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) - ours:
+    if _has_results(workdir):
+      raise WorkdirError(f'workdir {workdir!r} holds checkpoints or results but no '
+                         f'{CONFIG_FILE} (deleted?): put it back, or use a new --workdir.')
+    raise WorkdirError(f'workdir {workdir!r} is not empty and holds no {CONFIG_FILE}: it is not '
+                       f'an alma_jax run; refusing to write into it.')
+
+
+def _saved_config(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as error:
+    raise WorkdirError(f'{path} is not a readable run config ({error}): restore it, or use a '
+                       f'new --workdir') from None
+
+
+def _has_results(workdir: str) -> bool:
+  """Whether a start in `workdir` got as far as a committed checkpoint or a row of results;
+  until then a corrected command may start it afresh."""
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  committed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+  return committed or os.path.exists(os.path.join(workdir, METRICS_FILE))
+
+
+def _lookup(tree: dict, dotted: str):
+  for part in dotted.split('.'):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def write_atomic(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def check_checkpoints(steps: list[int], workdir: str, num_arrivals: int) -> None:
+  """Refuses checkpoints this run cannot have written (numbered beyond its T arrivals)."""
+  stray = [step for step in steps if step > num_arrivals]
+  if stray:
+    raise WorkdirError(
+        f'workdir {workdir!r} holds checkpoints {stray} but this run has only {num_arrivals} '
+        f'arrivals (stream.num_megabatches): they are not this run\'s; move them away')
+
+
+def check_results_are_checkpointed(workdir: str, start: int) -> None:
+  """Refuses to restart from scratch a run whose results show it got further: its checkpoints
+  were deleted or replaced (rows are written after their checkpoint is begun, so a run killed
+  before its first checkpoint has at most one)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if start or not os.path.exists(path):
+    return
+  with open(path) as f:
+    written = sum(1 for line in f if line.strip())
+  if written > 1:
+    raise WorkdirError(
+        f'workdir {workdir!r} holds results of {written} arrivals ({METRICS_FILE}) but no '
+        f'checkpoint to resume from: its checkpoints were lost, and running on would restart '
+        f'it from scratch. Move the workdir aside or use a new --workdir.')
+
+
+def check_same_data(workdir: str, dataset, data_config) -> None:
+  """Refuses to resume a run on data that changed since it started (at the same path, say),
+  naming the arrays that differ; a new run records checksums of its arrays."""
+  parts = {name: zlib.crc32(np.ascontiguousarray(getattr(dataset, name)).tobytes())
+           for name in ('train_images', 'train_labels', 'test_images', 'test_labels')}
+  path = os.path.join(workdir, DATA_FILE)
+  if _has_results(workdir) and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [name for name in parts if name in saved and saved[name] != parts[name]]
+    if changed:
+      where = data_config.path or data_config.name
+      raise WorkdirError(
+          f'the data set {where!r} differs from the one run {workdir!r} started on '
+          f'({", ".join(changed)} changed): resuming would mix two data sets. Restore the data, '
+          f'or use a new --workdir.')
+  elif sharding.is_main_process():
+    write_atomic(path, json.dumps(parts, indent=2))
