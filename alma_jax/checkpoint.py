@@ -13,7 +13,6 @@ run with its error, and all processes take the same decision.
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import zlib
@@ -40,9 +39,7 @@ _CORRUPTION = (ValueError, KeyError, EOFError, FileNotFoundError, zlib.error)
 
 
 def is_corruption(error: BaseException) -> bool:
-  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS,
-                                                    errno.ENOMEM):
-    return False
+  """Whether a restore failed on the files themselves (not memory, I/O or a library)."""
   return isinstance(error, _CORRUPTION)
 
 
@@ -126,7 +123,7 @@ class Checkpointer:
       if worst == 0:
         return step, tree
       if worst == 2:
-        if error is not None and status == 2:
+        if status == 2:
           raise error
         raise RuntimeError(f'checkpoint {step} could not be restored on another process')
       if sharding.is_main_process():

@@ -30,6 +30,7 @@ from alma_jax.learners import base
 from alma_jax.workdir import (CONFIG_FILE, DATA_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F401
                               SUMMARY_FILE, WorkdirError, prepare as prepare_workdir)
 
+
 class Interrupted(Exception):
   """The run was asked to stop (SIGTERM: a preemption notice; SIGINT: Ctrl-C)."""
 
@@ -56,6 +57,7 @@ def _interruptible():
     return
   previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
+    # The signal this process received, or SIGTERM's name when only another process got one.
     yield lambda: (received or ['SIGTERM'])[0] if sharding.worst(int(bool(received))) else None
   finally:
     for s, h in previous.items():
@@ -144,7 +146,7 @@ class _Writers:
 
   def _write_rows(self, rows: list[dict]) -> None:
     workdirs.write_atomic(os.path.join(self.workdir, METRICS_FILE),
-                  ''.join(json.dumps(r) + '\n' for r in rows))
+                          ''.join(json.dumps(r) + '\n' for r in rows))
 
   def _add_scalars(self, row: dict) -> None:
     for name in self._SCALARS:
@@ -190,16 +192,28 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
-def plan(config) -> dict:
-  """What a run of `config` would do, without running it or touching a workdir (--dry_run):
-  its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
-  alma_config.validate(config, learners.names(), models.names(), optim.names())
+def _build(config):
+  """The mesh, data set, stream and learner of a validated `config`."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+  data_devices = mesh.shape[sharding.DATA]
+  microbatch = config.train.batch_size // config.train.microbatches
+  if microbatch % data_devices:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size}: its '
+                     f'{config.train.microbatches} microbatch(es) of {microbatch} must divide '
+                     f'evenly over the {data_devices} devices of the data axis')
   dataset = data.load(config.data)
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
                                    config.stream.permutation_seed,
                                    config.stream.validation_fraction)
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
+  return mesh, dataset, stream, learner
+
+
+def plan(config) -> dict:
+  """What a run of `config` would do, without running it or touching a workdir (--dry_run):
+  its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
+  alma_config.validate(config, learners.names(), models.names(), optim.names())
+  mesh, dataset, stream, learner = _build(config)
   s = config.stream
   flops = learner.flops()
   return {
@@ -224,27 +238,15 @@ def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, floa
     os.makedirs(workdir, exist_ok=True)
   sharding.barrier('alma_jax.workdir.exists')
   with workdirs.locked(workdir):
-    prepare_workdir(config, workdir)  # again, now that no other run can change the workdir
+    workdirs.prepare(config, workdir)  # checks again, now that no other run can change it
     return _run_locked(config, workdir, began, stop_requested)
 
 
 def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
-  data_devices = mesh.shape[sharding.DATA]
-  microbatch = config.train.batch_size // config.train.microbatches
-  if microbatch % data_devices:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size}: its '
-                     f'{config.train.microbatches} microbatch(es) of {microbatch} must divide '
-                     f'evenly over the {data_devices} devices of the data axis')
-
-  dataset = data.load(config.data)
+  mesh, dataset, stream, learner = _build(config)
   workdirs.check_same_data(workdir, dataset, config.data)
-  stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
-                                   config.stream.permutation_seed,
-                                   config.stream.validation_fraction)
   sharding.check_hosts_agree('the config, the stream and the data',
                              _fingerprint(config, stream, dataset))
-  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   key = jax.random.key(config.seed)
   num_arrivals = stream.num_megabatches
 

@@ -124,10 +124,12 @@ class Trainer:
       return jax.lax.with_sharding_constraint(out, sharding.stacked(self.mesh, _count(variables)))
     return placed
 
-  def place(self, variables, opt_state):
+  def place(self, variables, opt_state, copy: bool = False):
     """A stack of members and its optimizer states split over the mesh's member axis: where
-    the compiled epochs take and leave them (a no-op for their own outputs)."""
-    return jax.device_put((variables, opt_state), sharding.stacked(self.mesh, _count(variables)))
+    the compiled epochs take and leave them (a no-op for their own outputs, unless `copy`:
+    fresh buffers, for a caller that still holds the ones training will donate)."""
+    return jax.device_put((variables, opt_state), sharding.stacked(self.mesh, _count(variables)),
+                          may_alias=False if copy else None)
 
   def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch):
     """Epoch `epoch` of every member (leading axis) over its first `n` indices."""

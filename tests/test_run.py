@@ -89,21 +89,27 @@ def test_results_whose_checkpoints_were_lost_are_not_overwritten(config, tmp_pat
   assert (tmp_path / run.METRICS_FILE).read_text() == kept
 
 
+def _run_patched(config, tmp_path, patch: str):
+  """`config` run in workdir tmp_path/w by a fresh process after Python code `patch`."""
+  config_file = tmp_path / 'config.py'
+  write_config(config, config_file)
+  code = (patch + 'from alma_jax import config, run\n'
+          f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+
+
 def test_a_failing_run_closes_its_checkpoints_and_exits(config, tmp_path):
   """An error after checkpoints were written (here: in the second arrival's evaluation) ends
   the process with the error, its checkpoint writes finished and their threads stopped."""
-  config_file = tmp_path / 'config.py'
-  write_config(config, config_file)
-  code = ('import sys; from alma_jax import config, learners, run; from alma_jax.learners import members\n'
-          'evaluate = members.MemberLearner.evaluate; calls = []\n'
-          'def failing(self, state, *a):\n'
-          '  calls.append(1)\n'
-          '  if len(calls) == 2: raise RuntimeError("injected failure")\n'
-          '  return evaluate(self, state, *a)\n'
-          'members.MemberLearner.evaluate = failing\n'
-          f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+  result = _run_patched(config, tmp_path, (
+      'from alma_jax.learners import members\n'
+      'evaluate = members.MemberLearner.evaluate; calls = []\n'
+      'def failing(self, state, *a):\n'
+      '  calls.append(1)\n'
+      '  if len(calls) == 2: raise RuntimeError("injected failure")\n'
+      '  return evaluate(self, state, *a)\n'
+      'members.MemberLearner.evaluate = failing\n'))
   assert result.returncode != 0 and 'injected failure' in result.stderr
   assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['1']
 
@@ -221,18 +227,14 @@ def _scalar_steps(path, tag: str) -> list[int]:
 def test_a_checkpoint_write_that_fails_ends_the_process(config, tmp_path):
   """The workdir's checkpoints become a file mid-run: the write of arrival 2 fails, and the
   process exits with an error instead of waiting forever on the checkpointer's threads."""
-  config_file = tmp_path / 'config.py'
-  write_config(config, config_file)
-  code = ('import os, shutil; from alma_jax import checkpoint, config, run\n'
-          'save = checkpoint.Checkpointer.save\n'
-          'def sabotaged(self, step, tree):\n'
-          '  if step == 2:\n'
-          '    shutil.rmtree(self.directory); open(self.directory, "w").write("x")\n'
-          '  return save(self, step, tree)\n'
-          'checkpoint.Checkpointer.save = sabotaged\n'
-          f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+  result = _run_patched(config, tmp_path, (
+      'import shutil; from alma_jax import checkpoint\n'
+      'save = checkpoint.Checkpointer.save\n'
+      'def sabotaged(self, step, tree):\n'
+      '  if step == 2:\n'
+      '    shutil.rmtree(self.directory); open(self.directory, "w").write("x")\n'
+      '  return save(self, step, tree)\n'
+      'checkpoint.Checkpointer.save = sabotaged\n'))
   assert result.returncode != 0
 
 

@@ -210,11 +210,8 @@ class MemberLearner:
     """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
     opt_state = (work.opt_state if work.opt_state is not None
                  else self.init_optimizer(work.start))
-    # Fresh buffers (training donates them; the state may still hold `work.start`), members
-    # split over the mesh's member axis.
-    count = jax.tree.leaves(work.start)[0].shape[0]
-    start, opt_state = jax.device_put((work.start, opt_state),
-                                      sharding.stacked(self.trainer.mesh, count), may_alias=False)
+    # Fresh buffers: training donates them, and the state may still hold `work.start`.
+    start, opt_state = self.trainer.place(work.start, opt_state, copy=True)
     with RoundProgress(self.config, work.train.size) as progress:
       variables, opt_state, report = base.fit(
           self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
