@@ -53,7 +53,7 @@ def base() -> ml_collections.ConfigDict:
       num_experts=2,             # MoE / gMoE: experts per mixture layer at the start
       grow_every=1,              # gMoE: grow before rounds 0, g, 2g, ...; Firefly: g, 2g, ...
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
-      growth_rate=0.6,           # Firefly: grow toward 1 + growth_rate * t times the start width
+      growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)) before round t
       new_neurons=70))           # Firefly: brand-new neuron candidates per layer (reference: 70)
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adadelta', learning_rate=1.0, momentum=0.9, weight_decay=0.0, nesterov=False,

@@ -129,8 +129,29 @@ def test_firefly_split_copies_weights_and_halves_outgoing_ones():
   assert g['Linear_1']['kernel'].shape == (9, 9) and g['Linear_1']['bias'][8] == 0
 
 
-def test_firefly_grows_toward_1_plus_0_6_t_times_the_start(config):
-  config.learner.update(name='firefly', new_neurons=8)
+# Neurons of an MLP with two hidden layers of 64 after each round, growth_rate 0.6, T=10, as the
+# reference's Firefly grows it (crlapi/sl/clmodels/firefly.py:76-82, 241-246: before round t,
+# n += int(n * ((0.6 t + 1) / (0.6 (t - 1) + 1) - 1)), for t = g, 2g, ...).
+REFERENCE_WIDTHS = {
+    1: [128, 204, 280, 356, 432, 508, 584, 660, 736, 812],
+    2: [128, 128, 176, 176, 213, 213, 244, 244, 272, 272],
+    5: [128, 128, 128, 128, 128, 150, 150, 150, 150, 150],
+}
+
+
+@pytest.mark.parametrize('grow_every', sorted(REFERENCE_WIDTHS))
+def test_firefly_grows_the_current_width_by_the_reference_ratio(grow_every):
+  widths = [128]
+  for t in range(1, 10):
+    grows = t % grow_every == 0
+    widths.append(widths[-1] + (firefly_learner.neurons_to_add(widths[-1], t, 0.6) if grows
+                                else 0))
+  assert widths == REFERENCE_WIDTHS[grow_every]
+
+
+@pytest.mark.parametrize('grow_every', [1, 2])
+def test_firefly_learner_grows_by_the_reference_rule(config, grow_every):
+  config.learner.update(name='firefly', new_neurons=8, grow_every=grow_every)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
@@ -143,8 +164,11 @@ def test_firefly_grows_toward_1_plus_0_6_t_times_the_start(config):
     state, report = learner.train_round(state, r, jax.random.key(t))
     counts.append(firefly.neurons(state['variables'], layers))
     flops.append(report.train_flops)
-  assert counts == [start, round(1.6 * start), round(2.2 * start)]
-  assert flops[1] > flops[0]  # choosing the candidates is counted
+  grown = lambda n, t: n + int(n * ((0.6 * t + 1) / (0.6 * (t - 1) + 1) - 1))
+  expected = ([start, grown(start, 1), grown(grown(start, 1), 2)] if grow_every == 1 else
+              [start, start, grown(start, 2)])
+  assert counts == expected
+  assert flops[grow_every] > flops[0]  # choosing the candidates is counted
 
 
 def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):

@@ -1,7 +1,9 @@
 """Firefly: one model whose layers grow wider by splitting neurons and adding new ones.
 
-Every `learner.grow_every` rounds (not the first), before training, the model grows toward
-`1 + learner.growth_rate * t` times its starting number of neurons (t: rounds trained so far).
+Every `learner.grow_every` rounds (not the first), before round t (t: rounds trained so far),
+the model's current number of neurons n grows by int(n * ((1 + r t) / (1 + r (t - 1)) - 1)),
+r = `learner.growth_rate`: the reference's rule (crlapi/sl/clmodels/firefly.py:79-80, 241-246),
+which reaches 1 + r t times the start only when it grows every round.
 The candidates (`models.firefly`) are scored as the reference does: all of them are added at
 once, their perturbations are optimized for one pass over the round's training data (RMSprop,
 with the reference's penalty), then each candidate's score is the gradient of the training loss
@@ -76,12 +78,17 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
   return cands, scores, flops
 
 
+def neurons_to_add(neurons: int, rounds: int, growth_rate: float) -> int:
+  """How many neurons a model of `neurons` gains before round `rounds`: the reference's growth
+  ratio and truncation, in its order of operations (crlapi/sl/clmodels/firefly.py:79-80, 246)."""
+  ratio = (growth_rate * rounds + 1) / (growth_rate * (rounds - 1) + 1) - 1
+  return int(neurons * ratio)
+
+
 def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
   """One member's `variables` grown before round `rounds`, and the FLOPs spent choosing."""
   layers = learner.model.neuron_layers()
-  start = jax.eval_shape(lambda k: learner.new_members(k, 1), key)
-  target = round((1 + config.growth_rate * rounds) * firefly_model.neurons(start, layers))
-  count = target - firefly_model.neurons(variables, layers)
+  count = neurons_to_add(firefly_model.neurons(variables, layers), rounds, config.growth_rate)
   if count <= 0:
     return variables, 0.0
   cand_key, order_key = jax.random.split(key)
