@@ -51,7 +51,7 @@ def base() -> ml_collections.ConfigDict:
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
       prediction='mean_logits',  # gEns: 'mean_logits' or 'vote'
       num_experts=2,             # MoE / gMoE: experts per mixture layer at the start
-      grow_every=1,              # gMoE: grow before rounds 0, g, 2g, ...; Firefly: g, 2g, ...
+      grow_every=1,              # gMoE, Firefly: grow before rounds g, 2g, ... (not the first)
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
       growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)) before round t
       new_neurons=70))           # Firefly: brand-new neuron candidates per layer (reference: 70)

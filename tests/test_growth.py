@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from alma_jax import config as alma_config, data as alma_data, learners, metrics, run, sharding
-from alma_jax.learners import firefly as firefly_learner
+from alma_jax.learners import firefly as firefly_learner, moe as moe_learner
 from alma_jax.models import MLP, VGG, firefly, moe
 from alma_jax.run import device_data
 from test_conv import conv_config
@@ -70,21 +70,20 @@ def test_pooled_4x4_matches_adaptive_average_pooling():
 
 def test_gmoe_vgg_grows_one_expert_per_block(config):
   config = conv_config(config)
-  config.learner.update(name='gmoe', grow_every=2)
+  config.learner.name = 'gmoe'
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   state = learner.init(jax.random.key(0))
-  before = learner.params(state)
-  state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
+  one = jax.tree.map(lambda a: a[0], state['variables'])
+  grown = moe_learner.grow(learner, one, first_round(dataset, config).valid, jax.random.key(1))
   vgg = VGG(width=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))['params']
   added = sum(metrics.num_params(vgg[f'ConvBlock_{b}']) for b in range(1, 5)) + 4 * (64 * 2 + 2)
-  assert learner.params(state) == before + added
-  one = jax.tree.map(lambda a: a[0], state['variables'])
-  assert [len(v) for v in moe.leaf_paths(one['params']).values()] == [3, 3, 3, 3]
-  for paths in moe.leaf_paths(one['params']).values():  # every expert has its statistics
+  assert metrics.num_params(grown['params']) == metrics.num_params(one['params']) + added
+  assert [len(v) for v in moe.leaf_paths(grown['params']).values()] == [3, 3, 3, 3]
+  for paths in moe.leaf_paths(grown['params']).values():  # every expert has its statistics
     for path in paths:
-      assert 'BatchNorm_0' in moe._get(one['batch_stats'], path)
+      assert 'BatchNorm_0' in moe._get(grown['batch_stats'], path)
 
 
 @pytest.mark.parametrize('name', MODELS)

@@ -2,7 +2,8 @@
 
 `moe`: a fixed mixture of `learner.num_experts` experts per layer (MLP: every hidden layer;
 VGG: every block after the first), warm-started every round.
-`gmoe`: every `learner.grow_every` rounds (the first included), before training, each mixture
+`gmoe`: before rounds g, 2g, ... (g = `learner.grow_every`; never before the first round, as the
+reference: crlapi/sl/clmodels/finetune_grow.py:47-53), each mixture
 layer's most used leaf expert (usage: the product of the nested gate probabilities on the path
 to it, summed over the round's validation split) is split into a new mixture of two copies with
 a fresh gate (`learner.growth='random'`: a random leaf instead). Growth is function-preserving.
@@ -53,7 +54,8 @@ def gmoe(config) -> members.Plan:
   plan = moe(config)
 
   def work(learner, state, round, key):
-    if int(state['rounds']) % config.grow_every:
+    rounds = int(state['rounds'])
+    if rounds == 0 or rounds % config.grow_every:
       return single.warm_start(learner, state, round, key)
     by_usage = config.growth == 'usage'
     one = jax.tree.map(lambda p: p[0], state['variables'])
