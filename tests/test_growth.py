@@ -59,6 +59,20 @@ def test_moe_vgg_shares_block_0_and_gates_on_a_4x4_view():
   assert 'BatchNorm_3' in variables['batch_stats']['layer_2']['children']['1']
 
 
+@pytest.mark.parametrize('name', MODELS)
+def test_moe_vgg_experts_start_as_copies_moe_mlp_experts_do_not(name):
+  """The reference deep-copies one block into every MoE-VGG expert
+  (crlapi/sl/architectures/vgg.py:125) and builds each MoE-MLP expert afresh (mlp.py:70)."""
+  base, shape = MODELS[name]
+  variables = moe.mixture_of(base, 3).init(jax.random.key(0), jnp.zeros(shape))
+  for layer in ('layer_0', 'layer_1'):
+    children = variables['params'][layer]['children']
+    same = [all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(children['0']),
+                                                     jax.tree.leaves(children[k])))
+            for k in ('1', '2')]
+    assert same == [name == 'vgg'] * 2
+
+
 def test_pooled_4x4_matches_adaptive_average_pooling():
   x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
   pooled = moe.pooled_4x4(x).reshape(2, 4, 4, 3)

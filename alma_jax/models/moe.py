@@ -8,7 +8,9 @@ weights sum to one).
 
 MoE-MLP: every hidden layer a mixture of Dense + ReLU experts; the gate sees the layer's input.
 MoE-VGG: VGG block 0 is the shared stem, every later block a mixture of copies of the block
-(BatchNorm included); the gate sees the block's input average-pooled to 4x4.
+(BatchNorm included), identical at initialization as the reference's `deepcopy`
+(crlapi/sl/architectures/vgg.py:125); the gate sees the block's input average-pooled to 4x4.
+(The reference's MoE-MLP initializes its experts independently: architectures/mlp.py:70.)
 
 Variables: params {'stem': ..., 'layer_0': node, ..., 'head': dense}, node = {'gate': dense,
 'children': {'0': child, ...}}, a leaf = its expert's params; BatchNorm statistics, when the
@@ -68,6 +70,7 @@ class Mixture:
   num_classes: int = 10
   stem: nn.Module | None = None
   gate_view: Callable = flat
+  identical_experts: bool = False  # a layer's experts start as copies of one
 
   def _stages(self):
     return [f'layer_{i}' for i in range(len(self.experts))]
@@ -81,6 +84,8 @@ class Mixture:
       x = flat(x)
     for name, expert in zip(self._stages(), self.experts):
       key, gate_key, *expert_keys = jax.random.split(key, self.num_experts + 2)
+      if self.identical_experts:
+        expert_keys = [expert_keys[0]] * self.num_experts
       children, child_stats = {}, {}
       for e, k in enumerate(expert_keys):
         children[str(e)], child_stats[str(e)], out = self._init_module(expert, k, x)
@@ -149,7 +154,8 @@ def mixture_of(module, num_experts: int) -> Mixture:
   if isinstance(module, VGG):
     return Mixture(experts=tuple(ConvBlock(module.width, convs) for convs in module.blocks[1:]),
                    num_experts=num_experts, num_classes=module.num_classes,
-                   stem=ConvBlock(module.width, module.blocks[0]), gate_view=pooled_4x4)
+                   stem=ConvBlock(module.width, module.blocks[0]), gate_view=pooled_4x4,
+                   identical_experts=True)
   raise ValueError(f'no mixture-of-experts version of model {type(module).__name__}')
 
 
