@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
+
+from alma_jax.models.layers import AdaptiveAvgPool
 
 # name -> dtype of the per-arrival history.
 HISTORY_FIELDS = {
@@ -94,14 +97,35 @@ def equations(fn, *args):
   return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def multiply_adds(fn, *args) -> int:
-  """Multiply-adds of the matrix products and convolutions of `fn(*args)`, read off its jaxpr.
+def _fvcore_module_flops(module, x) -> int:
+  """What fvcore counts for a call of a Flax module (0 for those it ignores or we count from
+  the jaxpr): BatchNorm 2 per input element in evaluation mode (5 in training), adaptive average
+  pooling 1 per input element (fvcore/nn/jit_handles.py: batchnorm_flop_jit,
+  elementwise_flop_counter(1, 0) for aten::adaptive_avg_pool2d)."""
+  if isinstance(module, nn.BatchNorm):
+    return x.size * (2 if module.use_running_average else 5)
+  if isinstance(module, AdaptiveAvgPool):
+    return x.size
+  return 0
 
-  This is the reference's FLOP convention (fvcore: one multiply-add is one FLOP; biases,
-  activations and normalization are not counted).
-  """
-  total = 0
-  for eqn in equations(fn, *args):
+
+def reference_flops(fn, *args) -> int:
+  """FLOPs of `fn(*args)` as the reference counts them (fvcore's FlopCountAnalysis on one
+  input in evaluation mode, crlapi/sl/clmodels/core.py:38-48): one per multiply-add of the
+  matrix products and convolutions (read off the jaxpr), plus BatchNorm and adaptive average
+  pooling (read off the Flax modules called); biases, activations, max-pooling, softmax and
+  elementwise arithmetic are not counted."""
+  modules = []
+
+  def record(call, args, kwargs, context):
+    if context.method_name == '__call__' and args:
+      modules.append(_fvcore_module_flops(context.module, args[0]))
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    eqns = list(equations(fn, *args))
+  total = sum(modules)
+  for eqn in eqns:
     out = math.prod(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == 'dot_general':
       (contracting, _), _ = eqn.params['dimension_numbers']

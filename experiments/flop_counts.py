@@ -4,7 +4,7 @@
 
 For the demo MLP, the default LM and the GPT-2-small shape (with the attention 'auto' picks, cuDNN
 on GPUs, and with XLA's): one member's train step FLOPs, forward FLOPs per example and the
-reference convention's multiply-adds per example (`MemberLearner.flops`).
+reference convention's (fvcore's) FLOPs per example (`MemberLearner.flops`).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import pytest
 
 from alma_jax import learners, metrics, run, sharding
 from alma_jax import data as alma_data
+from alma_jax.models import VGG, moe
 from alma_jax.run import device_data
 
 
@@ -49,7 +50,33 @@ def test_flops_match_an_analytic_count_for_the_mlp(config):
   assert b * (matmul + backward) <= step <= b * (matmul + backward) * 1.2 + 30 * params
   assert learner.params(state) == params == d * h + h + h * h + h + h * c + c
   # The reference's convention counts multiply-adds of the forward pass only (fvcore).
-  assert learner.flops()['multiply_adds'] == d * h + h * h + h * c
+  assert learner.flops()['reference'] == d * h + h * h + h * c
+
+
+def vgg_reference_flops(width: int, experts: int = 0) -> int:
+  """fvcore's count for VGG (or MoE-VGG with `experts` per mixture block) on one 32x32 RGB
+  image in evaluation mode: multiply-adds of convolutions and the head, 2 per BatchNorm output,
+  and for MoE-VGG each block's gate: 1 per element its 4x4 adaptive pooling reads, and the
+  gate's matrix product."""
+  total, side, channels = 0, 32, 3
+  for block, convs in enumerate(VGG.blocks):
+    copies = experts if experts and block > 0 else 1
+    if copies > 1:
+      total += side * side * channels + 16 * channels * experts
+    for _ in range(convs):
+      total += copies * (side * side * width * 9 * channels + 2 * side * side * width)
+      channels = width
+    side //= 2
+  return total + width * 10
+
+
+@pytest.mark.parametrize('width', [4, 16])
+def test_reference_flops_count_what_fvcore_counts_for_vgg_and_moe_vgg(width):
+  x = jnp.zeros((1, 32, 32, 3))
+  for model, experts in ((VGG(width=width), 0), (moe.mixture_of(VGG(width=width), 2), 2)):
+    variables = model.init(jax.random.key(0), x)
+    counted = metrics.reference_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert counted == vgg_reference_flops(width, experts)
 
 
 def _train_flops(config, workdir) -> float:

@@ -134,7 +134,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   member has improved on its best by more than `patience_delta` for `patience` epochs, or after
   `max_epochs`. `progress(epoch, scores)`, if given, is called after every epoch. `flops` holds
   'step' (one member's train step) and 'forward' (one member, one example), either may be None,
-  and 'multiply_adds' (one member, one example).
+  and 'reference' (one member, one example).
   """
   members, n_train = train.shape
   train_idx, _ = steps.pad_indices(train, trainer.batch_size)
@@ -167,5 +167,5 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
       valid_examples=epochs * len(valid),
       train_flops=counted(flops['step']) * members * epochs * steps_per_epoch,
       valid_flops=forward * epochs * len(valid),
-      reference_flops=flops['multiply_adds'] * epochs * n_train * members)
+      reference_flops=flops['reference'] * epochs * n_train * members)
   return *trainer.place(*best), report

@@ -188,8 +188,8 @@ class MemberLearner:
 
   def flops(self, variables=None) -> dict:
     """For one member shaped like the stack `variables` (default: a new member): its train
-    step's FLOPs, its forward FLOPs per example, and its forward multiply-adds per example (the
-    reference's convention). Computed once per shape: growth changes it."""
+    step's FLOPs, its forward FLOPs per example, and its forward FLOPs per example in the
+    reference's convention. Computed once per shape: growth changes it."""
     if variables is None:
       variables = jax.eval_shape(lambda key: self.new_members(key, 1), jax.random.key(0))
     signature = str(jax.tree.map(lambda a: a.shape[1:], variables))
@@ -202,7 +202,7 @@ class MemberLearner:
           'step': self.trainer.step_flops(one, opt_state, self.data.train_images,
                                           self.data.train_labels),
           'forward': None if forward is None else forward / self.trainer.batch_size,
-          'multiply_adds': metrics.multiply_adds(self.apply_fn, one, self.example)}
+          'reference': metrics.reference_flops(self.apply_fn, one, self.example)}
     return self._flops[signature]
 
   # Training.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 def torch_uniform(fan_in: int):
@@ -60,3 +61,15 @@ class Conv(nn.Module):
 def batch_norm(train: bool):
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+
+
+class AdaptiveAvgPool(nn.Module):
+  """(B, H, W, C) average-pooled to (B, size, size, C), as PyTorch's AdaptiveAvgPool2d(size) for
+  sizes that divide H and W or (below `size`) that they divide, where it repeats."""
+  size: int
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if h >= self.size:
+      return x.reshape(b, self.size, h // self.size, self.size, w // self.size, c).mean((2, 4))
+    return jnp.repeat(jnp.repeat(x, self.size // h, axis=1), self.size // w, axis=2)

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alma_jax.models.layers import Linear, torch_linear_params as _dense_init
+from alma_jax.models.layers import AdaptiveAvgPool, Linear, torch_linear_params as _dense_init
 from alma_jax.models.mlp import MLP
 from alma_jax.models.vgg import VGG, ConvBlock
 
@@ -52,14 +52,9 @@ def flat(x):
 
 
 def pooled_4x4(x):
-  """The (B, H, W, C) input average-pooled (or, below 4x4, repeated) to 4x4, flattened; as
-  PyTorch's AdaptiveAvgPool2d(4) for sizes that divide or are divided by 4."""
-  b, h, w, c = x.shape
-  if h >= 4:
-    x = x.reshape(b, 4, h // 4, 4, w // 4, c).mean(axis=(2, 4))
-  else:
-    x = jnp.repeat(jnp.repeat(x, 4 // h, axis=1), 4 // w, axis=2)
-  return flat(x)
+  """The gate's view of a VGG block's input: average-pooled to 4x4, flattened (the reference's
+  AdaptiveAvgPool2d(4) + Flatten, crlapi/sl/architectures/vgg.py:121-124)."""
+  return flat(AdaptiveAvgPool(4)(x))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from alma_jax.models.layers import Conv, Linear, batch_norm
+from alma_jax.models.layers import AdaptiveAvgPool, Conv, Linear, batch_norm
 
 
 class BasicBlock(nn.Module):
@@ -37,4 +37,4 @@ class ResNet18(nn.Module):
     for stage, stride in enumerate((1, 2, 2, 2)):
       for block in range(2):
         x = BasicBlock(self.width * 2 ** stage, stride if block == 0 else 1)(x, train, mask)
-    return Linear(self.num_classes)(x.mean(axis=(1, 2)))
+    return Linear(self.num_classes)(AdaptiveAvgPool(1)(x).reshape(x.shape[0], -1))
