@@ -59,8 +59,12 @@ def base() -> ml_collections.ConfigDict:
       name='adadelta', learning_rate=1.0, momentum=0.9, weight_decay=0.0, nesterov=False,
       warmup_steps=0,   # linear warm-up from 0 over the first steps of every round
       decay_steps=0))   # then cosine decay to 0 over this many steps (0: constant)
+  # patience and patience_delta: None takes the learner's own default (the reference's setting
+  # for that learner; see learners.TRAIN_DEFAULTS); a value given here or on the command line wins.
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=128, max_epochs=100, patience=25, patience_delta=0.001, eval_batch_size=1000,
+      batch_size=128, max_epochs=100, eval_batch_size=1000,
+      patience=ml_collections.FieldReference(None, field_type=int),
+      patience_delta=ml_collections.FieldReference(None, field_type=float),
       stop_on='accuracy',      # early stopping on validation 'accuracy' or 'loss'
       microbatches=1,          # gradient accumulation: a batch's update from this many slices
       compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call

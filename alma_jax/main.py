@@ -20,7 +20,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from alma_jax import backend, config as alma_config, data, run
+from alma_jax import backend, config as alma_config, data, learners, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                           lock_config=True)
@@ -95,7 +95,7 @@ def main(argv):
   if len(argv) > 1:
     _mistake(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
-  config = _CONFIG.value
+  config = learners.with_defaults(_CONFIG.value)
   try:
     backend.configure(config.backend)  # XLA flags are read when the backend starts
     if _DRY_RUN.value:

@@ -173,6 +173,7 @@ class _Writers:
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the ALMA protocol of `config` in `workdir`; returns the summary."""
   began = time.perf_counter()
+  config = learners.with_defaults(config)
   alma_config.validate(config, learners.names(), models.names(), optim.names())
   backend.configure(config.backend)
   try:
@@ -212,6 +213,7 @@ def _build(config):
 def plan(config) -> dict:
   """What a run of `config` would do, without running it or touching a workdir (--dry_run):
   its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
+  config = learners.with_defaults(config)
   alma_config.validate(config, learners.names(), models.names(), optim.names())
   mesh, dataset, stream, learner = _build(config)
   s = config.stream

@@ -13,6 +13,7 @@ shuffling, so k members train in one compiled program, split over the mesh's `me
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -91,8 +92,9 @@ class Trainer:
   """Compiled epochs of a stack of members for one loss and optimizer.
 
   An epoch visits each member's examples once in a random order, weighting each example's loss
-  by its weight; with `resample`, it instead draws as many examples with replacement, with
-  probabilities proportional to the weights (bagging's bootstrap, boosting by sampling).
+  by its weight; with `resample` (an argument of `train_epoch`), it instead draws as many
+  examples with replacement, with probabilities proportional to the weights (bagging's
+  bootstrap, boosting by sampling).
 
   With `compiled_epoch` a whole epoch is one compiled loop. Without it, the host calls one
   compiled step per batch: XLA:CPU runs convolutions inside loops many times slower than outside
@@ -102,19 +104,21 @@ class Trainer:
   optimizer: optax.GradientTransformation
   batch_size: int
   mesh: Any
-  resample: bool = False
   compiled_epoch: bool = True
   microbatches: int = 1
 
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
-    object.__setattr__(self, '_epoch', jax.jit(
-        self._stacked(members(self._member_epoch, 0, 0, None, None, 0, 0, None, 0, None)),
-        donate_argnums=(0, 1)))
-    object.__setattr__(self, '_order', jax.jit(members(self._member_order, 0, 0, None, 0, None)))
+    epoch_axes = (0, 0, None, None, 0, 0, None, 0, None)
+    # One program per way of drawing an epoch's examples (each compiled on first use).
+    object.__setattr__(self, '_epochs', {resample: jax.jit(
+        self._stacked(members(functools.partial(self._member_epoch, resample=resample),
+                              *epoch_axes)), donate_argnums=(0, 1)) for resample in (False, True)})
+    object.__setattr__(self, '_orders', {resample: jax.jit(
+        members(functools.partial(self._member_order, resample=resample), 0, 0, None, 0, None))
+        for resample in (False, True)})
     object.__setattr__(self, '_step', jax.jit(
-        self._stacked(members(self._member_step, 0, 0, None, None, 0, 0, None, 0, None)),
-        donate_argnums=(0, 1)))
+        self._stacked(members(self._member_step, *epoch_axes)), donate_argnums=(0, 1)))
 
   def _stacked(self, update):
     """`update(variables, opt_state, ...)` with its outputs placed as its inputs are (see
@@ -131,12 +135,14 @@ class Trainer:
     return jax.device_put((variables, opt_state), sharding.stacked(self.mesh, _count(variables)),
                           may_alias=False if copy else None)
 
-  def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch):
+  def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
+                  resample: bool = False):
     """Epoch `epoch` of every member (leading axis) over its first `n` indices."""
     variables, opt_state = self.place(variables, opt_state)
     if self.compiled_epoch:
-      return self._epoch(variables, opt_state, images, labels, indices, weights, n, keys, epoch)
-    indices, weights = self._order(indices, weights, n, keys, epoch)
+      return self._epochs[resample](variables, opt_state, images, labels, indices, weights, n,
+                                    keys, epoch)
+    indices, weights = self._orders[resample](indices, weights, n, keys, epoch)
     for step in range(-(-n // self.batch_size)):
       variables, opt_state = self._step(variables, opt_state, images, labels, indices, weights,
                                         step, keys, epoch)
@@ -179,11 +185,12 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return {**variables, **updated, 'params': optax.apply_updates(params, updates)}, opt_state
 
-  def _member_order(self, indices, weights, n, key, epoch):
+  @staticmethod
+  def _member_order(indices, weights, n, key, epoch, resample: bool):
     """One member's examples in epoch `epoch`'s order, and their loss weights."""
     key = jax.random.fold_in(jax.random.fold_in(key, epoch), 0)
     real = jnp.arange(indices.shape[0]) < n
-    if self.resample:
+    if resample:
       order = jax.random.choice(key, indices.shape[0], indices.shape, p=weights / jnp.sum(weights))
       return indices[order], real.astype(jnp.float32)
     order = jnp.argsort(jnp.where(real, jax.random.uniform(key, indices.shape), 2.0))
@@ -199,8 +206,9 @@ class Trainer:
                            _block(weights, step * b, b),
                            jax.random.fold_in(jax.random.fold_in(key, epoch), step + 1))
 
-  def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch):
-    indices, weights = self._member_order(indices, weights, n, key, epoch)
+  def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch,
+                    resample: bool):
+    indices, weights = self._member_order(indices, weights, n, key, epoch, resample)
     body = lambda step, carry: self._member_step(*carry, images, labels, indices, weights, step,
                                                  key, epoch)
     return jax.lax.fori_loop(0, (n + self.batch_size - 1) // self.batch_size, body,

@@ -73,7 +73,7 @@ def test_fresh_members_and_trained_ones_share_their_compiled_programs(config):
     variables, opt_state = learner.trainer.train_epoch(
         variables, opt_state, learner.data.train_images, learner.data.train_labels, indices,
         weights, n, jax.random.split(jax.random.key(1), 1), epoch)
-  assert learner.trainer._epoch._cache_size() == 1
+  assert learner.trainer._epochs[False]._cache_size() == 1
 
   stream = alma_stream.make_stream(len(dataset.train_labels), 5)
   stream_state = alma_stream.init_state(stream.num_examples)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alma_jax import data as alma_data, learners, run, sharding, steps, stream as alma_stream
+from alma_jax import config as alma_config, data as alma_data, learners, run, sharding, steps, stream as alma_stream
 from alma_jax.learners import boosting, moe as moe_learner
 from alma_jax.models import moe as moe_model
 from alma_jax.run import device_data
@@ -165,6 +165,34 @@ def test_gmoe_splits_the_most_used_expert(config):
   grown = moe_learner.grow(learner, one, r.valid, jax.random.key(3))
   assert moe_model.leaf_paths(grown['params'])['layer_0'] == ['layer_0/0', 'layer_0/1/0',
                                                               'layer_0/1/1']
+
+
+def test_boosting_trains_its_first_member_on_ordinary_epochs_as_finetune_does(config):
+  """No bootstrap in the first round (crlapi/sl/clmodels/boosting.py:277-281), so the first
+  member is the model finetune trains from the same start with the same keys."""
+  trained = {}
+  for name in ('boosting', 'finetune'):
+    learner, dataset = make_learner(config, name)
+    state, _ = learner.train_round(learner.init(jax.random.key(0)), first_round(dataset, config),
+                                   jax.random.key(1))
+    trained[name] = jax.tree.leaves(state['variables'])
+  for a, b in zip(trained['boosting'], trained['finetune']):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('name, patience, delta', [
+    ('finetune', 25, 0.001), ('gens', 25, 0.001), ('boosting', 25, 0.001),
+    ('k_ensemble', 100, 0.0), ('agg_ensemble', 100, 0.0), ('bagging', 100, 0.0),
+    ('moe', 100, 0.001)])
+def test_learners_train_with_the_reference_early_stopping_unless_the_config_says(name, patience,
+                                                                                delta):
+  config = alma_config.base()
+  config.learner.name = name
+  resolved = learners.with_defaults(config)
+  assert (resolved.train.patience, resolved.train.patience_delta) == (patience, delta)
+  assert config.train.patience is None  # the config given is not modified
+  config.train.patience = 7
+  assert learners.with_defaults(config).train.patience == 7
 
 
 def test_samme_weights_and_alphas():

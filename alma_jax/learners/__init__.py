@@ -24,12 +24,39 @@ _PLANS = {
 }
 
 
+# Early stopping as the reference's configs ran each learner (configs/mnist/*.yaml), for the
+# `train` keys a config leaves None. k-ensemble, agg-ensemble and bagging keep a member's best
+# epoch on any strict improvement (crlapi/sl/clmodels/k_ensemble.py:171, agg_ensemble.py:163,
+# bagging.py:196) and bagging never stops early (bagging.py:136-205): patience 100 = all of
+# max_epochs 100. The reference's MoE-MLP (configs/mnist/test_finetune_moe.yaml) trains with
+# patience 100.
+TRAIN_DEFAULTS = {
+    None: {'patience': 25, 'patience_delta': 0.001},
+    'k_ensemble': {'patience': 100, 'patience_delta': 0.0},
+    'agg_ensemble': {'patience': 100, 'patience_delta': 0.0},
+    'bagging': {'patience': 100, 'patience_delta': 0.0},
+    'moe': {'patience': 100},
+}
+
+
 def names() -> tuple[str, ...]:
   return tuple(_PLANS)
 
 
+def with_defaults(config):
+  """`config` with the `train` keys it leaves None set to its learner's defaults."""
+  defaults = {**TRAIN_DEFAULTS[None], **TRAIN_DEFAULTS.get(config.learner.name, {})}
+  missing = {k: v for k, v in defaults.items() if config.train[k] is None}
+  if not missing:
+    return config
+  config = config.copy_and_resolve_references()
+  config.train.update(missing)
+  return config
+
+
 def create(config, dataset, data, mesh):
   """The learner that `config.learner.name` names, over `dataset` (already on the devices)."""
+  config = with_defaults(config)
   plan = _PLANS[config.learner.name](config.learner)
   model = plan.model(models.build(config.model, dataset.num_classes))
   return members.MemberLearner(config, dataset, data, mesh, plan, model)

@@ -15,6 +15,6 @@ def bagging(config) -> members.Plan:
   def work(learner, state, round, key):
     del key
     return members.Work(start=learner.member(state['variables'], -k, k),
-                        train=members.same_data(round, k))
+                        train=members.same_data(round, k), resample=True)
 
-  return members.Plan(k, work, members.append, members.mean_logits, resample=True)
+  return members.Plan(k, work, members.append, members.mean_logits)

@@ -123,7 +123,8 @@ def counted(flops: float | None) -> float:
 
 def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: DeviceData,
         train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
-        weights: np.ndarray | None = None, progress=None) -> tuple[Any, Any, RoundReport]:
+        weights: np.ndarray | None = None, progress=None,
+        resample: bool = False) -> tuple[Any, Any, RoundReport]:
   """The common ALMA round for a stack of M members trained side by side.
 
   `variables` (the members' Flax variables) and `opt_state` have a leading member axis; `train` holds each member's training
@@ -132,7 +133,8 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   scores each member on `valid` (accuracy, or minus the loss: `train_config.stop_on`). A
   member's best-validation variables (and optimizer state) are kept; training stops once no
   member has improved on its best by more than `patience_delta` for `patience` epochs, or after
-  `max_epochs`. `progress(epoch, scores)`, if given, is called after every epoch. `flops` holds
+  `max_epochs`. `progress(epoch, scores)`, if given, is called after every epoch. With
+  `resample`, epochs draw examples with replacement by weight (see `steps.Trainer`). `flops` holds
   'step' (one member's train step) and 'forward' (one member, one example), either may be None,
   and 'reference' (one member, one example).
   """
@@ -147,7 +149,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   for epoch in range(train_config.max_epochs):
     variables, opt_state = trainer.train_epoch(
         variables, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
-        n_train, keys, epoch)
+        n_train, keys, epoch, resample)
     sums = validator(variables, data.train_images, data.train_labels, valid)
     score = validation_score(sums, train_config.stop_on)
     if progress is not None:

@@ -5,6 +5,8 @@ sum(w), alpha_m = log((1 - eps_m) / eps_m) + log(C - 1), w *= exp(alpha_m * miss
 member trains on the round's data drawn by the weights SAMME leaves on it (sampling, reference);
 then every member's alpha is recomputed by SAMME on the round's validation split. Prediction:
 the alpha-weighted sum of the members' logits. The new member starts as a copy of the last.
+The first round trains on ordinary shuffled epochs, as the reference
+(crlapi/sl/clmodels/boosting.py:277-281: no sampler for the first task).
 """
 from __future__ import annotations
 
@@ -53,14 +55,15 @@ def boosting(config) -> members.Plan:
   start = gens.new_member_start(config)
 
   def work(learner, state, round, key):
-    weights = (np.ones(len(round.train), np.float32) if int(state['rounds']) == 0 else
-               samme(mistakes(learner, state['variables'], round.train), learner.num_classes)[1])
+    first = int(state['rounds']) == 0
+    weights = None if first else samme(mistakes(learner, state['variables'], round.train),
+                                       learner.num_classes)[1][None]
     return members.Work(start=start(learner, state, key, 1), train=members.same_data(round, 1),
-                        weights=weights[None])
+                        weights=weights, resample=not first)
 
   def merge(learner, state, variables, work, round):
     state = members.append(learner, state, variables, work, round)
     alphas, _ = samme(mistakes(learner, state['variables'], round.valid), learner.num_classes)
     return {**state, 'member_weights': jnp.asarray(alphas)}
 
-  return members.Plan(1, work, merge, members.weighted_logits, resample=True)
+  return members.Plan(1, work, merge, members.weighted_logits)

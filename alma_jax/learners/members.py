@@ -36,6 +36,7 @@ class Work:
   weights: np.ndarray | None = None  # (m, n) example weights, default 1
   opt_state: Any = None             # kept optimizer states to continue from, else fresh
   extra_flops: float = 0.0          # work done to prepare the round (e.g. measuring for growth)
+  resample: bool = False            # epochs draw examples with replacement by weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +48,12 @@ class Plan:
   merge(learner, state, trained variables, work, round) -> state: how trained members join.
   combine(member logits (M, B, C), member weights (M,)) -> (log-probabilities, predicted class).
   model(module) -> module: the member model built from the config's model (default: itself).
-  resample: epochs draw examples with replacement by weight instead of visiting each once.
   """
   initial_members: int
   work: Callable
   merge: Callable
   combine: Callable
   model: Callable = lambda module: module
-  resample: bool = False
 
 
 # How members combine. `weights` (M,) are the members' weights in the prediction; padding
@@ -145,7 +144,7 @@ class MemberLearner:
     self.ensemble = ensemble
     self.trainer = steps.Trainer(
         base.cross_entropy_loss(apply_train), self.optimizer, config.train.batch_size, mesh,
-        plan.resample, compile_epochs(config.train.compiled_epoch, apply_fn,
+        compile_epochs(config.train.compiled_epoch, apply_fn,
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
                                       self.example),
@@ -215,7 +214,7 @@ class MemberLearner:
     with RoundProgress(self.config, work.train.size) as progress:
       variables, opt_state, report = base.fit(
           self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
-          key, self.config.train, self.flops(work.start), work.weights, progress)
+          key, self.config.train, self.flops(work.start), work.weights, progress, work.resample)
     return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
 
   def train_round(self, state, round, key):
