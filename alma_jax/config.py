@@ -168,8 +168,12 @@ def _finite(c: ml_collections.ConfigDict, prefix: str = '') -> None:
       _fail(prefix + key, value, 'must be a finite number')
 
 
-def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer_names) -> None:
-  """Raises ValueError naming the first bad key; called before any data or compute."""
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad key; called before any data or compute. Keys left
+  to the learner's defaults (None) are checked at those defaults."""
+  from alma_jax import data, learners, models, optim
+  learner_names, model_names, optimizer_names = learners.names(), models.names(), optim.names()
+  c = learners.with_defaults(c)
   _finite(c)
   s, t = c.stream, c.train
   if c.data.num_classes < 2:
@@ -189,9 +193,9 @@ def validate(c: ml_collections.ConfigDict, learner_names, model_names, optimizer
     _fail('data.task', c.data.task, "must be 'classification' or 'language_model'")
   if language_model and c.data.source not in ('text', 'tfds'):
     _fail('data.source', c.data.source, "a language model reads 'text' files or 'tfds'")
-  if not language_model and c.data.source not in ('idx', 'tfds'):
-    _fail('data.source', c.data.source, "must be 'idx' or 'tfds' (or 'text' for a language "
-          "model)")
+  if not language_model and c.data.source not in data.SOURCES:
+    _fail('data.source', c.data.source, f"must be one of {sorted(data.SOURCES)} (or 'text' for "
+          "a language model)")
   if (c.model.name == 'transformer') != language_model:
     _fail('model.name', c.model.name, "the 'transformer' model and data.task='language_model' "
           "go together")

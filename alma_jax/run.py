@@ -23,8 +23,8 @@ import zlib
 import jax
 import numpy as np
 
-from alma_jax import backend, checkpoint, config as alma_config, data, learners, metrics, models
-from alma_jax import optim, sharding, stream as alma_stream, workdir as workdirs
+from alma_jax import backend, checkpoint, config as alma_config, data, learners, metrics
+from alma_jax import sharding, stream as alma_stream, workdir as workdirs
 from alma_jax.learners import base
 # The workdir's file names and refusals, as callers of the driver know them.
 from alma_jax.workdir import (CONFIG_FILE, DATA_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F401
@@ -174,7 +174,7 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) the ALMA protocol of `config` in `workdir`; returns the summary."""
   began = time.perf_counter()
   config = learners.with_defaults(config)
-  alma_config.validate(config, learners.names(), models.names(), optim.names())
+  alma_config.validate(config)
   backend.configure(config.backend)
   try:
     with backend.Compilations() as compiled, _interruptible() as stop_requested:
@@ -214,7 +214,7 @@ def plan(config) -> dict:
   """What a run of `config` would do, without running it or touching a workdir (--dry_run):
   its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
   config = learners.with_defaults(config)
-  alma_config.validate(config, learners.names(), models.names(), optim.names())
+  alma_config.validate(config)
   mesh, dataset, stream, learner = _build(config)
   s = config.stream
   flops = learner.flops()

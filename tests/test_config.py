@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from alma_jax import config as alma_config, learners, main, models, optim
+from alma_jax import config as alma_config, main
 from conftest import REPO
 
 load_config_file = alma_config.load
@@ -16,7 +16,7 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 
 
 def validate(c):
-  alma_config.validate(c, learners.names(), models.names(), optim.names())
+  alma_config.validate(c)
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)

