@@ -14,8 +14,6 @@ import ml_collections
 
 # Sections that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_SECTIONS = ('checkpoint', 'mesh', 'log', 'backend')
-# Learners that rebuild their model's layers, and the models they know how to rebuild.
-GROWN_MODELS = {'moe': ('mlp', 'vgg'), 'gmoe': ('mlp', 'vgg'), 'firefly': ('mlp', 'vgg')}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -50,7 +48,6 @@ def base() -> ml_collections.ConfigDict:
       num_members=3,             # k: k-ensemble and agg-ensemble members; bagging's per round
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
       prediction='mean_logits',  # gEns: 'mean_logits' or 'vote'
-      num_experts=2,             # MoE / gMoE: experts per mixture layer at the start
       grow_every=1,              # gMoE, Firefly: grow before rounds g, 2g, ... (not the first)
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
       growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)) before round t
@@ -112,6 +109,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   defaults (which keep the behaviour of that time): the sections' defaults, and the model's
   own for model keys its config left out."""
   from alma_jax import models
+  saved = _with_mixture_models(saved)
   c = base()
   for section, values in saved.items():
     if section == 'model' or not isinstance(values, dict):
@@ -124,6 +122,21 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def _with_mixture_models(saved: dict) -> dict:
+  """A config saved before mixtures of experts were models (0.4.0 and earlier: learners 'moe'
+  and 'gmoe' over model 'mlp' or 'vgg', `learner.num_experts`) in today's terms."""
+  learner, model = saved.get('learner', {}), saved.get('model', {})
+  if 'num_experts' not in learner:
+    return saved
+  learner = dict(learner)
+  experts = learner.pop('num_experts')
+  if learner.get('name') in ('moe', 'gmoe'):
+    model = {**model, 'name': f'moe_{model.get("name", "mlp")}', 'num_experts': experts}
+    if learner['name'] == 'moe':
+      learner['name'] = 'finetune'
+  return {**saved, 'learner': learner, 'model': model}
+
+
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a seconds-long smoke run (the `:tiny` variant of every config file)."""
   c.data.update(max_train_examples=2000, max_test_examples=1000)
@@ -133,10 +146,13 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def growing(learner: str):
-  """A variant that switches to a growing or mixture learner with the reference's CIFAR-10
-  settings for it (Nesterov momentum; growth every 2 of 10 mega-batches)."""
+  """A variant that switches to a growing learner or a mixture of experts with the reference's
+  CIFAR-10 settings for it (Nesterov momentum; growth every 2 of 10 mega-batches): 'moe'
+  (finetune over the mixture version of the model), 'gmoe' (growing that mixture), 'firefly'."""
   def variant(c: ml_collections.ConfigDict) -> None:
-    c.learner.update(name=learner, grow_every=2)
+    if learner in ('moe', 'gmoe'):
+      c.model.name = f'moe_{c.model.name}'
+    c.learner.update(name='finetune' if learner == 'moe' else learner, grow_every=2)
     c.optimizer.nesterov = True
   return variant
 
@@ -172,7 +188,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad key; called before any data or compute. Keys left
   to the learner's defaults (None) are checked at those defaults."""
   from alma_jax import data, learners, models, optim
-  learner_names, model_names, optimizer_names = learners.names(), models.names(), optim.names()
+  learner_names, optimizer_names = learners.names(), optim.names()
   c = learners.with_defaults(c)
   _finite(c)
   s, t = c.stream, c.train
@@ -238,18 +254,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('stream.reservoir_size', s.reservoir_size, 'must be >= 1')
   if not 0.0 < s.validation_fraction < 1.0:
     _fail('stream.validation_fraction', s.validation_fraction, 'must be in (0, 1)')
+  if c.learner.name == 'moe':
+    _fail('learner.name', 'moe', "a fixed mixture of experts is now a model: set "
+          "model.name='moe_mlp' (or 'moe_vgg') and learner.name='finetune' (or any learner)")
   if c.learner.name not in learner_names:
     _fail('learner.name', c.learner.name, f'must be one of {sorted(learner_names)}')
-  if c.model.name not in model_names:
-    _fail('model.name', c.model.name, f'must be one of {sorted(model_names)}')
+  learners.check_model(c.learner.name, c.model.name)
+  models.check(c.model)
   if c.learner.num_members < 1:
     _fail('learner.num_members', c.learner.num_members, 'must be >= 1')
   if c.learner.new_member not in ('copy', 'fresh'):
     _fail('learner.new_member', c.learner.new_member, "must be 'copy' or 'fresh'")
   if c.learner.prediction not in ('mean_logits', 'vote'):
     _fail('learner.prediction', c.learner.prediction, "must be 'mean_logits' or 'vote'")
-  if c.learner.num_experts < 1:
-    _fail('learner.num_experts', c.learner.num_experts, 'must be >= 1')
   if c.learner.grow_every < 1:
     _fail('learner.grow_every', c.learner.grow_every, 'must be >= 1')
   if c.learner.growth not in ('usage', 'random'):
@@ -258,9 +275,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('learner.growth_rate', c.learner.growth_rate, 'must be > 0')
   if c.learner.new_neurons < 0:
     _fail('learner.new_neurons', c.learner.new_neurons, 'must be >= 0')
-  if c.learner.name in GROWN_MODELS and c.model.name not in GROWN_MODELS[c.learner.name]:
-    _fail('model.name', c.model.name, f'learner {c.learner.name!r} works with models '
-          f'{GROWN_MODELS[c.learner.name]}')
   if c.optimizer.name not in optimizer_names:
     _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
   if c.optimizer.learning_rate <= 0:
@@ -282,9 +296,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail('train.patience_delta', t.patience_delta, 'must be >= 0')
   if c.data.pad_to < 0:
     _fail('data.pad_to', c.data.pad_to, 'must be >= 0 (0: no padding)')
-  for key in ('hidden', 'num_layers', 'width', 'depth', 'heads'):
-    if key in c.model and c.model[key] < 1:
-      _fail(f'model.{key}', c.model[key], 'must be >= 1')
   if c.mesh.data < 0:
     _fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
   if c.mesh.member < 1:

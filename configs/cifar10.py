@@ -3,8 +3,8 @@
 VGG-19 layout of constant width 16 (about 36K parameters), SGD lr 0.01, momentum 0.9, weight
 decay 1e-4, batch 128, random crop with padding 4 and horizontal flips. Needs the prepared TFDS
 data set (internet and TensorFlow the first time).
-Variants: `:tiny` is a smoke run; `:moe`, `:gmoe`, `:firefly` switch to that learner with the
-reference's settings for it (Nesterov momentum, growth every 2 rounds); combine them with commas,
+Variants: `:tiny` is a smoke run; `:moe` (finetune over MoE-VGG), `:gmoe`, `:firefly` switch to
+that model or learner with the reference's settings for it (Nesterov momentum, growth every 2 rounds); combine them with commas,
 e.g. `:firefly,tiny`.
 """
 import ml_collections

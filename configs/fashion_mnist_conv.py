@@ -3,8 +3,8 @@
 The reference code's CIFAR-10 training setup (SGD lr 0.01, momentum 0.9, weight decay 1e-4,
 random crop with padding 4 and horizontal flips) on the Debian package's Fashion-MNIST. At most
 10 epochs a round with patience 3 (ours), so a T=10 run fits a CPU.
-Variants: `:tiny` is a smoke run; `:moe`, `:gmoe`, `:firefly` switch to that learner with the
-reference's settings for it (Nesterov momentum, growth every 2 rounds); combine them with commas,
+Variants: `:tiny` is a smoke run; `:moe` (finetune over MoE-VGG), `:gmoe`, `:firefly` switch to
+that model or learner with the reference's settings for it (Nesterov momentum, growth every 2 rounds); combine them with commas,
 e.g. `:firefly,tiny`.
 """
 import ml_collections

@@ -33,6 +33,11 @@ FMNIST_CONV = os.path.join(ROOT, 'configs', 'fashion_mnist_conv.py')
 LM = os.path.join(ROOT, 'configs', 'lm.py')
 T10 = {'stream.num_megabatches': 10}  # also in `--reduced` runs, whose `:tiny` configs have T=4
 
+# Every learner over the MLP, and over its mixture-of-experts version: fixed (moe) and grown.
+LEARNER_ROWS = ([(name, {'learner.name': name}) for name in learners.names() if name != 'gmoe']
+                + [('moe', {'model.name': 'moe_mlp'}),
+                   ('gmoe', {'learner.name': 'gmoe', 'model.name': 'moe_mlp'})])
+
 # sweep -> (config file, [(grid point, {dotted config key: value, or function of its value})])
 SWEEPS = {
     'waiting_time': (FMNIST, [
@@ -42,11 +47,11 @@ SWEEPS = {
                                         for w in (1, 2, 5, 10)]),
     'model_size': (FMNIST, [(f'h{h}', {'model.hidden': h}) for h in (4, 32, 64, 256)] + [
         (f'{learner}_h{h}', {'model.hidden': h, 'learner.name': learner,
-                             'learner.grow_every': 2})
-        for learner in ('gmoe', 'firefly') for h in (4, 32)]),
+                             'learner.grow_every': 2, 'model.name': model})
+        for learner, model in (('gmoe', 'moe_mlp'), ('firefly', 'mlp')) for h in (4, 32)]),
     'replay': (FMNIST, [(f'replay_{replay}', {'stream.replay': replay})
                         for replay in ('none', 'all', 'fraction', 'reservoir')]),
-    'learners': (FMNIST, [(name, {'learner.name': name}) for name in learners.names()]),
+    'learners': (FMNIST, LEARNER_ROWS),
     # Each round's cosine decay spans its two epochs: decay_steps is one mega-batch's, times w.
     'lm_waiting_time': (LM, [(f'w{w}', {'stream.waiting_time': w,
                                         'optimizer.decay_steps': lambda steps, w=w: w * steps})

@@ -49,6 +49,8 @@ def test_config_files_exist():
     ('data.std', (0.0,), 'config.data.std'),
     ('data.num_classes', 0, 'config.data.num_classes'),
     ('stream.permutation_seed', -1, 'config.stream.permutation_seed'),
+    ('learner.name', 'moe', "config.learner.name='moe': a fixed mixture of experts is now a model"),
+    ('model.num_experts', 3, "config.model.num_experts=3: model 'mlp' has no key"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   c = load_config_file(os.path.join(REPO, 'configs', 'fashion_mnist.py'))

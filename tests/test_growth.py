@@ -84,7 +84,7 @@ def test_pooled_4x4_matches_adaptive_average_pooling():
 
 def test_gmoe_vgg_grows_one_expert_per_block(config):
   config = conv_config(config)
-  config.learner.name = 'gmoe'
+  config.learner.name, config.model.name = 'gmoe', 'moe_vgg'
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)

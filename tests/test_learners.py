@@ -13,11 +13,14 @@ from alma_jax.learners import boosting, moe as moe_learner
 from alma_jax.models import moe as moe_model
 from alma_jax.run import device_data
 
-ALL = learners.names()
+# Every learner over a model it trains, and some over the mixture-of-experts MLP.
+ALL = [(name, 'moe_mlp' if name == 'gmoe' else 'mlp') for name in learners.names()] + [
+    ('gens', 'moe_mlp'), ('bagging', 'moe_mlp')]
 
 
-def make_learner(config, name, **learner_overrides):
+def make_learner(config, name, model=None, **learner_overrides):
   config.learner.name = name
+  config.model.name = model or ('moe_mlp' if name == 'gmoe' else config.model.name)
   config.learner.update(learner_overrides)
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
@@ -35,9 +38,10 @@ def errors(workdir):
     return [json.loads(line)['test_error'] for line in f]
 
 
-@pytest.mark.parametrize('name', ALL)
-def test_every_learner_runs_and_resumes_mid_stream_exactly(config, tmp_path, name):
+@pytest.mark.parametrize('name, model', ALL)
+def test_every_learner_runs_and_resumes_mid_stream_exactly(config, tmp_path, name, model):
   config.learner.name = name
+  config.model.name = model
   config.stream.num_megabatches = 4
   config.train.update(max_epochs=3, patience=2)
   straight = run.run(config, str(tmp_path / 'straight'))
@@ -180,19 +184,31 @@ def test_boosting_trains_its_first_member_on_ordinary_epochs_as_finetune_does(co
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize('name, patience, delta', [
-    ('finetune', 25, 0.001), ('gens', 25, 0.001), ('boosting', 25, 0.001),
-    ('k_ensemble', 100, 0.0), ('agg_ensemble', 100, 0.0), ('bagging', 100, 0.0),
-    ('moe', 100, 0.001)])
-def test_learners_train_with_the_reference_early_stopping_unless_the_config_says(name, patience,
-                                                                                delta):
+@pytest.mark.parametrize('name, model, patience, delta', [
+    ('finetune', 'mlp', 25, 0.001), ('gens', 'mlp', 25, 0.001), ('boosting', 'mlp', 25, 0.001),
+    ('k_ensemble', 'mlp', 100, 0.0), ('agg_ensemble', 'mlp', 100, 0.0),
+    ('bagging', 'mlp', 100, 0.0), ('finetune', 'moe_mlp', 100, 0.001),
+    ('gmoe', 'moe_mlp', 25, 0.001)])
+def test_learners_train_with_the_reference_early_stopping_unless_the_config_says(
+    name, model, patience, delta):
   config = alma_config.base()
   config.learner.name = name
+  config.model.name = model
   resolved = learners.with_defaults(config)
   assert (resolved.train.patience, resolved.train.patience_delta) == (patience, delta)
   assert config.train.patience is None  # the config given is not modified
   config.train.patience = 7
   assert learners.with_defaults(config).train.patience == 7
+
+
+@pytest.mark.parametrize('name, model', [('gmoe', 'mlp'), ('firefly', 'moe_mlp'),
+                                         ('firefly', 'resnet18'), ('agg_ensemble', 'moe_vgg')])
+def test_pairs_of_learner_and_model_that_cannot_work_are_refused_naming_both(config, name,
+                                                                           model):
+  config.learner.name, config.model.name = name, model
+  with pytest.raises(ValueError, match=rf"learner\.name='{name}' with config\.model\.name="
+                                       rf"'{model}'"):
+    alma_config.validate(config)
 
 
 def test_samme_weights_and_alphas():

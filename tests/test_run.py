@@ -334,6 +334,7 @@ def write_config(config, path):
 @pytest.mark.parametrize('learner', ['finetune', 'gmoe'])
 def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner):
   config.learner.name = learner
+  config.model.name = 'moe_mlp' if learner == 'gmoe' else 'mlp'
   config.learner.grow_every = 2
   config.stream.num_megabatches = 6
   config.train.update(max_epochs=6, patience=6)

@@ -1,52 +1,62 @@
-"""Learners by config name. Each is a small module of pure functions over its own state.
+"""Learners by config name: a registry that a user's own module can extend (`register`).
 
-Most learners are a stack of members of one model (`members.MemberLearner`) that differ only by
-their `Plan`: which members a round trains, on what, and how members combine.
+A learner is a small module of pure functions over its own state. Most are a stack of members of
+one model (`members.MemberLearner`) that differ only by their `Plan`: which members a round
+trains, on what, and how members combine. The member model is an independent choice
+(`config.model.name`: mlp, vgg, resnet18, transformer, moe_mlp, moe_vgg); a learner that works
+only with some models says which, and other pairs are refused before any work.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 from alma_jax import models
 from alma_jax.learners import agg_ensemble, bagging, boosting, firefly, gens, k_ensemble, members
-from alma_jax.learners import moe
-from alma_jax.learners import single
-
-_PLANS = {
-    'finetune': single.finetune,
-    'from_scratch': single.from_scratch,
-    'k_ensemble': k_ensemble.k_ensemble,
-    'gens': gens.gens,
-    'bagging': bagging.bagging,
-    'boosting': boosting.boosting,
-    'agg_ensemble': agg_ensemble.agg_ensemble,
-    'moe': moe.moe,
-    'gmoe': moe.gmoe,
-    'firefly': firefly.firefly,
-}
+from alma_jax.learners import moe, single
 
 
-# Early stopping as the reference's configs ran each learner (configs/mnist/*.yaml), for the
-# `train` keys a config leaves None. k-ensemble, agg-ensemble and bagging keep a member's best
-# epoch on any strict improvement (crlapi/sl/clmodels/k_ensemble.py:171, agg_ensemble.py:163,
-# bagging.py:196) and bagging never stops early (bagging.py:136-205): patience 100 = all of
-# max_epochs 100. The reference's MoE-MLP (configs/mnist/test_finetune_moe.yaml) trains with
-# patience 100.
-TRAIN_DEFAULTS = {
-    None: {'patience': 25, 'patience_delta': 0.001},
-    'k_ensemble': {'patience': 100, 'patience_delta': 0.0},
-    'agg_ensemble': {'patience': 100, 'patience_delta': 0.0},
-    'bagging': {'patience': 100, 'patience_delta': 0.0},
-    'moe': {'patience': 100},
-}
+@dataclasses.dataclass(frozen=True)
+class Registration:
+  """plan(learner config) -> members.Plan.
+  models: the member models it can train (None: any), and why (said when a pair is refused).
+  train_defaults(model name) -> {train key: value} for the keys a config leaves None."""
+  plan: Callable[..., members.Plan]
+  models: tuple[str, ...] | None = None
+  why: str = ''
+  train_defaults: Callable[[str], dict] = lambda model: {}
+
+
+_LEARNERS: dict[str, Registration] = {}
+
+# Early stopping when neither the config nor the learner says (the reference's common setting).
+TRAIN_DEFAULTS = {'patience': 25, 'patience_delta': 0.001}
+
+
+def register(name: str, plan, models=None, why: str = '', train_defaults=None) -> None:
+  """Makes `config.learner.name=name` train with `plan` (see Registration)."""
+  defaults = train_defaults if callable(train_defaults) else (
+      lambda model, d=dict(train_defaults or {}): d)
+  _LEARNERS[name] = Registration(plan, tuple(models) if models else None, why, defaults)
 
 
 def names() -> tuple[str, ...]:
-  return tuple(_PLANS)
+  return tuple(_LEARNERS)
+
+
+def check_model(learner: str, model: str) -> None:
+  """Raises ValueError naming both keys if `learner` cannot train members of `model`."""
+  entry = _LEARNERS.get(learner)
+  if entry is not None and entry.models is not None and model not in entry.models:
+    raise ValueError(f'config.learner.name={learner!r} with config.model.name={model!r}: '
+                     f'{entry.why or "not supported"}; its models: {", ".join(entry.models)}')
 
 
 def with_defaults(config):
   """`config` with the `train` keys it leaves None set to its learner's defaults."""
-  defaults = {**TRAIN_DEFAULTS[None], **TRAIN_DEFAULTS.get(config.learner.name, {})}
-  missing = {k: v for k, v in defaults.items() if config.train[k] is None}
+  entry = _LEARNERS.get(config.learner.name)
+  own = entry.train_defaults(config.model.name) if entry else {}
+  missing = {k: v for k, v in {**TRAIN_DEFAULTS, **own}.items() if config.train[k] is None}
   if not missing:
     return config
   config = config.copy_and_resolve_references()
@@ -57,6 +67,27 @@ def with_defaults(config):
 def create(config, dataset, data, mesh):
   """The learner that `config.learner.name` names, over `dataset` (already on the devices)."""
   config = with_defaults(config)
-  plan = _PLANS[config.learner.name](config.learner)
+  check_model(config.learner.name, config.model.name)
+  plan = _LEARNERS[config.learner.name].plan(config.learner)
   model = plan.model(models.build(config.model, dataset.num_classes))
   return members.MemberLearner(config, dataset, data, mesh, plan, model)
+
+
+# The reference's early stopping per learner (its configs/mnist/*.yaml). k-ensemble,
+# agg-ensemble and bagging keep a member's best epoch on any strict improvement
+# (crlapi/sl/clmodels/k_ensemble.py:171, agg_ensemble.py:163, bagging.py:196) and bagging never
+# stops early (bagging.py:136-205): patience 100 = all of max_epochs 100. Its MoE-MLP
+# (configs/mnist/test_finetune_moe.yaml) trains with patience 100.
+ALL_EPOCHS = {'patience': 100, 'patience_delta': 0.0}
+UNMIXED = tuple(m for m in models.names() if m not in models.MIXTURES)
+register('finetune', single.finetune,
+         train_defaults=lambda model: {'patience': 100} if model == 'moe_mlp' else {})
+register('from_scratch', single.from_scratch)
+register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS)
+register('gens', gens.gens)
+register('bagging', bagging.bagging, train_defaults=ALL_EPOCHS)
+register('boosting', boosting.boosting)
+register('agg_ensemble', agg_ensemble.agg_ensemble, UNMIXED,
+         'its members are copies of one Flax module, summed', ALL_EPOCHS)
+register('gmoe', moe.gmoe, tuple(models.MIXTURES), 'it grows the experts of a mixture model')
+register('firefly', firefly.firefly, ('mlp', 'vgg'), 'it grows the neurons of a chain of layers')

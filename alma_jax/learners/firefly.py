@@ -23,12 +23,6 @@ from alma_jax.learners import base, members, single
 from alma_jax.models import firefly as firefly_model
 
 
-def _neuron_layers(module):
-  if not hasattr(module, 'neuron_layers'):
-    raise ValueError(f'Firefly grows MLP and VGG models, not {type(module).__name__}')
-  return module
-
-
 def _batches(indices: np.ndarray, batch_size: int, key) -> np.ndarray:
   """The round's training indices in a random order, as full batches (at least one)."""
   order = np.asarray(jax.random.permutation(key, indices))
@@ -114,4 +108,4 @@ def firefly(config) -> members.Plan:
     return members.Work(start=jax.tree.map(lambda a: a[None], grown),
                         train=members.same_data(round, 1), extra_flops=flops)
 
-  return members.Plan(1, work, members.replace, members.mean_logits, model=_neuron_layers)
+  return members.Plan(1, work, members.replace, members.mean_logits)

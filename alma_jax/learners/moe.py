@@ -1,8 +1,7 @@
-"""MoE and gMoE: the configured network (MLP or VGG) with mixture-of-experts layers.
+"""gMoE: growth of a mixture-of-experts model (`model.name` moe_mlp or moe_vgg, models/moe.py).
 
-`moe`: a fixed mixture of `learner.num_experts` experts per layer (MLP: every hidden layer;
-VGG: every block after the first), warm-started every round.
-`gmoe`: before rounds g, 2g, ... (g = `learner.grow_every`; never before the first round, as the
+A fixed MoE is any learner over a mixture model (e.g. finetune). gMoE is finetune that, before
+rounds g, 2g, ... (g = `learner.grow_every`; never before the first round, as the
 reference: crlapi/sl/clmodels/finetune_grow.py:47-53), each mixture
 layer's most used leaf expert (usage: the product of the nested gate probabilities on the path
 to it, summed over the round's validation split) is split into a new mixture of two copies with
@@ -19,12 +18,6 @@ import numpy as np
 from alma_jax import steps
 from alma_jax.learners import base, members, single
 from alma_jax.models import moe as moe_model
-
-
-def moe(config) -> members.Plan:
-  return dataclasses.replace(
-      single.finetune(config),
-      model=lambda module: moe_model.mixture_of(module, config.num_experts))
 
 
 def leaf_usage(learner, variables, indices: np.ndarray) -> dict[str, float]:
@@ -51,7 +44,7 @@ def grow(learner, variables, indices: np.ndarray, key, by_usage: bool = True):
 
 
 def gmoe(config) -> members.Plan:
-  plan = moe(config)
+  plan = single.finetune(config)
 
   def work(learner, state, round, key):
     rounds = int(state['rounds'])

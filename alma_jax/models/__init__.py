@@ -9,28 +9,53 @@ from alma_jax.models.resnet import ResNet18
 from alma_jax.models.transformer import Transformer
 from alma_jax.models.vgg import VGG
 
-__all__ = ['Aggregate', 'MLP', 'ResNet18', 'Transformer', 'VGG', 'build', 'defaults', 'names']
+__all__ = ['Aggregate', 'MIXTURES', 'MLP', 'ResNet18', 'Transformer', 'VGG', 'build', 'check',
+           'defaults', 'names']
 
 _MODELS = {'mlp': MLP, 'vgg': VGG, 'resnet18': ResNet18, 'transformer': Transformer}
+# Mixture-of-experts versions (models/moe.py): the keys of their base model, and num_experts.
+MIXTURES = {'moe_mlp': 'mlp', 'moe_vgg': 'vgg'}
+NUM_EXPERTS = 2
 
 
 def names() -> tuple[str, ...]:
-  return tuple(_MODELS)
+  return tuple(_MODELS) + tuple(MIXTURES)
 
 
 def build(config, num_classes: int):
-  """The Flax module that `config` (the `model` section) names."""
-  if config.name not in _MODELS:
-    raise ValueError(f'config.model.name={config.name!r}: must be one of {sorted(_MODELS)}')
+  """The model that `config` (the `model` section) names: a Flax module, or a `moe.Mixture`."""
+  check(config)
   kwargs = {k: v for k, v in config.items() if k != 'name'}
+  if config.name in MIXTURES:
+    from alma_jax.models import moe
+    experts = kwargs.pop('num_experts', NUM_EXPERTS)
+    return moe.mixture_of(_MODELS[MIXTURES[config.name]](num_classes=num_classes, **kwargs),
+                          experts)
   return _MODELS[config.name](num_classes=num_classes, **kwargs)
-
 
 
 def defaults(name: str) -> dict:
   """The keys of model `name` that a config may leave out, with the values the model then uses."""
+  if name in MIXTURES:
+    return {**defaults(MIXTURES[name]), 'num_experts': NUM_EXPERTS}
   if name not in _MODELS:
     return {}
   return {f.name: f.default for f in dataclasses.fields(_MODELS[name])
           if f.default is not dataclasses.MISSING and f.name not in ('parent', 'name')
           and f.init and f.name != 'num_classes'}
+
+
+def check(config) -> None:
+  """Raises ValueError naming the first key of `config` (the `model` section) that its model
+  does not have or that is out of range."""
+  if config.name not in names():
+    raise ValueError(f'config.model.name={config.name!r}: must be one of {sorted(names())}')
+  known = defaults(config.name)
+  for key, value in config.items():
+    if key == 'name':
+      continue
+    if key not in known:
+      raise ValueError(f'config.model.{key}={value!r}: model {config.name!r} has no key {key!r} '
+                       f'(its keys: {", ".join(sorted(known))})')
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      raise ValueError(f'config.model.{key}={value!r}: must be >= 1')
