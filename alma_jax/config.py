@@ -37,7 +37,10 @@ def base() -> ml_collections.ConfigDict:
       waiting_time=1,            # w: train after arrivals w, 2w, 3w, ...
       train_on_last=False,       # also train after arrival T when T is not a multiple of w
       replay='none',             # none | all | fraction | reservoir
-      replay_fraction=0.5,       # p, for replay='fraction'
+      replay_fraction=0.5,       # p, for replay='fraction' (of the training examples)
+      # ... of the validation examples (None: replay_fraction), as the reference's separate
+      # train_ and validation_replay_proportion
+      validation_replay_fraction=ml_collections.FieldReference(None, field_type=float),
       reservoir_size=10000,      # K, for replay='reservoir'
       validation_fraction=0.1))  # held out of every round's data for early stopping
 
@@ -47,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
       reset_optimizer=True,      # a fresh optimizer every round, as the reference
       num_members=3,             # k: k-ensemble and agg-ensemble members; bagging's per round
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
-      prediction='mean_logits',  # gEns: 'mean_logits' or 'vote'
+      prediction='mean_logits',  # gEns, k-ensemble: 'vote' for a majority vote (else their mean)
       grow_every=1,              # gMoE, Firefly: grow before rounds g, 2g, ... (not the first)
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
       growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)) before round t
@@ -248,8 +251,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
           f'the waiting time must be between 1 and num_megabatches={s.num_megabatches}')
   if s.replay not in ('none', 'all', 'fraction', 'reservoir'):
     _fail('stream.replay', s.replay, "must be one of 'none', 'all', 'fraction', 'reservoir'")
-  if not 0.0 <= s.replay_fraction <= 1.0:
-    _fail('stream.replay_fraction', s.replay_fraction, 'must be in [0, 1]')
+  for key in ('replay_fraction', 'validation_replay_fraction'):
+    if s.get(key) is not None and not 0.0 <= s[key] <= 1.0:
+      _fail(f'stream.{key}', s[key], 'must be in [0, 1]')
   if s.reservoir_size < 1:
     _fail('stream.reservoir_size', s.reservoir_size, 'must be >= 1')
   if not 0.0 < s.validation_fraction < 1.0:

@@ -91,8 +91,10 @@ def next_round(state: dict, stream: Stream, config, seed: int) -> tuple[Round, d
   Replay policies (`config` is the `stream` section):
     none       the mega-batches that arrived since the last round;
     all        every mega-batch so far;
-    fraction   the new mega-batches plus a fresh sample of `replay_fraction` of the replay memory,
-               which then becomes this round's data, so old data decays geometrically (reference);
+    fraction   the new mega-batches plus a fresh sample of `replay_fraction` of the replay memory's
+               training examples (`validation_replay_fraction` of its validation examples; None:
+               the same fraction), which then becomes this round's data, so old data decays
+               geometrically (reference: crlapi/sl/clmodels/core.py:126-139);
     reservoir  the new mega-batches plus a uniform reservoir of at most `reservoir_size` past
                examples (ours).
   Validation examples stay validation examples when replayed.
@@ -114,7 +116,9 @@ def next_round(state: dict, stream: Stream, config, seed: int) -> tuple[Round, d
     train, valid = np.concatenate(stream.train[:t]), np.concatenate(stream.valid[:t])
   elif policy == 'fraction':
     train = np.concatenate([new_train, _subsample(old_train, config.replay_fraction, rng)])
-    valid = np.concatenate([new_valid, _subsample(old_valid, config.replay_fraction, rng)])
+    fraction = config.get('validation_replay_fraction')
+    fraction = config.replay_fraction if fraction is None else fraction
+    valid = np.concatenate([new_valid, _subsample(old_valid, fraction, rng)])
     memory[:] = False
     memory[train] = memory[valid] = True
   elif policy == 'reservoir':

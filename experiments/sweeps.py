@@ -3,7 +3,8 @@
     python experiments/sweeps.py SWEEP [--reduced] [--seeds=3]
 
 SWEEP is one of waiting_time, model_size, replay, learners (Fashion-MNIST, T=10, MLP), fmnist
-(those four in turn), conv_waiting_time (configs/fashion_mnist_conv.py: VGG, several epochs a
+(those four in turn), reference_mnist and reference_fmnist (every learner with the reference's
+settings on MNIST, and on Fashion-MNIST normalized as the reference does), conv_waiting_time (configs/fashion_mnist_conv.py: VGG, several epochs a
 round) or lm_waiting_time (configs/lm.py). Every grid point runs once per seed
 (`config.seed` = 0, 1, 2: initialization and shuffling; the stream's permutation stays fixed)
 in experiments/results/SWEEP/runs/POINT/seedK. A run that finished (summary.json) is read back,
@@ -28,6 +29,7 @@ sys.path.insert(0, ROOT)
 
 from alma_jax import analyze, config as alma_config, learners, run  # noqa: E402
 
+MNIST = os.path.join(ROOT, 'configs', 'mnist.py')
 FMNIST = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
 FMNIST_CONV = os.path.join(ROOT, 'configs', 'fashion_mnist_conv.py')
 LM = os.path.join(ROOT, 'configs', 'lm.py')
@@ -37,6 +39,19 @@ T10 = {'stream.num_megabatches': 10}  # also in `--reduced` runs, whose `:tiny` 
 LEARNER_ROWS = ([(name, {'learner.name': name}) for name in learners.names() if name != 'gmoe']
                 + [('moe', {'model.name': 'moe_mlp'}),
                    ('gmoe', {'learner.name': 'gmoe', 'model.name': 'moe_mlp'})])
+
+# Every learner as the reference ran it on MNIST (configs/mnist/*.yaml: T=10, w=1, MLP h=64,
+# Adadelta, each learner's own early stopping; gMoE growing every round). From scratch is meant
+# for replay of all data; the reference has Firefly for VGG only, here it grows the MLP.
+REFERENCE_ROWS = [
+    ('finetune', {}), ('from_scratch', {'learner.name': 'from_scratch', 'stream.replay': 'all'}),
+    *[(name, {'learner.name': name}) for name in ('k_ensemble', 'agg_ensemble', 'gens', 'bagging',
+                                                  'boosting')],
+    ('moe', {'model.name': 'moe_mlp'}),
+    ('gmoe', {'learner.name': 'gmoe', 'model.name': 'moe_mlp', 'learner.grow_every': 1}),
+    ('firefly', {'learner.name': 'firefly', 'learner.grow_every': 1})]
+# The reference normalizes every 28x28 gray data set with MNIST's statistics.
+MNIST_NORMALIZATION = {'data.mean': (0.1307,), 'data.std': (0.3081,)}
 
 # sweep -> (config file, [(grid point, {dotted config key: value, or function of its value})])
 SWEEPS = {
@@ -57,6 +72,9 @@ SWEEPS = {
                                         'optimizer.decay_steps': lambda steps, w=w: w * steps})
                              for w in (1, 2, 5)]),
 }
+SWEEPS['reference_mnist'] = (MNIST, REFERENCE_ROWS)
+SWEEPS['reference_fmnist'] = (FMNIST, [(point, {**overrides, **MNIST_NORMALIZATION})
+                                       for point, overrides in REFERENCE_ROWS])
 GROUPS = {'fmnist': ('waiting_time', 'model_size', 'replay', 'learners')}
 
 
@@ -92,13 +110,14 @@ def write_table(path: str, points: list[str], summaries: dict, language_model: b
                      else ('cer_per_t', 'CER/T'))
   final, final_name = (('final_bits', 'final bits/byte') if language_model
                        else ('final_error', 'final error'))
-  lines = [f'| run | seeds | {final_name} | {area_name} | training FLOPs | params | '
-           f'wall time (s) |', '|---|---:|---:|---:|---:|---:|---:|']
+  lines = [f'| run | seeds | {final_name} | {area_name} | training FLOPs | reference FLOPs | '
+           f'params | wall time (s) |', '|---|---:|---:|---:|---:|---:|---:|---:|']
   for point in points:
     s = summaries[point]
     lines.append(
         f"| {point} | {len(s)} | {mean_std([x[final] for x in s])} | "
         f"{mean_std([x[area] for x in s])} | {np.mean([x['train_flops'] for x in s]):.3g} | "
+        f"{np.mean([x['reference_flops'] for x in s]):.3g} | "
         f"{np.mean([x['params'] for x in s]):,.0f} | {np.mean([x['seconds'] for x in s]):.0f} |")
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')

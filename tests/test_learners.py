@@ -242,3 +242,8 @@ def test_majority_vote_breaks_ties_by_confidence():
   # Two of three members agree on class 2: the vote wins over a confident dissenter.
   logits = jnp.array([[[0.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]], [[9.0, 0.0, 0.0]]])
   assert int(members.majority_vote(logits, jnp.ones(3))[1][0]) == 2
+  # Classes 1 and 2 tie with two votes each; the most confident member voted class 0, so its
+  # 0.1 breaks no tie, and the first tied class wins (the reference's k_ensemble.py:47-55).
+  logits = jnp.array([[[0.0, 2.0, 0.0]], [[0.0, 2.0, 0.0]], [[0.0, 0.0, 3.0]],
+                      [[0.0, 0.0, 3.0]], [[9.0, 0.0, 0.0]]])
+  assert int(members.majority_vote(logits, jnp.ones(5))[1][0]) == 1

@@ -82,6 +82,17 @@ def test_fraction_replay_resamples_a_fraction_of_the_previous_round():
   assert kept[0] == len(first) and kept[-1] < kept[2] < kept[0]
 
 
+@pytest.mark.parametrize('valid_fraction', [0.0, 1.0])
+def test_fraction_replay_may_replay_validation_examples_at_their_own_fraction(valid_fraction):
+  """The reference's separate train_ and validation_replay_proportion (core.py:126-139)."""
+  s, rs = rounds('fraction', replay_fraction=0.5, validation_replay_fraction=valid_fraction)
+  for t in range(1, len(rs)):
+    replayed_valid = set(rs[t].valid.tolist()) - set(s.valid[t].tolist())
+    assert len(replayed_valid) == round(valid_fraction * len(rs[t - 1].valid))
+    replayed_train = set(rs[t].train.tolist()) - set(s.train[t].tolist())
+    assert len(replayed_train) == round(0.5 * len(rs[t - 1].train))
+
+
 def test_reservoir_is_bounded_and_holds_only_past_examples():
   s, rs = rounds('reservoir', reservoir_size=50)
   for t, r in enumerate(rs, start=1):

@@ -2,8 +2,8 @@
 
 Older members stay frozen. The new member starts as a copy of the last member
 (`learner.new_member='copy'`) or fresh (`'fresh'`); the first round trains the initial member.
-Prediction: mean of the members' logits (`learner.prediction='mean_logits'`) or a majority vote
-with ties to the most confident member (`'vote'`).
+Prediction: mean of the members' logits (`learner.prediction='mean_logits'`) or their majority
+vote (`'vote'`, as k-ensemble's; see `members.majority_vote`).
 """
 from __future__ import annotations
 
