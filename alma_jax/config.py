@@ -6,6 +6,7 @@ differs.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
@@ -20,6 +21,9 @@ def base() -> ml_collections.ConfigDict:
   """The ALMA protocol with the reference's MNIST defaults (facebookresearch/alma)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # model initialization and shuffling; the stream has its own seed
+  # Modules imported before the config is checked, by every process that runs or reads back
+  # the run: where a user's own learners, models or data sources register (docs/extending.md).
+  c.extensions = ()
 
   c.data = ml_collections.ConfigDict(dict(
       task='classification',  # or 'language_model' (byte sequences, next-byte targets)
@@ -187,10 +191,21 @@ def _finite(c: ml_collections.ConfigDict, prefix: str = '') -> None:
       _fail(prefix + key, value, 'must be a finite number')
 
 
+def import_extensions(c: ml_collections.ConfigDict) -> None:
+  """Imports the modules `c.extensions` names (their registrations take effect)."""
+  for name in c.get('extensions', ()):
+    try:
+      importlib.import_module(name)
+    except ImportError as error:
+      raise ValueError(f'config.extensions: cannot import {name!r} ({error}); put its folder on '
+                       f'PYTHONPATH or install it') from None
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad key; called before any data or compute. Keys left
   to the learner's defaults (None) are checked at those defaults."""
   from alma_jax import data, learners, models, optim
+  import_extensions(c)
   learner_names, optimizer_names = learners.names(), optim.names()
   c = learners.with_defaults(c)
   _finite(c)

@@ -95,8 +95,8 @@ def main(argv):
   if len(argv) > 1:
     _mistake(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
-  config = learners.with_defaults(_CONFIG.value)
   try:
+    config = learners.with_defaults(_CONFIG.value)
     backend.configure(config.backend)  # XLA flags are read when the backend starts
     if _DRY_RUN.value:
       print(json.dumps({'config': json.loads(config.to_json_best_effort()),

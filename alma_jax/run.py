@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 import zlib
 
 import jax
@@ -137,7 +138,9 @@ class _Writers:
       from tensorboardX import SummaryWriter
       directory = os.path.join(workdir, 'tensorboard')
       earlier = glob.glob(os.path.join(directory, 'events.out.tfevents.*'))
-      self.tensorboard = SummaryWriter(directory)
+      # Event files are named by the second they start in: a unique suffix keeps a restart
+      # within the same second from taking (and then removing) the earlier file's name.
+      self.tensorboard = SummaryWriter(directory, filename_suffix=f'.{uuid.uuid4().hex[:12]}')
       for row in rows:
         self._add_scalars(row)
       self.tensorboard.flush()

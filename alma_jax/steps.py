@@ -106,10 +106,13 @@ class Trainer:
   mesh: Any
   compiled_epoch: bool = True
   microbatches: int = 1
+  # penalty(params, anchor) -> scalar added to every batch's mean loss, `anchor` a tree of
+  # arrays that `train_epoch` is given (e.g. the parameters of an earlier round); None: none.
+  penalty: Callable | None = None
 
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
-    epoch_axes = (0, 0, None, None, 0, 0, None, 0, None)
+    epoch_axes = (0, 0, None, None, 0, 0, None, 0, None, 0)
     # One program per way of drawing an epoch's examples (each compiled on first use).
     object.__setattr__(self, '_epochs', {resample: jax.jit(
         self._stacked(members(functools.partial(self._member_epoch, resample=resample),
@@ -136,19 +139,20 @@ class Trainer:
                           may_alias=False if copy else None)
 
   def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
-                  resample: bool = False):
-    """Epoch `epoch` of every member (leading axis) over its first `n` indices."""
+                  resample: bool = False, anchor=None):
+    """Epoch `epoch` of every member (leading axis) over its first `n` indices; `anchor`
+    (leading member axis) is what `penalty` compares each member's parameters with."""
     variables, opt_state = self.place(variables, opt_state)
     if self.compiled_epoch:
       return self._epochs[resample](variables, opt_state, images, labels, indices, weights, n,
-                                    keys, epoch)
+                                    keys, epoch, anchor)
     indices, weights = self._orders[resample](indices, weights, n, keys, epoch)
     for step in range(-(-n // self.batch_size)):
       variables, opt_state = self._step(variables, opt_state, images, labels, indices, weights,
-                                        step, keys, epoch)
+                                        step, keys, epoch, anchor)
     return variables, opt_state
 
-  def train_step(self, variables, opt_state, images, labels, weights, key):
+  def train_step(self, variables, opt_state, images, labels, weights, key, anchor=None):
     """One optimizer update of one member on one (weighted, padded) batch. The optimizer sees
     the parameters; other collections (BatchNorm statistics) come updated from the forward.
 
@@ -162,7 +166,10 @@ class Trainer:
     def gradients(collections, images, labels, weights, key):
       def loss(p):
         total, updated = self.loss_fn({**collections, 'params': p}, images, labels, weights, key)
-        return total / count, updated
+        mean = total / count
+        if self.penalty is not None:  # once per batch: split evenly over its slices
+          mean = mean + self.penalty(p, anchor) / self.microbatches
+        return mean, updated
       return jax.grad(loss, has_aux=True)(params)
 
     collections = {k: v for k, v in variables.items() if k != 'params'}
@@ -197,27 +204,30 @@ class Trainer:
     return indices[order], weights[order]
 
   def _member_step(self, variables, opt_state, images, labels, indices, weights, step, key,
-                   epoch):
+                   epoch, anchor):
     """Step `step` of one member's epoch over its ordered `indices`."""
     b = self.batch_size
     block = jax.lax.with_sharding_constraint(_block(indices, step * b, b),
                                              sharding.batch_sharded(self.mesh))
     return self.train_step(variables, opt_state, images[block], labels[block],
                            _block(weights, step * b, b),
-                           jax.random.fold_in(jax.random.fold_in(key, epoch), step + 1))
+                           jax.random.fold_in(jax.random.fold_in(key, epoch), step + 1), anchor)
 
   def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch,
-                    resample: bool):
+                    anchor, resample: bool):
     indices, weights = self._member_order(indices, weights, n, key, epoch, resample)
     body = lambda step, carry: self._member_step(*carry, images, labels, indices, weights, step,
-                                                 key, epoch)
+                                                 key, epoch, anchor)
     return jax.lax.fori_loop(0, (n + self.batch_size - 1) // self.batch_size, body,
                              (variables, opt_state))
 
   def step_flops(self, variables, opt_state, images, labels) -> float | None:
-    """FLOPs of one member's compiled train step on a full batch (forward, backward, update)."""
+    """FLOPs of one member's compiled train step on a full batch (forward, backward, update;
+    not a `penalty`'s few per parameter)."""
     shape = lambda a, dtype=None: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:],
                                                        dtype or a.dtype)
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
-    return metrics.cost_flops(jax.jit(self.train_step), variables, opt_state, shape(images),
-                              shape(labels), w, jax.random.key(0))
+    step = jax.jit(functools.partial(dataclasses.replace(self, penalty=None).train_step,
+                                     anchor=None))
+    return metrics.cost_flops(step, variables, opt_state, shape(images), shape(labels), w,
+                              jax.random.key(0))

@@ -141,3 +141,19 @@ def test_a_full_disk_is_one_line(tmp_path):
                        timeout=120)
   assert out.returncode == 2 and out.stderr.count('\n') == 1
   assert f'no space left on the device of {str(tmp_path)!r}'[:40] in out.stderr
+
+
+def test_a_mixture_run_saved_by_0_4_reads_back_as_a_mixture_model():
+  """0.4.0 saved mixtures as learners ('moe', 'gmoe' over 'mlp' or 'vgg', learner.num_experts)."""
+  saved = alma_config.base().to_dict()
+  saved['learner'] = {**saved['learner'], 'name': 'moe', 'num_experts': 3}
+  c = alma_config.from_saved(saved)
+  assert (c.learner.name, c.model.name, c.model.num_experts) == ('finetune', 'moe_mlp', 3)
+  assert 'num_experts' not in c.learner
+  saved['learner']['name'] = 'gmoe'
+  saved['model'] = {'name': 'vgg', 'width': 8}
+  c = alma_config.from_saved(saved)
+  assert (c.learner.name, c.model.name, c.model.width) == ('gmoe', 'moe_vgg', 8)
+  saved['learner'] = {**saved['learner'], 'name': 'gens'}  # other learners only lose the key
+  c = alma_config.from_saved(saved)
+  assert (c.learner.name, c.model.name) == ('gens', 'vgg') and 'num_experts' not in c.learner

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from alma_jax import checkpoint, run
+from alma_jax import checkpoint, metrics, run
 from conftest import REPO, make_idx_dataset
 
 
@@ -361,3 +361,19 @@ def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner
                  timeout=300)
   assert errors(killed) == errors(tmp_path / 'straight')
   assert len(errors(killed)) == 6
+
+
+def test_a_restart_in_the_same_second_keeps_one_events_file(tmp_path, monkeypatch):
+  """TensorBoard event files are named by their start's second: a second start in the same
+  second must not take the first file's name and then remove it as an earlier file."""
+  import tensorboardX.event_file_writer
+  monkeypatch.setattr(tensorboardX.event_file_writer.time, 'time', lambda: 1795000000.0)
+  history = metrics.record(metrics.empty_history(2), 1, test_error=0.5, test_loss=1.0,
+                           trained=1.0, train_flops=1.0, valid_flops=1.0, params=3.0,
+                           epochs=1.0)
+  for _ in range(2):
+    with run._Writers(str(tmp_path), True, history):
+      pass
+  events = os.listdir(tmp_path / 'tensorboard')
+  assert len(events) == 1
+  assert _scalar_steps(tmp_path / 'tensorboard' / events[0], 'test_error') == [1]

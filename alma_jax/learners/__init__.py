@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from alma_jax import models
+from alma_jax import config as alma_config, models
 from alma_jax.learners import agg_ensemble, bagging, boosting, firefly, gens, k_ensemble, members
 from alma_jax.learners import moe, single
 
@@ -54,6 +54,7 @@ def check_model(learner: str, model: str) -> None:
 
 def with_defaults(config):
   """`config` with the `train` keys it leaves None set to its learner's defaults."""
+  alma_config.import_extensions(config)
   entry = _LEARNERS.get(config.learner.name)
   own = entry.train_defaults(config.model.name) if entry else {}
   missing = {k: v for k, v in {**TRAIN_DEFAULTS, **own}.items() if config.train[k] is None}

@@ -124,7 +124,7 @@ def counted(flops: float | None) -> float:
 def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: DeviceData,
         train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
         weights: np.ndarray | None = None, progress=None,
-        resample: bool = False) -> tuple[Any, Any, RoundReport]:
+        resample: bool = False, anchor=None) -> tuple[Any, Any, RoundReport]:
   """The common ALMA round for a stack of M members trained side by side.
 
   `variables` (the members' Flax variables) and `opt_state` have a leading member axis; `train` holds each member's training
@@ -134,7 +134,8 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   member's best-validation variables (and optimizer state) are kept; training stops once no
   member has improved on its best by more than `patience_delta` for `patience` epochs, or after
   `max_epochs`. `progress(epoch, scores)`, if given, is called after every epoch. With
-  `resample`, epochs draw examples with replacement by weight (see `steps.Trainer`). `flops` holds
+  `resample`, epochs draw examples with replacement by weight; `anchor` goes to the trainer's
+  penalty (see `steps.Trainer`). `flops` holds
   'step' (one member's train step) and 'forward' (one member, one example), either may be None,
   and 'reference' (one member, one example).
   """
@@ -149,7 +150,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   for epoch in range(train_config.max_epochs):
     variables, opt_state = trainer.train_epoch(
         variables, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
-        n_train, keys, epoch, resample)
+        n_train, keys, epoch, resample, anchor)
     sums = validator(variables, data.train_images, data.train_labels, valid)
     score = validation_score(sums, train_config.stop_on)
     if progress is not None:

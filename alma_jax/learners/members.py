@@ -37,6 +37,7 @@ class Work:
   opt_state: Any = None             # kept optimizer states to continue from, else fresh
   extra_flops: float = 0.0          # work done to prepare the round (e.g. measuring for growth)
   resample: bool = False            # epochs draw examples with replacement by weight
+  anchor: Any = None                # what the plan's penalty compares the members with (stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,15 @@ class Plan:
   merge(learner, state, trained variables, work, round) -> state: how trained members join.
   combine(member logits (M, B, C), member weights (M,)) -> (log-probabilities, predicted class).
   model(module) -> module: the member model built from the config's model (default: itself).
+  penalty(params, anchor) -> scalar: added to the training loss of every batch, with the
+    round's `Work.anchor` (one member's slice); for regularization-based continual learning.
   """
   initial_members: int
   work: Callable
   merge: Callable
   combine: Callable
   model: Callable = lambda module: module
+  penalty: Callable | None = None
 
 
 # How members combine. `weights` (M,) are the members' weights in the prediction; padding
@@ -147,7 +151,7 @@ class MemberLearner:
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
                                       self.example),
-        config.train.microbatches)
+        config.train.microbatches, plan.penalty)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
                                               spmd_axis_name=sharding.MEMBER),
                                      config.train.eval_batch_size, mesh)
@@ -213,7 +217,8 @@ class MemberLearner:
     with RoundProgress(self.config, work.train.size) as progress:
       variables, opt_state, report = base.fit(
           self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
-          key, self.config.train, self.flops(work.start), work.weights, progress, work.resample)
+          key, self.config.train, self.flops(work.start), work.weights, progress, work.resample,
+          work.anchor)
     return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
 
   def train_round(self, state, round, key):

@@ -10,12 +10,18 @@ from alma_jax.models.transformer import Transformer
 from alma_jax.models.vgg import VGG
 
 __all__ = ['Aggregate', 'MIXTURES', 'MLP', 'ResNet18', 'Transformer', 'VGG', 'build', 'check',
-           'defaults', 'names']
+           'defaults', 'names', 'register']
 
 _MODELS = {'mlp': MLP, 'vgg': VGG, 'resnet18': ResNet18, 'transformer': Transformer}
 # Mixture-of-experts versions (models/moe.py): the keys of their base model, and num_experts.
 MIXTURES = {'moe_mlp': 'mlp', 'moe_vgg': 'vgg'}
 NUM_EXPERTS = 2
+
+
+def register(name: str, module_class) -> None:
+  """Makes `config.model.name=name` build `module_class(num_classes=..., **the model's keys)`, a
+  Flax Linen module whose keyword fields with defaults are the keys a config may set."""
+  _MODELS[name] = module_class
 
 
 def names() -> tuple[str, ...]:

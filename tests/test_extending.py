@@ -1,0 +1,68 @@
+"""A learner added from a module outside the repository (docs/examples/anchored_finetune.py):
+chosen by name, run by the CLI, read back by analysis, and its loss hook doing what it says."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from alma_jax import data as alma_data, learners, sharding
+from alma_jax.run import device_data
+from conftest import REPO
+from test_learners import first_round
+
+EXAMPLE = os.path.join(REPO, 'docs', 'examples', 'anchored_finetune.py')
+
+
+def outside(tmp_path):
+  """The example module copied to a folder outside the repository, importable from there."""
+  folder = tmp_path / 'my_code'
+  folder.mkdir()
+  shutil.copy(EXAMPLE, folder)
+  sys.path.insert(0, str(folder))
+  return folder
+
+
+def test_a_learner_from_outside_runs_from_the_command_line_and_is_read_back(config, tmp_path):
+  folder = outside(tmp_path)
+  config.extensions = ('anchored_finetune',)
+  config.learner.name = 'anchored_finetune'
+  config.learner.anchor_strength = 0.1
+  config.stream.num_megabatches = 3
+  (folder / 'my_config.py').write_text(
+      'import ml_collections\n'
+      f'def get_config(variant=""):\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(folder), REPO])}
+  done = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=my_config.py',
+                         '--workdir=run', '--config.learner.anchor_strength=0.2'], cwd=folder,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  saved = json.load(open(folder / 'run' / 'config.json'))
+  assert saved['learner']['anchor_strength'] == 0.2 and saved['train']['patience'] == 2
+  from alma_jax import analyze
+  run = analyze.Run(str(folder / 'run'))  # imports the extension named in config.json
+  errors = [row['test_error'] for row in run.rows()]
+  assert errors[-1] < 0.8  # chance is 0.9: it learns
+  assert run.evaluate(3)['error'] == errors[-1]
+
+
+def test_a_strong_anchor_keeps_the_second_round_near_the_first(config, tmp_path):
+  outside(tmp_path)
+  config.extensions = ('anchored_finetune',)
+  config.learner.name = 'anchored_finetune'
+  moved = {}
+  for strength in (0.0, 10.0):
+    config.learner.anchor_strength = strength
+    dataset = alma_data.load(config.data)
+    mesh = sharding.make_mesh()
+    learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
+    r = first_round(dataset, config)
+    first, _ = learner.train_round(learner.init(jax.random.key(0)), r, jax.random.key(1))
+    second, _ = learner.train_round(first, r, jax.random.key(2))
+    moved[strength] = sum(float(np.sum((a - b) ** 2)) for a, b in zip(
+        jax.tree.leaves(first['variables']['params']),
+        jax.tree.leaves(second['variables']['params'])))
+  assert moved[10.0] < 0.1 * moved[0.0]
