@@ -192,19 +192,31 @@ def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):
   one = jax.tree.map(lambda a: a[0], learner.init(jax.random.key(0))['variables'])
   h = config.model.hidden
 
+  scored = []
+
   def fake_score(learner, variables, layers, cands, indices, key):
     split = [np.ones(h), np.ones(h)]
     new = [np.ones(4), np.ones(4)]
     split[1][[3, 7]] = -1.0  # layer 1's neurons 3 and 7 lower the loss most
     new[0][1] = -2.0         # and new neuron 1 of layer 0
+    scored.append(cands)
     return cands, (split, new), 0.0
 
   monkeypatch.setattr(firefly_learner, 'score', fake_score)
   config.learner.growth_rate = 3 / (2 * h)  # grow 3 of the 2h neurons
   grown, _ = firefly_learner.grow(learner, one, np.arange(100), 1, jax.random.key(1),
                                   config.learner)
-  assert grown['params']['Linear_0']['kernel'].shape[-1] == h + 1
-  assert grown['params']['Linear_1']['kernel'].shape[-1] == h + 2
+  before, after = one['params'], grown['params']
+  assert after['Linear_0']['kernel'].shape[-1] == h + 1
+  assert after['Linear_1']['kernel'].shape[-1] == h + 2
+  # The chosen ones, not any three: layer 0 gained new neuron 1 (its input weights), layer 1
+  # split neurons 3 and 7 (their outgoing weights into the head halved, the others kept).
+  np.testing.assert_allclose(after['Linear_0']['kernel'][:, h], scored[0][0]['new_in'][:, 1])
+  head = np.asarray(before['Linear_2']['kernel'])
+  halved = np.ones(h)
+  halved[[3, 7]] = 0.5
+  np.testing.assert_allclose(after['Linear_2']['kernel'][:h], head * halved[:, None], rtol=1e-6)
+  np.testing.assert_allclose(after['Linear_2']['kernel'][h:], head[[3, 7]] / 2, rtol=1e-6)
 
 
 def test_firefly_vgg_run_grows_in_the_metrics(config, tmp_path):
