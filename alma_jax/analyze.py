@@ -154,73 +154,129 @@ def pareto_front(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
   return np.asarray(front, int)
 
 
-def plot(runs: list[Run], labels: list[str], out: str) -> list[str]:
+def _curve(group: list[Run], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Arrivals, mean and standard deviation of `field` over the runs of `group` (seeds of one
+  setting), over the arrivals all of them have logged."""
+  rows = [r.rows() for r in group]
+  n = min(len(x) for x in rows)
+  values = np.array([[row[field] for row in x[:n]] for x in rows], float).reshape(len(rows), n)
+  return np.arange(1, n + 1), values.mean(0), values.std(0)
+
+
+def _first_round(group: list[Run]) -> int:
+  """The first arrival after which every run of `group` has trained (0: none has)."""
+  firsts = [next((row['t'] for row in r.rows() if row['trained']), 0) for r in group]
+  return 0 if 0 in firsts else max(firsts)
+
+
+def plot(runs: list, labels: list[str], out: str) -> list[str]:
   """Anytime curves, CER against training FLOPs (Pareto front marked), parameters over time:
-  PNG files in `out`; returns their paths."""
+  PNG files in `out`; returns their paths. An item of `runs` is a run or a list of runs (the
+  seeds of one setting), drawn as their mean with a band of one standard deviation.
+
+  The predictor is constant between arrivals, so curves are steps, each arrival's value held
+  until the next (the last one's for one more arrival's width). Where the untrained
+  predictor (before a setting's first round) is far worse than any trained one, the axis shows
+  the trained range and says what it leaves out."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   os.makedirs(out, exist_ok=True)
-  lm = all(r.language_model for r in runs)
-  metric, axis_label = (('test_bits', 'test bits per byte') if lm
-                        else ('test_error', 'test error (1 - accuracy)'))
+  groups = [list(r) if isinstance(r, (list, tuple)) else [r] for r in runs]
+  lm = all(r.language_model for g in groups for r in g)
+  metric, axis_label, title = (
+      ('test_bits', 'test bits per byte', 'Anytime test bits per byte') if lm else
+      ('test_error', 'test error (1 - accuracy)', 'Anytime test error'))
+  seeds = max(len(g) for g in groups)
+  spread = f' (mean of {seeds} seeds, band: ± 1 std)' if seeds > 1 else ''
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  color = lambda i: colors[i % len(colors)]
   paths = []
 
-  def save(fig, name):
+  def finish(fig, ax, name, integer_x=True):
+    if integer_x:
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     path = os.path.join(out, name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     paths.append(path)
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, r in zip(labels, runs):
-    rows = r.rows()
-    ax.plot([row['t'] for row in rows], [row[metric] for row in rows], marker='o', ms=3,
-            label=label)
-  ax.set(xlabel='arrival t (mega-batches so far)', ylabel=axis_label,
-         title='Anytime ' + ('test loss' if lm else 'test error'))
+  fig, ax = plt.subplots(figsize=(8.5, 4.5))
+  trained_values, untrained_values = [], []
+  for i, (label, group) in enumerate(zip(labels, groups)):
+    if not group[0].rows():
+      continue
+    t, mean, std = _curve(group, metric)
+    held, until = (lambda a: np.append(a, a[-1])), np.append(t, t[-1] + 1)
+    ax.step(until, held(mean), where='post', color=color(i), label=label)
+    ax.plot(t, mean, 'o', ms=3, color=color(i))
+    if len(group) > 1:
+      ax.fill_between(until, held(mean - std), held(mean + std), step='post', color=color(i),
+                      alpha=0.2, lw=0)
+    first = _first_round(group)
+    trained = t >= first if first else np.zeros_like(t, bool)
+    trained_values += list(mean[trained] + std[trained])
+    untrained_values += list(mean[~trained])
+  if trained_values and untrained_values:
+    low = min(trained_values + untrained_values)
+    high = max(trained_values)
+    if max(untrained_values) > high + 0.5 * (high - low):
+      margin = 0.08 * (high - low)
+      ax.set_ylim(low - margin, high + margin)
+      values = sorted({f'{v:.2f}' for v in untrained_values})
+      shown = values[0] if len(values) == 1 else f'{values[0]} to {values[-1]}'
+      ax.text(0.99, 0.98, f'untrained predictors ({shown}) above the axis', ha='right',
+              va='top', fontsize=7, transform=ax.transAxes)
+  ax.set(xlabel='arrival t (mega-batches so far)', ylabel=axis_label, title=title + spread)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  save(fig, 'anytime.png')
+  finish(fig, ax, 'anytime.png')
 
   # Only finished runs are compared: a partial run's area covers fewer arrivals.
-  finished = [(label, r.summary()) for label, r in zip(labels, runs) if r.finished]
   area = 'cumulative_loss_per_t' if lm else 'cer_per_t'
-  flops = np.array([s['train_flops'] for _, s in finished])
-  cer = np.array([s[area] for _, s in finished])
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  ax.scatter(flops, cer, color='tab:blue')
-  names_at = {}  # runs that land on the same point share one label
-  for (label, _), x, y in zip(finished, flops, cer):
-    names_at.setdefault((x, y), []).append(label)
-  for (x, y), names in names_at.items():
-    ax.annotate(' = '.join(names), (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
-  partial = [label for label, r in zip(labels, runs) if not r.finished]
+  points, partial = [], []
+  for i, (label, group) in enumerate(zip(labels, groups)):
+    if not all(r.finished for r in group):
+      partial.append(label)
+      continue
+    summaries = [r.summary() for r in group]
+    points.append((i, label, np.mean([x['train_flops'] for x in summaries]),
+                   np.mean([x[area] for x in summaries]),
+                   np.std([x[area] for x in summaries])))
+  fig, ax = plt.subplots(figsize=(8.5, 4.5))
+  for i, label, x, y, err in points:
+    ax.errorbar(x, y, yerr=err if seeds > 1 else None, fmt='o', ms=6, color=color(i),
+                capsize=3, label=label)
   if partial:
     ax.text(0.01, 0.01, 'not shown, unfinished: ' + ', '.join(partial), fontsize=7,
             transform=ax.transAxes)
-  front = pareto_front(flops, cer)
-  ax.plot(flops[front], cer[front], color='tab:red', lw=1.5, marker='o', mfc='none', ms=10,
-          label='Pareto front')
+  if points:
+    flops = np.array([p[2] for p in points])
+    cer = np.array([p[3] for p in points])
+    front = pareto_front(flops, cer)
+    ax.plot(flops[front], cer[front], color='0.3', lw=1, ls='--', marker='o', mfc='none',
+            ms=12, label='Pareto front')
   ax.set(xscale='log', xlabel='training FLOPs (XLA cost analysis, log scale)',
          ylabel=('area under the test loss curve / T' if lm else 'CER / T'),
-         title='Anytime performance against compute')
+         title='Anytime performance against compute' + spread.replace('band', 'bars'))
   ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize=8)
-  save(fig, 'cer_vs_flops.png')
+  finish(fig, ax, 'cer_vs_flops.png', integer_x=False)
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, r in zip(labels, runs):
-    rows = r.rows()
-    ax.plot([row['t'] for row in rows], [row['params'] for row in rows], marker='o', ms=3,
+  fig, ax = plt.subplots(figsize=(8.5, 4.5))
+  for i, (label, group) in enumerate(zip(labels, groups)):
+    if not group[0].rows():
+      continue
+    t, mean, _ = _curve(group, 'params')
+    ax.step(np.append(t, t[-1] + 1), np.append(mean, mean[-1]), where='post', color=color(i),
             label=label)
+    ax.plot(t, mean, 'o', ms=3, color=color(i))
   ax.set(yscale='log', xlabel='arrival t (mega-batches so far)',
          ylabel='parameters of the predictor (log scale)', title='Parameters over time')
   ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize=8)
-  save(fig, 'params.png')
+  finish(fig, ax, 'params.png')
   return paths
 
 

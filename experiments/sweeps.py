@@ -9,7 +9,8 @@ round) or lm_waiting_time (configs/lm.py). Every grid point runs once per seed
 (`config.seed` = 0, 1, 2: initialization and shuffling; the stream's permutation stays fixed)
 in experiments/results/SWEEP/runs/POINT/seedK. A run that finished (summary.json) is read back,
 an interrupted one resumes from its checkpoint. Then SWEEP/table.md (mean and standard
-deviation over seeds) and the plots of `python -m alma_jax.analyze` over seed 0 are written.
+deviation over seeds) and the plots of `python -m alma_jax.analyze` (mean over the seeds with a
+band of one standard deviation) are written.
 `--reduced` runs the same grid on each config's `:tiny` variant with one seed, in minutes,
 into experiments/results/SWEEP_reduced/.
 """
@@ -141,7 +142,8 @@ def sweep(name: str, reduced: bool, seeds: int) -> str:
   points = [point for point, _ in grid]
   language_model = config_file == LM
   write_table(os.path.join(out, 'table.md'), points, summaries, language_model)
-  runs = [analyze.Run(os.path.join(out, 'runs', point, 'seed0')) for point in points]
+  runs = [[analyze.Run(os.path.join(out, 'runs', point, f'seed{seed}')) for seed in range(seeds)]
+          for point in points]
   analyze.plot(runs, points, out)
   print(f'{name}: wrote {out}/table.md and plots in {time.perf_counter() - began:.0f} s',
         flush=True)

@@ -76,6 +76,19 @@ def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_p
     analyze.Run(str(tmp_path / 'empty')).summary()
 
 
+def test_seeds_of_a_setting_are_drawn_as_their_mean(runs, tmp_path, monkeypatch):
+  a, b = analyze.Run(runs['finetune']), analyze.Run(runs['gens'])
+  t, mean, std = analyze._curve([a, b], 'test_error')
+  errors = [[row['test_error'] for row in r.rows()] for r in (a, b)]
+  np.testing.assert_allclose(mean, np.mean(errors, 0))
+  np.testing.assert_allclose(std, np.std(errors, 0))
+  assert t.tolist() == list(range(1, len(mean) + 1))
+  assert analyze._first_round([a, b]) == 1
+  paths = analyze.plot([[a, b], a], ['both', 'one'], str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == ['anytime.png', 'cer_vs_flops.png',
+                                                         'params.png']
+
+
 def test_pareto_front():
   costs = np.array([1.0, 2.0, 3.0, 4.0, 2.5])
   values = np.array([0.5, 0.4, 0.45, 0.2, 0.3])
