@@ -152,6 +152,15 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def tiny_vgg(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`tiny` for a VGG config: seconds on a CPU and still learning (one convolution per VGG
+  block, width 8, a larger SGD step)."""
+  tiny(c)
+  c.model.update(width=8, blocks=(1, 1, 1, 1, 1))
+  c.optimizer.learning_rate = 0.05
+  return c
+
+
 def growing(learner: str):
   """A variant that switches to a growing learner or a mixture of experts with the reference's
   CIFAR-10 settings for it (Nesterov momentum; growth every 2 of 10 mega-batches): 'moe'

@@ -19,5 +19,5 @@ def get_config(variant: str = ''):
   c.model = ml_collections.ConfigDict(dict(name='vgg', width=16))
   c.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4)
   return alma_config.apply_variants(c, variant, 'configs/cifar10.py', {
-      'tiny': lambda c: alma_config.tiny(c).model.update(width=4),
+      'tiny': alma_config.tiny_vgg,
       **{name: alma_config.growing(name) for name in ('moe', 'gmoe', 'firefly')}})

@@ -20,5 +20,5 @@ def get_config(variant: str = ''):
   c.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4)
   c.train.update(max_epochs=10, patience=3)
   return alma_config.apply_variants(c, variant, 'configs/fashion_mnist_conv.py', {
-      'tiny': lambda c: alma_config.tiny(c).model.update(width=4),
+      'tiny': alma_config.tiny_vgg,
       **{name: alma_config.growing(name) for name in ('moe', 'gmoe', 'firefly')}})
