@@ -265,7 +265,8 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
       history = metrics.empty_history(num_arrivals)
       learner_state = learner.init(jax.random.fold_in(key, 0))
     else:
-      stream_state, history = tree['stream'], tree['history']
+      stream_state = alma_stream.StreamState.from_tree(tree['stream'])
+      history = tree['history']
       learner_state = learner.restore(tree['learner'])
       _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
@@ -280,7 +281,7 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
           stream_state, learner_state, history = _arrival(
               t, config, stream, dataset, learner, key, stream_state, learner_state, history)
           checkpointer.save(t, sharding.checkpointable(
-              {'stream': stream_state, 'learner': base.to_tree(learner_state),
+              {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),
                'history': history}))
           writers.arrival(history, t)
           done = t

@@ -3,12 +3,14 @@
 The training set is cut once into T mega-batches by one seeded permutation and an equal split
 (the reference's `numpy.random.seed(432)`, `permutation`, `array_split`). Every mega-batch holds
 out a fixed `validation_fraction` of its examples for early stopping, so a replayed example keeps
-its role. The stream state is plain data (counters and index arrays) inside the run state.
+its role. The stream state (`StreamState`) is plain data (counters and a mask) inside the run state.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from flax import serialization
+import flax.struct
 import numpy as np
 
 
@@ -55,18 +57,33 @@ def should_train(t: int, waiting_time: int, num_megabatches: int, train_on_last:
   return t % waiting_time == 0 or (train_on_last and t == num_megabatches)
 
 
-def init_state(num_examples: int) -> dict:
-  """Nothing arrived or trained yet; the replay memory (a mask over the training set) is empty.
+@flax.struct.dataclass
+class StreamState:
+  """Where a stream stands: arrivals so far, the arrival of the last round, the replay memory
+  (a mask over the training set), and the examples offered to a reservoir so far."""
+  arrivals: np.ndarray
+  last_round: np.ndarray
+  memory: np.ndarray
+  seen_train: np.ndarray
+  seen_valid: np.ndarray
 
-  `seen_train` / `seen_valid` count the examples offered to a reservoir so far.
-  """
-  return {'arrivals': np.int64(0), 'last_round': np.int64(0),
-          'memory': np.zeros(num_examples, bool),
-          'seen_train': np.int64(0), 'seen_valid': np.int64(0)}
+  def to_tree(self) -> dict:
+    """The plain tree a checkpoint holds."""
+    return serialization.to_state_dict(self)
+
+  @classmethod
+  def from_tree(cls, tree: dict) -> 'StreamState':
+    return cls(**{name: np.asarray(tree[name]) for name in cls.__dataclass_fields__})
 
 
-def arrive(state: dict) -> dict:
-  return {**state, 'arrivals': np.int64(state['arrivals'] + 1)}
+def init_state(num_examples: int) -> StreamState:
+  """Nothing arrived or trained yet; the replay memory is empty."""
+  return StreamState(np.int64(0), np.int64(0), np.zeros(num_examples, bool), np.int64(0),
+                     np.int64(0))
+
+
+def arrive(state: StreamState) -> StreamState:
+  return state.replace(arrivals=np.int64(state.arrivals + 1))
 
 
 def _subsample(indices: np.ndarray, fraction: float, rng) -> np.ndarray:
@@ -85,8 +102,9 @@ def _reservoir(memory: np.ndarray, seen: int, new: np.ndarray, size: int, rng) -
   return np.asarray(memory, np.int32), seen
 
 
-def next_round(state: dict, stream: Stream, config, seed: int) -> tuple[Round, dict]:
-  """The data of the round run now (after arrival `state['arrivals']`) and the next state.
+def next_round(state: StreamState, stream: Stream, config,
+               seed: int) -> tuple[Round, StreamState]:
+  """The data of the round run now (after arrival `state.arrivals`) and the next state.
 
   Replay policies (`config` is the `stream` section):
     none       the mega-batches that arrived since the last round;
@@ -99,16 +117,16 @@ def next_round(state: dict, stream: Stream, config, seed: int) -> tuple[Round, d
                examples (ours).
   Validation examples stay validation examples when replayed.
   """
-  t, last = int(state['arrivals']), int(state['last_round'])
+  t, last = int(state.arrivals), int(state.last_round)
   new_train = np.concatenate(stream.train[last:t])
   new_valid = np.concatenate(stream.valid[last:t])
   rng = np.random.default_rng([seed, t])
-  memory = state['memory'].copy()
+  memory = state.memory.copy()
   is_valid = np.zeros_like(memory)
   is_valid[np.concatenate(stream.valid)] = True
   old_train = np.flatnonzero(memory & ~is_valid).astype(np.int32)
   old_valid = np.flatnonzero(memory & is_valid).astype(np.int32)
-  seen_train, seen_valid = int(state['seen_train']), int(state['seen_valid'])
+  seen_train, seen_valid = int(state.seen_train), int(state.seen_valid)
   policy = config.replay
   if policy == 'none':
     train, valid = new_train, new_valid
@@ -132,6 +150,6 @@ def next_round(state: dict, stream: Stream, config, seed: int) -> tuple[Round, d
     memory[kept_train] = memory[kept_valid] = True
   else:
     raise ValueError(f'config.stream.replay={policy!r}: unknown replay policy')
-  new_state = {**state, 'last_round': np.int64(t), 'memory': memory,
-               'seen_train': np.int64(seen_train), 'seen_valid': np.int64(seen_valid)}
+  new_state = state.replace(last_round=np.int64(t), memory=memory,
+                            seen_train=np.int64(seen_train), seen_valid=np.int64(seen_valid))
   return Round(train.astype(np.int32), valid.astype(np.int32)), new_state

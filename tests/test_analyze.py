@@ -48,7 +48,7 @@ def test_evaluate_on_other_data(runs):
   assert whole['error'] == r.rows()[-1]['test_error']
   part = r.evaluate(4, dataset.test_images[:100], dataset.test_labels[:100])
   state = r.predictor(4)
-  _, predicted = r.learner.ensemble(state['variables'], state['member_weights'],
+  _, predicted = r.learner.ensemble(state.variables, state.member_weights,
                                     dataset.test_images[:100])
   assert part['error'] == pytest.approx(np.mean(np.asarray(predicted) != dataset.test_labels[:100]))
 

@@ -63,6 +63,6 @@ def test_a_strong_anchor_keeps_the_second_round_near_the_first(config, tmp_path)
     first, _ = learner.train_round(learner.init(jax.random.key(0)), r, jax.random.key(1))
     second, _ = learner.train_round(first, r, jax.random.key(2))
     moved[strength] = sum(float(np.sum((a - b) ** 2)) for a, b in zip(
-        jax.tree.leaves(first['variables']['params']),
-        jax.tree.leaves(second['variables']['params'])))
+        jax.tree.leaves(first.variables['params']),
+        jax.tree.leaves(second.variables['params'])))
   assert moved[10.0] < 0.1 * moved[0.0]

@@ -89,7 +89,7 @@ def test_gmoe_vgg_grows_one_expert_per_block(config):
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   state = learner.init(jax.random.key(0))
-  one = jax.tree.map(lambda a: a[0], state['variables'])
+  one = jax.tree.map(lambda a: a[0], state.variables)
   grown = moe_learner.grow(learner, one, first_round(dataset, config).valid, jax.random.key(1))
   vgg = VGG(width=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))['params']
   added = sum(metrics.num_params(vgg[f'ConvBlock_{b}']) for b in range(1, 5)) + 4 * (64 * 2 + 2)
@@ -170,12 +170,12 @@ def test_firefly_learner_grows_by_the_reference_rule(config, grow_every):
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   layers = learner.model.neuron_layers()
   state = learner.init(jax.random.key(0))
-  start = firefly.neurons(state['variables'], layers)
+  start = firefly.neurons(state.variables, layers)
   r = first_round(dataset, config)
   counts, flops = [], []
   for t in range(3):
     state, report = learner.train_round(state, r, jax.random.key(t))
-    counts.append(firefly.neurons(state['variables'], layers))
+    counts.append(firefly.neurons(state.variables, layers))
     flops.append(report.train_flops)
   grown = lambda n, t: n + int(n * ((0.6 * t + 1) / (0.6 * (t - 1) + 1) - 1))
   expected = ([start, grown(start, 1), grown(grown(start, 1), 2)] if grow_every == 1 else
@@ -189,7 +189,7 @@ def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
-  one = jax.tree.map(lambda a: a[0], learner.init(jax.random.key(0))['variables'])
+  one = jax.tree.map(lambda a: a[0], learner.init(jax.random.key(0)).variables)
   h = config.model.hidden
 
   scored = []

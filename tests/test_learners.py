@@ -62,8 +62,8 @@ def test_every_learner_runs_and_resumes_mid_stream_exactly(config, tmp_path, nam
 
 
 def member_count_params(learner, state):
-  one = jax.tree.map(lambda p: p[:1], state['variables'])
-  return learner.num_members(state), learner.params({'variables': one})
+  one = jax.tree.map(lambda p: p[:1], state.variables)
+  return learner.num_members(state), learner.params(state.replace(variables=one))
 
 
 def test_gens_grows_one_member_per_round_and_params_count_all_members(config):
@@ -85,9 +85,9 @@ def test_a_copied_gens_member_starts_as_the_function_of_the_last(config):
   state = learner.init(jax.random.key(0))
   state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
   x = dataset.test_images[:64]
-  before = learner.ensemble(state['variables'], state['member_weights'], x)[0]
+  before = learner.ensemble(state.variables, state.member_weights, x)[0]
   start = learner.plan.work(learner, state, first_round(dataset, config), jax.random.key(2)).start
-  grown = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['variables'], start)
+  grown = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state.variables, start)
   logits = jax.vmap(learner.apply_fn, (0, None))(grown, x)
   np.testing.assert_array_equal(logits[-1], logits[-2])  # the new member is the last one
   # With one member so far, the ensemble's mean logits are unchanged by the copy.
@@ -149,7 +149,7 @@ def test_gmoe_adds_one_expert_per_mixture_layer_per_growth(config, growth, grow_
   for t in range(4):
     state, _ = learner.train_round(state, r, jax.random.key(t))
     params.append(learner.params(state))
-    one = jax.tree.map(lambda p: p[0], state['variables']['params'])
+    one = jax.tree.map(lambda p: p[0], state.variables['params'])
     leaves.append([len(v) for v in moe_model.leaf_paths(one).values()])
   growths = np.cumsum([t > 0 and t % grow_every == 0 for t in range(4)])
   assert params == [start + g * added for g in growths]
@@ -159,7 +159,7 @@ def test_gmoe_adds_one_expert_per_mixture_layer_per_growth(config, growth, grow_
 def test_gmoe_splits_the_most_used_expert(config):
   learner, dataset = make_learner(config, 'gmoe')
   state = learner.init(jax.random.key(0))
-  one = jax.tree.map(lambda p: p[0], state['variables'])
+  one = jax.tree.map(lambda p: p[0], state.variables)
   # Make expert 1 of layer 0 dominate its gate.
   one['params']['layer_0']['gate']['bias'] = jnp.array([-5.0, 5.0])
   r = first_round(dataset, config)
@@ -179,7 +179,7 @@ def test_boosting_trains_its_first_member_on_ordinary_epochs_as_finetune_does(co
     learner, dataset = make_learner(config, name)
     state, _ = learner.train_round(learner.init(jax.random.key(0)), first_round(dataset, config),
                                    jax.random.key(1))
-    trained[name] = jax.tree.leaves(state['variables'])
+    trained[name] = jax.tree.leaves(state.variables)
   for a, b in zip(trained['boosting'], trained['finetune']):
     np.testing.assert_array_equal(a, b)
 

@@ -200,7 +200,7 @@ def test_loss_is_the_mean_over_tokens(corpus):
   learner, dataset = make_learner(lm_config(corpus))
   state = learner.init(jax.random.key(0))
   got = learner.evaluate(state)
-  logits = jax.vmap(learner.apply_fn, (0, None))(state['variables'], dataset.test_images)[0]
+  logits = jax.vmap(learner.apply_fn, (0, None))(state.variables, dataset.test_images)[0]
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits),
                              dataset.test_labels[..., None].astype(jnp.int32), -1)
   assert got['loss'] == pytest.approx(float(nll.mean()), rel=1e-5)

@@ -46,7 +46,7 @@ def test_flops_match_an_analytic_count_for_the_mlp(config):
   # input gradient for the first layer); the optimizer update adds a few FLOPs per parameter.
   step = learner.flops()['step']
   backward = 2 * (d * h + 2 * h * h + 2 * h * c)
-  params = metrics.num_params(state['variables']['params'])
+  params = metrics.num_params(state.variables['params'])
   assert b * (matmul + backward) <= step <= b * (matmul + backward) * 1.2 + 30 * params
   assert learner.params(state) == params == d * h + h + h * h + h + h * c + c
   # The reference's convention counts multiply-adds of the forward pass only (fvcore).

@@ -14,7 +14,7 @@ def bagging(config) -> members.Plan:
 
   def work(learner, state, round, key):
     del key
-    return members.Work(start=learner.member(state['variables'], -k, k),
+    return members.Work(start=learner.member(state.variables, -k, k),
                         train=members.same_data(round, k), resample=True)
 
   return members.Plan(k, work, members.append, members.mean_logits)

@@ -62,8 +62,10 @@ class Learner(Protocol):
 
 
 def to_tree(state):
-  """A learner state as a plain tree of arrays (what checkpoints hold)."""
-  return serialization.to_state_dict(state)
+  """A learner state as a plain tree of arrays (what checkpoints hold): its fields by name,
+  those that hold nothing (None, empty) left out."""
+  tree = serialization.to_state_dict(state)
+  return {k: v for k, v in tree.items() if v is not None and not (isinstance(v, dict) and not v)}
 
 
 def restore_like(template, tree):

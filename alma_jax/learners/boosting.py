@@ -55,15 +55,15 @@ def boosting(config) -> members.Plan:
   start = gens.new_member_start(config)
 
   def work(learner, state, round, key):
-    first = int(state['rounds']) == 0
-    weights = None if first else samme(mistakes(learner, state['variables'], round.train),
+    first = int(state.rounds) == 0
+    weights = None if first else samme(mistakes(learner, state.variables, round.train),
                                        learner.num_classes)[1][None]
     return members.Work(start=start(learner, state, key, 1), train=members.same_data(round, 1),
                         weights=weights, resample=not first)
 
   def merge(learner, state, variables, work, round):
     state = members.append(learner, state, variables, work, round)
-    alphas, _ = samme(mistakes(learner, state['variables'], round.valid), learner.num_classes)
-    return {**state, 'member_weights': jnp.asarray(alphas)}
+    alphas, _ = samme(mistakes(learner, state.variables, round.valid), learner.num_classes)
+    return state.replace(member_weights=jnp.asarray(alphas))
 
   return members.Plan(1, work, merge, members.weighted_logits)

@@ -100,10 +100,10 @@ def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
 
 def firefly(config) -> members.Plan:
   def work(learner, state, round, key):
-    rounds = int(state['rounds'])
+    rounds = int(state.rounds)
     if rounds == 0 or rounds % config.grow_every:
       return single.warm_start(learner, state, round, key)
-    one = jax.tree.map(lambda a: a[0], state['variables'])
+    one = jax.tree.map(lambda a: a[0], state.variables)
     grown, flops = grow(learner, one, round.train, rounds, key, config)
     return members.Work(start=jax.tree.map(lambda a: a[None], grown),
                         train=members.same_data(round, 1), extra_flops=flops)

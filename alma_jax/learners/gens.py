@@ -16,9 +16,9 @@ def new_member_start(config):
   """The start of a round's new members: the last member copied, or fresh ones."""
 
   def start(learner, state, key, count):
-    if config.new_member == 'fresh' and int(state['rounds']) > 0:
+    if config.new_member == 'fresh' and int(state.rounds) > 0:
       return learner.new_members(key, count)
-    last = learner.member(state['variables'], -1)
+    last = learner.member(state.variables, -1)
     return learner.repeat(last, count)
 
   return start

@@ -1,10 +1,8 @@
 """The engine shared by every learner whose predictor is a stack of members of one model.
 
-State: {'variables': the members' Flax variables ({'params', and 'batch_stats' for models with
-                     BatchNorm}) stacked on a leading axis (M, ...),
-        'member_weights': (M,) weights of the members in the prediction,
-        'rounds': rounds trained so far,
-        'opt_state': stacked optimizer states, only when optimizers are kept across rounds}.
+Its state is a `MembersState`: the members' variables stacked on a leading axis, their weights
+in the prediction, the rounds trained so far, and (only when optimizers are kept across rounds)
+their optimizer states.
 
 A learner module supplies a `Plan`: which members a round trains, from what start, on what data,
 how they join the ensemble, and how members combine into one prediction. Everything else
@@ -19,6 +17,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +25,20 @@ import tqdm
 
 from alma_jax import metrics, optim, sharding, steps
 from alma_jax.learners import base
+
+
+@flax.struct.dataclass
+class MembersState:
+  """variables: the members' Flax variables ({'params', and 'batch_stats' for models with
+  BatchNorm}) stacked on a leading axis (M, ...); member_weights: (M,) their weights in the
+  prediction; rounds: rounds trained so far; opt_state: their stacked optimizer states, only
+  when optimizers are kept across rounds; extra: what a plan of yours keeps besides (a dict
+  of arrays, checkpointed with the rest)."""
+  variables: Any
+  member_weights: jax.Array
+  rounds: np.ndarray
+  opt_state: Any = None
+  extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,19 +187,17 @@ class MemberLearner:
     """A stack of `count` copies of the first member of `variables`."""
     return jax.tree.map(lambda p: jnp.repeat(p[:1], count, axis=0), variables)
 
-  def num_members(self, state) -> int:
-    return int(state['member_weights'].shape[0])
+  def num_members(self, state: MembersState) -> int:
+    return int(state.member_weights.shape[0])
 
   def init_optimizer(self, variables):
     return jax.vmap(self.optimizer.init)(variables['params'])
 
-  def init(self, key):
+  def init(self, key) -> MembersState:
     m = self.plan.initial_members
-    state = {'variables': self.new_members(key, m),
-             'member_weights': jnp.ones(m, jnp.float32), 'rounds': np.int64(0)}
-    if self.keep_optimizer:
-      state['opt_state'] = self.init_optimizer(state['variables'])
-    return state
+    variables = self.new_members(key, m)
+    return MembersState(variables, jnp.ones(m, jnp.float32), np.int64(0),
+                        self.init_optimizer(variables) if self.keep_optimizer else None)
 
   def flops(self, variables=None) -> dict:
     """For one member shaped like the stack `variables` (default: a new member): its train
@@ -227,8 +238,8 @@ class MemberLearner:
     variables, opt_state, report = self.fit(work, round, fit_key)
     state = self.plan.merge(self, state, variables, work, round)
     if self.keep_optimizer:
-      state = {**state, 'opt_state': opt_state}
-    return {**state, 'rounds': np.int64(state['rounds'] + 1)}, report
+      state = state.replace(opt_state=opt_state)
+    return state.replace(rounds=np.int64(state.rounds + 1)), report
 
   # The predictor.
   def evaluate(self, state, images=None, labels=None) -> dict:
@@ -240,16 +251,16 @@ class MemberLearner:
     else:
       indices = np.arange(len(labels))
     m = self.num_members(state)
-    padded = _pad_members(state['variables'], state['member_weights'],
+    padded = _pad_members(state.variables, state.member_weights,
                           (1 << (m - 1).bit_length()))
     return base.error_and_loss(self.tester(padded, images, labels, indices))
 
   def params(self, state) -> int:
     """Parameters of the predictor (all members; BatchNorm statistics are not parameters)."""
-    return metrics.num_params(state['variables']['params'])
+    return metrics.num_params(state.variables['params'])
 
   def inference_flops(self, state) -> float:
-    forward = self.flops(state['variables'])['forward']
+    forward = self.flops(state.variables)['forward']
     return float('nan') if forward is None else forward * self.num_members(state)
 
   def restore(self, tree):
@@ -259,13 +270,13 @@ class MemberLearner:
       tree = {**{k: v for k, v in tree.items() if k != 'params'},
               'variables': {'params': tree['params']}}
     count = int(np.shape(tree['member_weights'])[0])
-    state = {**tree, 'rounds': np.int64(tree['rounds']),
-             'variables': jax.device_put(tree['variables'],
-                                         sharding.stacked(self.trainer.mesh, count))}
+    opt_state = None
     if self.keep_optimizer:  # optax states are named tuples: rebuild them from a template
       template = jax.eval_shape(self.init_optimizer, tree['variables'])
-      state['opt_state'] = base.restore_like(template, tree['opt_state'])
-    return state
+      opt_state = base.restore_like(template, tree['opt_state'])
+    return MembersState(
+        jax.device_put(tree['variables'], sharding.stacked(self.trainer.mesh, count)),
+        tree['member_weights'], np.int64(tree['rounds']), opt_state, tree.get('extra', {}))
 
 
 class RoundProgress:
@@ -339,7 +350,7 @@ def replace(learner, state, variables, work, round):
   """The trained members become the whole predictor."""
   del learner, work, round
   m = jax.tree.leaves(variables)[0].shape[0]
-  return {**state, 'variables': variables, 'member_weights': jnp.ones(m, jnp.float32)}
+  return state.replace(variables=variables, member_weights=jnp.ones(m, jnp.float32))
 
 
 def append(learner, state, variables, work, round, weights=None):
@@ -347,9 +358,8 @@ def append(learner, state, variables, work, round, weights=None):
   del learner, work, round
   m = jax.tree.leaves(variables)[0].shape[0]
   weights = jnp.ones(m, jnp.float32) if weights is None else weights
-  if int(state['rounds']) == 0:
-    return {**state, 'variables': variables, 'member_weights': weights}
-  return {**state,
-          'variables': jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state['variables'],
-                                    variables),
-          'member_weights': jnp.concatenate([state['member_weights'], weights])}
+  if int(state.rounds) == 0:
+    return state.replace(variables=variables, member_weights=weights)
+  return state.replace(
+      variables=jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state.variables, variables),
+      member_weights=jnp.concatenate([state.member_weights, weights]))

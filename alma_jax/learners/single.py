@@ -8,8 +8,8 @@ def warm_start(learner, state, round, key):
   """Every member continues from where the previous round left it, on the round's data."""
   del key
   count = learner.num_members(state)
-  return members.Work(start=state['variables'], train=members.same_data(round, count),
-                      opt_state=state.get('opt_state'))
+  return members.Work(start=state.variables, train=members.same_data(round, count),
+                      opt_state=state.opt_state)
 
 
 def fresh_start(learner, state, round, key):

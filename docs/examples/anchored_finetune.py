@@ -20,9 +20,9 @@ def anchored_finetune(config) -> members.Plan:
   def work(learner, state, round, key):
     """Finetune's round, anchored at the parameters the state holds (unanchored at first)."""
     start = single.warm_start(learner, state, round, key)
-    weight = 0.0 if int(state['rounds']) == 0 else strength
+    weight = 0.0 if int(state.rounds) == 0 else strength
     members_count = learner.num_members(state)
-    return dataclasses.replace(start, anchor={'params': state['variables']['params'],
+    return dataclasses.replace(start, anchor={'params': state.variables['params'],
                                               'strength': jnp.full(members_count, weight)})
 
   def penalty(params, anchor):
