@@ -185,7 +185,8 @@ def apply_variants(c: ml_collections.ConfigDict, variant: str, path: str,
   return c
 
 
-def _fail(key: str, value, why: str):
+def fail(key: str, value, why: str):
+  """Raises the error of a bad config value: `config.<key>=<value>: <why>`."""
   raise ValueError(f'config.{key}={value!r}: {why}')
 
 
@@ -195,9 +196,9 @@ def _finite(c: ml_collections.ConfigDict, prefix: str = '') -> None:
       _finite(value, f'{prefix}{key}.')
     elif isinstance(value, (tuple, list)) and any(isinstance(v, float) and not math.isfinite(v)
                                                   for v in value):
-      _fail(prefix + key, value, 'must hold finite numbers')
+      fail(prefix + key, value, 'must hold finite numbers')
     elif isinstance(value, float) and not math.isfinite(value):
-      _fail(prefix + key, value, 'must be a finite number')
+      fail(prefix + key, value, 'must be a finite number')
 
 
 def import_extensions(c: ml_collections.ConfigDict) -> None:
@@ -211,127 +212,43 @@ def import_extensions(c: ml_collections.ConfigDict) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad key; called before any data or compute. Keys left
-  to the learner's defaults (None) are checked at those defaults."""
-  from alma_jax import data, learners, models, optim
+  """Raises ValueError naming the first bad key; called before any data or compute. Each
+  module checks its own section; the rules that tie sections together are here. Keys left to
+  the learner's defaults (None) are checked at those defaults."""
+  from alma_jax import data, learners, models, optim, stream
+  from alma_jax.learners import base
   import_extensions(c)
-  learner_names, optimizer_names = learners.names(), optim.names()
   c = learners.with_defaults(c)
   _finite(c)
-  s, t = c.stream, c.train
-  if c.data.num_classes < 2:
-    _fail('data.num_classes', c.data.num_classes, 'must be >= 2')
-  if any(x <= 0 for x in c.data.std):
-    _fail('data.std', c.data.std, 'must be > 0 (inputs are divided by it)')
-  if len(c.data.mean) != len(c.data.std):
-    _fail('data.mean', c.data.mean, f'needs one value per channel, as data.std={c.data.std}')
-  if not 0 <= s.permutation_seed < 2 ** 32:
-    _fail('stream.permutation_seed', s.permutation_seed, 'must be in [0, 2**32)')
-  if c.optimizer.weight_decay < 0:
-    _fail('optimizer.weight_decay', c.optimizer.weight_decay, 'must be >= 0')
-  if not 0 <= c.optimizer.momentum < 1:
-    _fail('optimizer.momentum', c.optimizer.momentum, 'must be in [0, 1)')
+  data.check(c.data)
+  stream.check(c.stream)
   language_model = c.data.task == 'language_model'
-  if c.data.task not in ('classification', 'language_model'):
-    _fail('data.task', c.data.task, "must be 'classification' or 'language_model'")
-  if language_model and c.data.source not in ('text', 'tfds'):
-    _fail('data.source', c.data.source, "a language model reads 'text' files or 'tfds'")
-  if not language_model and c.data.source not in data.SOURCES:
-    _fail('data.source', c.data.source, f"must be one of {sorted(data.SOURCES)} (or 'text' for "
-          "a language model)")
   if (c.model.name == 'transformer') != language_model:
-    _fail('model.name', c.model.name, "the 'transformer' model and data.task='language_model' "
-          "go together")
-  if language_model and c.learner.name == 'boosting':
-    _fail('learner.name', c.learner.name, 'boosting (SAMME) weighs classification mistakes; '
-          'not for language models')
-  if language_model and c.learner.prediction == 'vote':
-    _fail('learner.prediction', c.learner.prediction, 'a language model averages probabilities')
-  if c.data.sequence_length < 2:
-    _fail('data.sequence_length', c.data.sequence_length, 'must be >= 2')
-  if language_model and c.data.sequence_length > c.model.context:
-    _fail('data.sequence_length', c.data.sequence_length,
-          f'longer than the transformer\'s positions (model.context={c.model.context})')
-  if not 0.0 < c.data.test_fraction < 1.0:
-    _fail('data.test_fraction', c.data.test_fraction, 'must be in (0, 1)')
-  if t.stop_on not in ('accuracy', 'loss'):
-    _fail('train.stop_on', t.stop_on, "must be 'accuracy' or 'loss'")
-  for key in ('warmup_steps', 'decay_steps'):
-    if c.optimizer[key] < 0:
-      _fail(f'optimizer.{key}', c.optimizer[key], 'must be >= 0')
-  if c.data.source == 'idx' and not c.data.path:
-    _fail('data.path', c.data.path, 'an idx data set needs a folder')
-  if c.data.source == 'tfds' and not c.data.name:
-    _fail('data.name', c.data.name, 'a TFDS data set needs a name')
-  if c.data.augmentation not in ('', 'crop_flip'):
-    _fail('data.augmentation', c.data.augmentation, "must be '' or 'crop_flip'")
-  for key in ('max_train_examples', 'max_test_examples'):
-    if c.data[key] < 0:
-      _fail(f'data.{key}', c.data[key], 'must be >= 0 (0: all)')
-  if s.num_megabatches < 1:
-    _fail('stream.num_megabatches', s.num_megabatches, 'must be >= 1')
-  if not 1 <= s.waiting_time <= s.num_megabatches:
-    _fail('stream.waiting_time', s.waiting_time,
-          f'the waiting time must be between 1 and num_megabatches={s.num_megabatches}')
-  if s.replay not in ('none', 'all', 'fraction', 'reservoir'):
-    _fail('stream.replay', s.replay, "must be one of 'none', 'all', 'fraction', 'reservoir'")
-  for key in ('replay_fraction', 'validation_replay_fraction'):
-    if s.get(key) is not None and not 0.0 <= s[key] <= 1.0:
-      _fail(f'stream.{key}', s[key], 'must be in [0, 1]')
-  if s.reservoir_size < 1:
-    _fail('stream.reservoir_size', s.reservoir_size, 'must be >= 1')
-  if not 0.0 < s.validation_fraction < 1.0:
-    _fail('stream.validation_fraction', s.validation_fraction, 'must be in (0, 1)')
-  if c.learner.name == 'moe':
-    _fail('learner.name', 'moe', "a fixed mixture of experts is now a model: set "
-          "model.name='moe_mlp' (or 'moe_vgg') and learner.name='finetune' (or any learner)")
-  if c.learner.name not in learner_names:
-    _fail('learner.name', c.learner.name, f'must be one of {sorted(learner_names)}')
+    fail('model.name', c.model.name, "the 'transformer' model and data.task='language_model' "
+         "go together")
+  learners.check(c.learner)
   learners.check_model(c.learner.name, c.model.name)
   models.check(c.model)
-  if c.learner.num_members < 1:
-    _fail('learner.num_members', c.learner.num_members, 'must be >= 1')
-  if c.learner.new_member not in ('copy', 'fresh'):
-    _fail('learner.new_member', c.learner.new_member, "must be 'copy' or 'fresh'")
-  if c.learner.prediction not in ('mean_logits', 'vote'):
-    _fail('learner.prediction', c.learner.prediction, "must be 'mean_logits' or 'vote'")
-  if c.learner.grow_every < 1:
-    _fail('learner.grow_every', c.learner.grow_every, 'must be >= 1')
-  if c.learner.growth not in ('usage', 'random'):
-    _fail('learner.growth', c.learner.growth, "must be 'usage' or 'random'")
-  if c.learner.growth_rate <= 0:
-    _fail('learner.growth_rate', c.learner.growth_rate, 'must be > 0')
-  if c.learner.new_neurons < 0:
-    _fail('learner.new_neurons', c.learner.new_neurons, 'must be >= 0')
-  if c.optimizer.name not in optimizer_names:
-    _fail('optimizer.name', c.optimizer.name, f'must be one of {sorted(optimizer_names)}')
-  if c.optimizer.learning_rate <= 0:
-    _fail('optimizer.learning_rate', c.optimizer.learning_rate, 'must be > 0')
-  for key in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size', 'microbatches'):
-    if t[key] < 1:
-      _fail(f'train.{key}', t[key], 'must be >= 1')
-  if t.batch_size % t.microbatches:
-    _fail('train.microbatches', t.microbatches,
-          f'must divide train.batch_size={t.batch_size} into equal slices')
-  if c.model.get('attention', 'auto') not in ('auto', 'xla'):
-    _fail('model.attention', c.model.attention, "must be 'auto' (cuDNN on GPUs where it can) "
-          "or 'xla'")
-  if c.log.progress not in ('auto', 'on', 'off'):
-    _fail('log.progress', c.log.progress, "must be 'auto', 'on' or 'off'")
-  if t.compiled_epoch not in ('auto', 'yes', 'no'):
-    _fail('train.compiled_epoch', t.compiled_epoch, "must be 'auto', 'yes' or 'no'")
-  if t.patience_delta < 0:
-    _fail('train.patience_delta', t.patience_delta, 'must be >= 0')
-  if c.data.pad_to < 0:
-    _fail('data.pad_to', c.data.pad_to, 'must be >= 0 (0: no padding)')
+  optim.check(c.optimizer)
+  base.check_train(c.train)
+  if language_model and c.learner.name == 'boosting':
+    fail('learner.name', c.learner.name, 'boosting (SAMME) weighs classification mistakes; '
+         'not for language models')
+  if language_model and c.learner.prediction == 'vote':
+    fail('learner.prediction', c.learner.prediction, 'a language model averages probabilities')
+  if language_model and c.data.sequence_length > c.model.context:
+    fail('data.sequence_length', c.data.sequence_length,
+         f'longer than the transformer\'s positions (model.context={c.model.context})')
   if c.mesh.data < 0:
-    _fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
+    fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
   if c.mesh.member < 1:
-    _fail('mesh.member', c.mesh.member, 'must be >= 1')
+    fail('mesh.member', c.mesh.member, 'must be >= 1')
   if c.checkpoint.max_to_keep < 0 or c.checkpoint.max_to_keep == 1:
-    _fail('checkpoint.max_to_keep', c.checkpoint.max_to_keep,
-          'keep 0 (all) or at least 2, so a corrupt latest checkpoint can fall back to the one '
-          'before')
+    fail('checkpoint.max_to_keep', c.checkpoint.max_to_keep,
+         'keep 0 (all) or at least 2, so a corrupt latest checkpoint can fall back to the one '
+         'before')
+  if c.log.progress not in ('auto', 'on', 'off'):
+    fail('log.progress', c.log.progress, "must be 'auto', 'on' or 'off'")
 
 
 def protocol_differences(saved: dict, current: dict) -> list[str]:

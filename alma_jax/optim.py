@@ -9,6 +9,22 @@ from __future__ import annotations
 import optax
 
 
+def check(c) -> None:
+  """Raises ValueError naming the first bad key of the `optimizer` section."""
+  from alma_jax.config import fail
+  if c.name not in names():
+    fail('optimizer.name', c.name, f'must be one of {sorted(names())}')
+  if c.learning_rate <= 0:
+    fail('optimizer.learning_rate', c.learning_rate, 'must be > 0')
+  if c.weight_decay < 0:
+    fail('optimizer.weight_decay', c.weight_decay, 'must be >= 0')
+  if not 0 <= c.momentum < 1:
+    fail('optimizer.momentum', c.momentum, 'must be in [0, 1)')
+  for key in ('warmup_steps', 'decay_steps'):
+    if c[key] < 0:
+      fail(f'optimizer.{key}', c[key], 'must be >= 0')
+
+
 def learning_rate(c):
   """The constant rate, or warm-up then cosine decay (steps counted within a round)."""
   if not (c.warmup_steps or c.decay_steps):

@@ -52,6 +52,30 @@ def make_stream(num_examples: int, num_megabatches: int, seed: int = 432,
   return Stream(tuple(train), tuple(valid))
 
 
+REPLAY = ('none', 'all', 'fraction', 'reservoir')
+
+
+def check(c) -> None:
+  """Raises ValueError naming the first bad key of the `stream` section."""
+  from alma_jax.config import fail
+  if not 0 <= c.permutation_seed < 2 ** 32:
+    fail('stream.permutation_seed', c.permutation_seed, 'must be in [0, 2**32)')
+  if c.num_megabatches < 1:
+    fail('stream.num_megabatches', c.num_megabatches, 'must be >= 1')
+  if not 1 <= c.waiting_time <= c.num_megabatches:
+    fail('stream.waiting_time', c.waiting_time,
+         f'the waiting time must be between 1 and num_megabatches={c.num_megabatches}')
+  if c.replay not in REPLAY:
+    fail('stream.replay', c.replay, f'must be one of {", ".join(map(repr, REPLAY))}')
+  for key in ('replay_fraction', 'validation_replay_fraction'):
+    if c.get(key) is not None and not 0.0 <= c[key] <= 1.0:
+      fail(f'stream.{key}', c[key], 'must be in [0, 1]')
+  if c.reservoir_size < 1:
+    fail('stream.reservoir_size', c.reservoir_size, 'must be >= 1')
+  if not 0.0 < c.validation_fraction < 1.0:
+    fail('stream.validation_fraction', c.validation_fraction, 'must be in (0, 1)')
+
+
 def should_train(t: int, waiting_time: int, num_megabatches: int, train_on_last: bool) -> bool:
   """Whether a round runs after arrival t (1-based): at t = w, 2w, ... (and T if asked)."""
   return t % waiting_time == 0 or (train_on_last and t == num_megabatches)

@@ -118,6 +118,39 @@ def register_source(name: str, loader) -> None:
   SOURCES[name] = loader
 
 
+def check(c) -> None:
+  """Raises ValueError naming the first bad key of the `data` section."""
+  from alma_jax.config import fail
+  if c.num_classes < 2:
+    fail('data.num_classes', c.num_classes, 'must be >= 2')
+  if any(x <= 0 for x in c.std):
+    fail('data.std', c.std, 'must be > 0 (inputs are divided by it)')
+  if len(c.mean) != len(c.std):
+    fail('data.mean', c.mean, f'needs one value per channel, as data.std={c.std}')
+  if c.task not in ('classification', 'language_model'):
+    fail('data.task', c.task, "must be 'classification' or 'language_model'")
+  if c.task == 'language_model' and c.source not in ('text', 'tfds'):
+    fail('data.source', c.source, "a language model reads 'text' files or 'tfds'")
+  if c.task == 'classification' and c.source not in SOURCES:
+    fail('data.source', c.source, f"must be one of {sorted(SOURCES)} (or 'text' for a "
+         "language model)")
+  if c.sequence_length < 2:
+    fail('data.sequence_length', c.sequence_length, 'must be >= 2')
+  if not 0.0 < c.test_fraction < 1.0:
+    fail('data.test_fraction', c.test_fraction, 'must be in (0, 1)')
+  if c.source == 'idx' and not c.path:
+    fail('data.path', c.path, 'an idx data set needs a folder')
+  if c.source == 'tfds' and not c.name:
+    fail('data.name', c.name, 'a TFDS data set needs a name')
+  if c.augmentation not in ('', 'crop_flip'):
+    fail('data.augmentation', c.augmentation, "must be '' or 'crop_flip'")
+  for key in ('max_train_examples', 'max_test_examples'):
+    if c[key] < 0:
+      fail(f'data.{key}', c[key], 'must be >= 0 (0: all)')
+  if c.pad_to < 0:
+    fail('data.pad_to', c.pad_to, 'must be >= 0 (0: no padding)')
+
+
 def load(config) -> Dataset:
   """Loads the data set that `config` (the `data` section) names."""
   if config.task == 'language_model':

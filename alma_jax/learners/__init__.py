@@ -44,6 +44,30 @@ def names() -> tuple[str, ...]:
   return tuple(_LEARNERS)
 
 
+def check(c) -> None:
+  """Raises ValueError naming the first bad key of the `learner` section."""
+  fail = alma_config.fail
+  if c.name == 'moe':
+    fail('learner.name', 'moe', "a fixed mixture of experts is now a model: set "
+         "model.name='moe_mlp' (or 'moe_vgg') and learner.name='finetune' (or any learner)")
+  if c.name not in _LEARNERS:
+    fail('learner.name', c.name, f'must be one of {sorted(_LEARNERS)}')
+  if c.num_members < 1:
+    fail('learner.num_members', c.num_members, 'must be >= 1')
+  if c.new_member not in ('copy', 'fresh'):
+    fail('learner.new_member', c.new_member, "must be 'copy' or 'fresh'")
+  if c.prediction not in ('mean_logits', 'vote'):
+    fail('learner.prediction', c.prediction, "must be 'mean_logits' or 'vote'")
+  if c.grow_every < 1:
+    fail('learner.grow_every', c.grow_every, 'must be >= 1')
+  if c.growth not in ('usage', 'random'):
+    fail('learner.growth', c.growth, "must be 'usage' or 'random'")
+  if c.growth_rate <= 0:
+    fail('learner.growth_rate', c.growth_rate, 'must be > 0')
+  if c.new_neurons < 0:
+    fail('learner.new_neurons', c.new_neurons, 'must be >= 0')
+
+
 def check_model(learner: str, model: str) -> None:
   """Raises ValueError naming both keys if `learner` cannot train members of `model`."""
   entry = _LEARNERS.get(learner)

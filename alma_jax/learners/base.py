@@ -61,6 +61,23 @@ class Learner(Protocol):
   def restore(self, tree) -> Any: ...
 
 
+def check_train(t) -> None:
+  """Raises ValueError naming the first bad key of the `train` section (what `fit` reads)."""
+  from alma_jax.config import fail
+  for key in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size', 'microbatches'):
+    if t[key] < 1:
+      fail(f'train.{key}', t[key], 'must be >= 1')
+  if t.batch_size % t.microbatches:
+    fail('train.microbatches', t.microbatches,
+         f'must divide train.batch_size={t.batch_size} into equal slices')
+  if t.patience_delta < 0:
+    fail('train.patience_delta', t.patience_delta, 'must be >= 0')
+  if t.stop_on not in ('accuracy', 'loss'):
+    fail('train.stop_on', t.stop_on, "must be 'accuracy' or 'loss'")
+  if t.compiled_epoch not in ('auto', 'yes', 'no'):
+    fail('train.compiled_epoch', t.compiled_epoch, "must be 'auto', 'yes' or 'no'")
+
+
 def to_tree(state):
   """A learner state as a plain tree of arrays (what checkpoints hold): its fields by name,
   those that hold nothing (None, empty) left out."""

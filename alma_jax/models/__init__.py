@@ -65,3 +65,6 @@ def check(config) -> None:
                        f'(its keys: {", ".join(sorted(known))})')
     if isinstance(value, int) and not isinstance(value, bool) and value < 1:
       raise ValueError(f'config.model.{key}={value!r}: must be >= 1')
+  if config.get('attention', 'auto') not in ('auto', 'xla'):
+    raise ValueError(f'config.model.attention={config.attention!r}: must be \'auto\' (cuDNN on '
+                     f'GPUs where it can) or \'xla\'')
