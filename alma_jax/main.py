@@ -9,6 +9,7 @@ that cannot be used) prints one line naming it and exits with status 2; `--verbo
 traceback. `--dry_run` checks the config, loads the data, builds the learner and prints the
 resolved config and the plan of the run, without running it.
 """
+import ast
 import difflib
 import errno
 import json
@@ -20,7 +21,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from alma_jax import backend, config as alma_config, data, learners, run
+from alma_jax import backend, config as alma_config, data, learners, models, run
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                           lock_config=True)
@@ -57,10 +58,26 @@ def _flat_keys(tree: dict, prefix: str = '') -> list[str]:
   return keys
 
 
+# `--config.model.KEY=VALUE` overrides of keys the config file leaves to the model's defaults
+# (e.g. `num_experts` after `--config.model.name=moe_mlp`): set after the flags are parsed.
+_MODEL_KEYS: dict[str, object] = {}
+
+
+def _model_value(text: str, default):
+  """A command-line value as the type of the model key's default."""
+  if isinstance(default, bool):
+    return text.lower() in ('1', 'true', 'yes')
+  if isinstance(default, (int, float, tuple)):
+    value = ast.literal_eval(text)
+    return tuple(value) if isinstance(default, tuple) else type(default)(value)
+  return text
+
+
 def check_arguments(argv: list[str]) -> list[str]:
   """Before absl parses the flags: the config file exists (as given, or in the repository) and
-  loads, and every `--config.KEY` override names a key of it (else one line, with the closest
-  key). Returns `argv` with the config file's path resolved."""
+  loads, and every `--config.KEY` override names a key of it or of the model it names (else
+  one line, with the closest key). Returns `argv` with the config file's path resolved and the
+  model keys the file leaves out taken aside (`_MODEL_KEYS`)."""
   specs = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
   if not specs:
     return argv
@@ -69,22 +86,37 @@ def check_arguments(argv: list[str]) -> list[str]:
   if not os.path.isfile(path):
     _mistake(f'--config={specs[-1]}: no config file {path!r} (from {os.getcwd()!r})')
   try:
-    keys = _flat_keys(alma_config.load(specs[-1]).to_dict())
+    loaded = alma_config.load(specs[-1])
   except ValueError as error:
     _mistake(f'--config={specs[-1]}: {error}')
+  keys = _flat_keys(loaded.to_dict())
+  names = [a.split('=', 1)[1] for a in argv if a.startswith('--config.model.name=')]
+  model_defaults = models.defaults(names[-1] if names else loaded.model.get('name', ''))
+  kept = []
   for arg in argv:
     if arg.startswith('--config.'):
-      key = arg[len('--config.'):].split('=', 1)[0]
+      key, _, text = arg[len('--config.'):].partition('=')
+      model_key = key[len('model.'):] if key.startswith('model.') else None
+      if key not in keys and model_key in model_defaults:
+        try:
+          _MODEL_KEYS[model_key] = _model_value(text, model_defaults[model_key])
+        except (ValueError, SyntaxError):
+          _mistake(f'--config.{key}={text}: not a value of the type of its default '
+                   f'{model_defaults[model_key]!r}')
+        continue
       if key not in keys:
-        close = difflib.get_close_matches(key, keys, 1)
+        candidates = keys + [f'model.{k}' for k in model_defaults]
+        close = difflib.get_close_matches(key, candidates, 1)
         hint = f'; did you mean --config.{close[0]}?' if close else ''
         _mistake(f'--config.{key}: {path} has no key {key!r}{hint}')
+    kept.append(arg)
   resolved = f'--config={path}' + (f':{variant}' if variant else '')
-  return [resolved if a.startswith('--config=') else a for a in argv]
+  return [resolved if a.startswith('--config=') else a for a in kept]
 
 
 def _parse(argv: list[str]):
   argv = argv[:1] + check_arguments(argv[1:])
+  sys.argv[:] = argv  # config_flags reads its overrides from sys.argv too
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, TypeError, ValueError) as error:
@@ -96,7 +128,12 @@ def main(argv):
     _mistake(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
   try:
-    config = learners.with_defaults(_CONFIG.value)
+    config = _CONFIG.value
+    if _MODEL_KEYS:
+      with config.unlocked():
+        for key, value in _MODEL_KEYS.items():
+          config.model[key] = value
+    config = learners.with_defaults(config)
     backend.configure(config.backend)  # XLA flags are read when the backend starts
     if _DRY_RUN.value:
       print(json.dumps({'config': json.loads(config.to_json_best_effort()),

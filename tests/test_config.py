@@ -113,6 +113,17 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
   assert plan['train_step_flops'] > 0
 
 
+def test_a_key_of_the_named_model_can_be_set_though_the_config_file_lacks_it():
+  out = run_main('--config=configs/fashion_mnist.py:tiny', '--config.model.name=moe_mlp',
+                 '--config.model.num_experts=4', '--dry_run')
+  assert out.returncode == 0, out.stderr
+  printed = json.loads(out.stdout)
+  assert printed['config']['model']['num_experts'] == 4
+  # 4 experts of 784x64 and of 64x64 (with biases), their gates, the head
+  experts = 4 * (784 * 64 + 64) + 4 * (64 * 64 + 64) + (784 * 4 + 4) + (64 * 4 + 4) + 650
+  assert printed['plan']['params_at_start'] == experts
+
+
 def test_a_nan_saved_and_given_again_is_no_protocol_change():
   nan = float('nan')
   given = lambda rate: {'optimizer': {'learning_rate': rate}}
