@@ -73,7 +73,8 @@ def base() -> ml_collections.ConfigDict:
       microbatches=1,          # gradient accumulation: a batch's update from this many slices
       compiled_epoch='auto'))  # 'yes': an epoch is one compiled loop; 'no': a step per call
   # Devices splitting each batch (0: all that `member` leaves) x devices holding different members.
-  c.mesh = ml_collections.ConfigDict(dict(data=0, member=1))
+  # shard_params: FSDP, each member's parameters and optimizer state split over `data` too.
+  c.mesh = ml_collections.ConfigDict(dict(data=0, member=1, shard_params=False))
   # Checkpoints kept: 0 keeps one per arrival (what analysis reads back); else the newest n.
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=0))
   # Console: a progress bar while a round trains ('auto': when stderr is a terminal; 'on',

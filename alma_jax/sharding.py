@@ -2,7 +2,8 @@
 
 The mesh has two axes: `member` (devices that hold different ensemble members) and `data`
 (devices that split each batch). Batches are split over `data`; a stack of members is split over
-`member` (its leading axis); the data set and everything else is replicated. With several
+`member` (its leading axis), and with `config.mesh.shard_params` its parameters and optimizer
+states over `data` too (FSDP); the data set and everything else is replicated. With several
 processes (hosts), the mesh spans the devices of all of them.
 """
 from __future__ import annotations
@@ -42,9 +43,25 @@ def microbatch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, DATA))
 
 
-def stacked(mesh, count: int) -> NamedSharding:
-  """A stack of `count` members split over the `member` axis (replicated if it does not divide)."""
-  return NamedSharding(mesh, P(MEMBER) if count % mesh.shape[MEMBER] == 0 else P())
+def stacked(mesh, tree, shard_params: bool = False):
+  """Shardings (a tree like `tree`, whose leaves have a leading member axis) of a stack of
+  members: split over the `member` axis where the member count divides it, else replicated.
+  With `shard_params` (FSDP), each leaf's largest other dimension that the `data` axis divides
+  is split over `data` as well: every device holds 1/data of the members' parameters and
+  optimizer states, and XLA gathers them where a step needs them whole."""
+  def leaf(x):
+    shape = np.shape(x)
+    if not shape:
+      return NamedSharding(mesh, P())
+    spec = [MEMBER if shape[0] % mesh.shape[MEMBER] == 0 else None]
+    spec += [None] * (len(shape) - 1)
+    data = mesh.shape[DATA]
+    if shard_params and data > 1 and len(shape) > 1:
+      fits = [d for d in range(1, len(shape)) if shape[d] % data == 0]
+      if fits:
+        spec[max(fits, key=lambda d: (shape[d], d))] = DATA
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(leaf, tree)
 
 
 def global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -45,11 +45,6 @@ def pad_indices(indices: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
   return padded, n
 
 
-def _count(stack) -> int:
-  """Members in a stack (the leading axis of its leaves)."""
-  return jax.tree.leaves(stack)[0].shape[0]
-
-
 def _block(array, start, size):
   return jax.lax.dynamic_slice_in_dim(array, start, size)
 
@@ -109,6 +104,7 @@ class Trainer:
   # penalty(params, anchor) -> scalar added to every batch's mean loss, `anchor` a tree of
   # arrays that `train_epoch` is given (e.g. the parameters of an earlier round); None: none.
   penalty: Callable | None = None
+  shard_params: bool = False  # FSDP: members' parameters and optimizer states split over `data`
 
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
@@ -128,15 +124,21 @@ class Trainer:
     `place`), so that a call on its own outputs finds the program it compiled."""
     def placed(variables, opt_state, *rest):
       out = update(variables, opt_state, *rest)
-      return jax.lax.with_sharding_constraint(out, sharding.stacked(self.mesh, _count(variables)))
+      return jax.lax.with_sharding_constraint(
+          out, sharding.stacked(self.mesh, out, self.shard_params))
     return placed
 
   def place(self, variables, opt_state, copy: bool = False):
     """A stack of members and its optimizer states split over the mesh's member axis: where
     the compiled epochs take and leave them (a no-op for their own outputs, unless `copy`:
     fresh buffers, for a caller that still holds the ones training will donate)."""
-    return jax.device_put((variables, opt_state), sharding.stacked(self.mesh, _count(variables)),
+    return jax.device_put((variables, opt_state),
+                          sharding.stacked(self.mesh, (variables, opt_state), self.shard_params),
                           may_alias=False if copy else None)
+
+  def place_members(self, variables):
+    """A stack of members' variables where the compiled epochs take them (see `place`)."""
+    return jax.device_put(variables, sharding.stacked(self.mesh, variables, self.shard_params))
 
   def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
                   resample: bool = False, anchor=None):

@@ -29,6 +29,7 @@ config.stream.num_megabatches = 3
 config.train.update(max_epochs=3, patience=3)
 config.learner.update(name={learner!r}, num_members=4)
 config.mesh.member = {member}
+config.mesh.shard_params = {shard_params}
 summary = run.run(config, {workdir!r})
 if jax.process_index() == 0:
   rows = [json.loads(l) for l in open({workdir!r} + '/metrics.jsonl')]
@@ -38,10 +39,10 @@ if jax.process_index() == 0:
 
 
 def command(idx_dir, workdir, learner='finetune', member=1, coordinator='', processes=1,
-            process=0):
+            process=0, shard_params=False):
   script = SCRIPT.format(tests=os.path.join(REPO, 'tests'), data=idx_dir, workdir=str(workdir),
                          learner=learner, member=member, coordinator=coordinator,
-                         processes=processes, process=process)
+                         processes=processes, process=process, shard_params=shard_params)
   return [sys.executable, '-c', script]
 
 
@@ -67,6 +68,61 @@ def test_eight_devices_of_data_parallelism_match_one(idx_dir, tmp_path):
   eight = run_with_devices(8, idx_dir, tmp_path / 'eight')
   assert one['devices'] == 1 and eight['devices'] == 8
   assert_same_run(one, eight)
+
+
+def test_parameters_sharded_over_eight_devices_match_one_and_restore_on_one(idx_dir, tmp_path):
+  """FSDP: 2 members x 4 data devices, each member's parameters and optimizer state split over
+  the data axis; the checkpoint restores here, on 1 device, and evaluates as logged."""
+  one = run_with_devices(1, idx_dir, tmp_path / 'one', learner='k_ensemble')
+  eight = run_with_devices(8, idx_dir, tmp_path / 'eight', learner='k_ensemble', member=2,
+                           shard_params=True)
+  assert_same_run(one, eight)
+  written = analyze.Run(str(tmp_path / 'eight'))
+  assert written.evaluate(3)['error'] == eight['errors'][-1]
+
+
+MEMORY = '''
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp
+from conftest import tiny_config
+from alma_jax import data, learners, run, sharding
+config = tiny_config({data!r})
+config.model.update(hidden=1024)
+config.mesh.shard_params = {shard_params}
+dataset = data.load(config.data)
+mesh = sharding.make_mesh()
+learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+variables = learner.new_members(jax.random.key(0), 1)
+opt_state = learner.init_optimizer(variables)
+variables, opt_state = learner.trainer.place(variables, opt_state)
+indices = jnp.zeros((1, 1024), jnp.int32)
+weights = jnp.ones((1, 1024), jnp.float32)
+keys = jax.random.split(jax.random.key(1), 1)
+compiled = learner.trainer._epochs[False].lower(
+    variables, opt_state, learner.data.train_images, learner.data.train_labels, indices, weights,
+    1024, keys, 0, None).compile()
+memory = compiled.memory_analysis()
+shards = [s.data.nbytes for s in jax.tree.leaves(variables)[0].addressable_shards]
+print(json.dumps({{'arguments': memory.argument_size_in_bytes,
+                   'parameter_shard': max(shards)}}))
+'''
+
+
+def test_sharded_parameters_take_an_eighth_of_the_memory_per_device(idx_dir):
+  """A model whose parameters dominate (MLP, two hidden layers of 1024): per device, the
+  compiled epoch's arguments (parameters, optimizer state, the data set) shrink by the
+  parameters' share, to about 1/8 of it."""
+  measured = {}
+  for shard in (False, True):
+    script = MEMORY.format(tests=os.path.join(REPO, 'tests'), data=idx_dir, shard_params=shard)
+    out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+                         capture_output=True, text=True, timeout=300, check=True)
+    measured[shard] = json.loads(out.stdout.strip().splitlines()[-1])
+  data_bytes = 1200 * 144 + 1200 * 4 + 400 * 144 + 400 * 4  # the synthetic set, replicated
+  state = lambda m: m['arguments'] - data_bytes
+  assert measured[True]['parameter_shard'] * 8 == measured[False]['parameter_shard']
+  assert state(measured[True]) < 0.15 * state(measured[False])
 
 
 def test_members_split_over_devices_match_one_device_and_restore_on_one(idx_dir, tmp_path):

@@ -164,7 +164,7 @@ class MemberLearner:
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
                                       self.example),
-        config.train.microbatches, plan.penalty)
+        config.train.microbatches, plan.penalty, config.mesh.get('shard_params', False))
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
                                               spmd_axis_name=sharding.MEMBER),
                                      config.train.eval_batch_size, mesh)
@@ -175,8 +175,7 @@ class MemberLearner:
   def new_members(self, key, count: int):
     """The variables of `count` freshly initialized members, stacked and placed where trained
     members are (so both share one compiled evaluation and epoch)."""
-    return jax.device_put(self._init_members(key, count),
-                          sharding.stacked(self.trainer.mesh, count))
+    return self.trainer.place_members(self._init_members(key, count))
 
   def member(self, variables, i: int, count: int = 1):
     """Members i .. i + count - 1 of a stack (negative i counts from the end)."""
@@ -269,13 +268,12 @@ class MemberLearner:
     if 'variables' not in tree:
       tree = {**{k: v for k, v in tree.items() if k != 'params'},
               'variables': {'params': tree['params']}}
-    count = int(np.shape(tree['member_weights'])[0])
     opt_state = None
     if self.keep_optimizer:  # optax states are named tuples: rebuild them from a template
       template = jax.eval_shape(self.init_optimizer, tree['variables'])
       opt_state = base.restore_like(template, tree['opt_state'])
     return MembersState(
-        jax.device_put(tree['variables'], sharding.stacked(self.trainer.mesh, count)),
+        self.trainer.place_members(tree['variables']),
         tree['member_weights'], np.int64(tree['rounds']), opt_state, tree.get('extra', {}))
 
 
