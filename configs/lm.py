@@ -10,7 +10,7 @@ small's shape (width 768, 12 blocks of 12 heads, 1024-byte context, bfloat16 com
 accelerators). Larger models: `--config.train.microbatches=K` accumulates each batch's gradient
 over K slices, `--config.model.remat=True` recomputes block activations in the backward pass.
 Subword tokens: `--config.data.tokenizer=PATH.model` (a SentencePiece model file).
-Variants: `:tiny` is a seconds-long smoke run; `:gpt2_small`.
+Variants: `:tiny` is a seconds-long smoke run; `:gpt2_small`; `:gpt2_medium` (sharded, FSDP).
 """
 import ml_collections
 
@@ -31,13 +31,23 @@ def get_config(variant: str = ''):
                  eval_batch_size=512)
   c.log.epochs = True
   return alma_config.apply_variants(c, variant, 'configs/lm.py',
-                                    {'tiny': _tiny, 'gpt2_small': _gpt2_small})
+                                    {'tiny': _tiny, 'gpt2_small': _gpt2_small,
+                                     'gpt2_medium': _gpt2_medium})
 
 
 def _gpt2_small(c):
   """GPT-2 small's shape over bytes (86M parameters), bfloat16 compute (for accelerators)."""
   c.model.update(width=768, depth=12, heads=12, context=1024, dtype='bfloat16')
   c.data.sequence_length = 1024
+
+
+def _gpt2_medium(c):
+  """GPT-2 medium's shape over bytes (width 1024, 24 blocks of 16 heads: about 303M
+  parameters), bfloat16 compute, parameters and optimizer state sharded over the data axis
+  (FSDP): for several accelerators."""
+  c.model.update(width=1024, depth=24, heads=16, context=1024, dtype='bfloat16')
+  c.data.sequence_length = 1024
+  c.mesh.shard_params = True
 
 
 def _tiny(c):

@@ -1,0 +1,76 @@
+"""Memory per device of a compiled ALMA epoch with and without sharded parameters (FSDP).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmark_fsdp.py \
+        [--config=configs/lm.py:gpt2_medium] [--out=experiments/results/fsdp_<backend>.json]
+
+Builds the learner of the config over every device, lowers and compiles one member's epoch for
+abstract inputs (nothing is allocated or trained), and writes XLA's memory analysis per device
+(arguments: parameters, optimizer state and data; outputs; temporaries) with `mesh.shard_params`
+off and on, as configured and with `model.remat` and 16 microbatches, and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import common
+import jax
+import jax.numpy as jnp
+
+from alma_jax import config as alma_config, data, learners, run, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def epoch_memory(config) -> dict:
+  dataset = data.load(config.data)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+  learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+  trainer = learner.trainer
+  variables = jax.eval_shape(lambda k: learner._init_members(k, 1), jax.random.key(0))
+  opt_state = jax.eval_shape(learner.init_optimizer, variables)
+  placed = sharding.stacked(mesh, (variables, opt_state), config.mesh.shard_params)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          (variables, opt_state), placed)
+  n = 4 * config.train.batch_size
+  indices = jax.ShapeDtypeStruct((1, n), jnp.int32)
+  weights = jax.ShapeDtypeStruct((1, n), jnp.float32)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(1), 1))
+  compiled = trainer._epochs[False].lower(*abstract, learner.data.train_images,
+                                          learner.data.train_labels, indices, weights, n, keys,
+                                          0, None).compile()
+  memory = compiled.memory_analysis()
+  params = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(variables['params']))
+  return {'parameter_bytes': params, 'argument_bytes': memory.argument_size_in_bytes,
+          'output_bytes': memory.output_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,
+          'devices': jax.device_count()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'lm.py:gpt2_medium'))
+  parser.add_argument('--out', default=os.path.join(
+      ROOT, 'experiments', 'results', f'fsdp_{jax.default_backend()}.json'))
+  args = parser.parse_args()
+  results = {}
+  for setting, overrides in (('as_configured', {}),
+                             ('remat_16_microbatches', {'remat': True, 'microbatches': 16})):
+    for shard in (False, True):
+      config = alma_config.load(args.config)
+      config.mesh.shard_params = shard
+      if overrides:
+        config.model.remat = overrides['remat']
+        config.train.microbatches = overrides['microbatches']
+      name = f"{setting}_{'sharded' if shard else 'replicated'}"
+      results[name] = epoch_memory(config)
+      print(name, results[name], flush=True)
+    sharded, replicated = results[f'{setting}_sharded'], results[f'{setting}_replicated']
+    total = lambda r: r['argument_bytes'] + r['temp_bytes']
+    results[f'{setting}_ratio_arguments'] = (sharded['argument_bytes']
+                                             / replicated['argument_bytes'])
+    results[f'{setting}_ratio_arguments_and_temporaries'] = total(sharded) / total(replicated)
+  common.write_result({**common.environment(), 'config': args.config, **results}, args.out)
+
+
+if __name__ == '__main__':
+  main()
