@@ -19,12 +19,14 @@ from alma_jax.learners import moe, single
 @dataclasses.dataclass(frozen=True)
 class Registration:
   """plan(learner config) -> members.Plan.
-  models: the member models it can train (None: any), and why (said when a pair is refused).
-  train_defaults(model name) -> {train key: value} for the keys a config leaves None."""
+  models: the member models it can train (None: any); refuses: models it cannot; why: said
+  when a pair is refused. train_defaults(model name) -> {train key: value} for the keys a
+  config leaves None."""
   plan: Callable[..., members.Plan]
   models: tuple[str, ...] | None = None
   why: str = ''
   train_defaults: Callable[[str], dict] = lambda model: {}
+  refuses: tuple[str, ...] = ()
 
 
 _LEARNERS: dict[str, Registration] = {}
@@ -33,11 +35,13 @@ _LEARNERS: dict[str, Registration] = {}
 TRAIN_DEFAULTS = {'patience': 25, 'patience_delta': 0.001}
 
 
-def register(name: str, plan, models=None, why: str = '', train_defaults=None) -> None:
+def register(name: str, plan, models=None, why: str = '', train_defaults=None,
+             refuses=()) -> None:
   """Makes `config.learner.name=name` train with `plan` (see Registration)."""
   defaults = train_defaults if callable(train_defaults) else (
       lambda model, d=dict(train_defaults or {}): d)
-  _LEARNERS[name] = Registration(plan, tuple(models) if models else None, why, defaults)
+  _LEARNERS[name] = Registration(plan, tuple(models) if models else None, why, defaults,
+                                 tuple(refuses))
 
 
 def names() -> tuple[str, ...]:
@@ -71,9 +75,16 @@ def check(c) -> None:
 def check_model(learner: str, model: str) -> None:
   """Raises ValueError naming both keys if `learner` cannot train members of `model`."""
   entry = _LEARNERS.get(learner)
-  if entry is not None and entry.models is not None and model not in entry.models:
-    raise ValueError(f'config.learner.name={learner!r} with config.model.name={model!r}: '
-                     f'{entry.why or "not supported"}; its models: {", ".join(entry.models)}')
+  if entry is None:
+    return
+  if entry.models is not None and model not in entry.models:
+    allowed = f'its models: {", ".join(entry.models)}'
+  elif model in entry.refuses:
+    allowed = f'not over {", ".join(entry.refuses)}'
+  else:
+    return
+  raise ValueError(f'config.learner.name={learner!r} with config.model.name={model!r}: '
+                   f'{entry.why or "not supported"}; {allowed}')
 
 
 def with_defaults(config):
@@ -104,7 +115,6 @@ def create(config, dataset, data, mesh):
 # stops early (bagging.py:136-205): patience 100 = all of max_epochs 100. Its MoE-MLP
 # (configs/mnist/test_finetune_moe.yaml) trains with patience 100.
 ALL_EPOCHS = {'patience': 100, 'patience_delta': 0.0}
-UNMIXED = tuple(m for m in models.names() if m not in models.MIXTURES)
 register('finetune', single.finetune,
          train_defaults=lambda model: {'patience': 100} if model == 'moe_mlp' else {})
 register('from_scratch', single.from_scratch)
@@ -112,7 +122,8 @@ register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS)
 register('gens', gens.gens)
 register('bagging', bagging.bagging, train_defaults=ALL_EPOCHS)
 register('boosting', boosting.boosting)
-register('agg_ensemble', agg_ensemble.agg_ensemble, UNMIXED,
-         'its members are copies of one Flax module, summed', ALL_EPOCHS)
+register('agg_ensemble', agg_ensemble.agg_ensemble, None,
+         'its members are copies of one Flax module, summed', ALL_EPOCHS,
+         refuses=tuple(models.MIXTURES))
 register('gmoe', moe.gmoe, tuple(models.MIXTURES), 'it grows the experts of a mixture model')
 register('firefly', firefly.firefly, ('mlp', 'vgg'), 'it grows the neurons of a chain of layers')
