@@ -218,8 +218,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   the learner's defaults (None) are checked at those defaults."""
   from alma_jax import data, learners, models, optim, stream
   from alma_jax.learners import base
-  import_extensions(c)
-  c = learners.with_defaults(c)
+  c = learners.with_defaults(c)  # imports the config's extensions first
   _finite(c)
   data.check(c.data)
   stream.check(c.stream)
