@@ -24,7 +24,7 @@ from absl import logging
 import numpy as np
 
 from alma_jax import checkpoint, config as alma_config, data, learners, metrics
-from alma_jax import run as alma_run, sharding
+from alma_jax import placement, run as alma_run, sharding
 
 
 class NotARunError(FileNotFoundError):
@@ -97,10 +97,11 @@ class Run:
 
   @functools.cached_property
   def learner(self):
-    """The run's learner, over its data set placed on the devices present."""
+    """The run's learner, over its data set placed as the run's config says, on the devices
+    present."""
     dataset = data.load(self.config.data)
-    return learners.create(self.config, dataset, alma_run.device_data(dataset, self._mesh),
-                           self._mesh)
+    return learners.create(self.config, dataset,
+                           placement.place(dataset, self._mesh, self.config.data), self._mesh)
 
   def predictor(self, t: int):
     """The learner state (the predictor) held after arrival `t`."""

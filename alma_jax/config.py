@@ -13,8 +13,10 @@ import os
 
 import ml_collections
 
-# Sections that may change when a run is resumed: they do not change what the run computes.
-RESUMABLE_SECTIONS = ('checkpoint', 'mesh', 'log', 'backend')
+# Sections and keys that may change when a run is resumed: they do not change what the run
+# computes.
+RESUMABLE = ('checkpoint', 'mesh', 'log', 'backend', 'data.placement', 'data.device_memory',
+             'data.prefetch')
 
 
 def base() -> ml_collections.ConfigDict:
@@ -33,7 +35,12 @@ def base() -> ml_collections.ConfigDict:
       augmentation='',   # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
       sequence_length=128,  # language models: tokens per example (the model's context)
       tokenizer='',         # language models: '' (bytes) or a SentencePiece model file
-      test_fraction=0.1))   # language models over text files: documents held out for the test
+      test_fraction=0.1,    # language models over text files: documents held out for the test
+      # Where the run reads the data (alma_jax/placement.py): 'device' (replicated on every
+      # device), 'host' (streamed from host memory), or 'auto': 'device' when the arrays fit
+      # in device_memory bytes of a device (0: half of the device's memory).
+      placement='auto', device_memory=0,
+      prefetch=4))          # 'host': batches gathered ahead by background threads (0: none)
 
   c.stream = ml_collections.ConfigDict(dict(
       num_megabatches=10,        # T
@@ -252,7 +259,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def protocol_differences(saved: dict, current: dict) -> list[str]:
-  """Keys (dotted) whose values differ between two configs, outside RESUMABLE_SECTIONS, both
+  """Keys (dotted) whose values differ between two configs, outside RESUMABLE, both
   completed with today's defaults (a key added since a run was written, at its default, is no
   difference; nor is NaN saved and NaN given)."""
 
@@ -271,4 +278,5 @@ def protocol_differences(saved: dict, current: dict) -> list[str]:
   complete = lambda d: flatten(from_saved(d).to_dict())
   a, b = complete(saved), complete(current)
   return sorted(k for k in set(a) | set(b)
-                if k.split('.')[0] not in RESUMABLE_SECTIONS and not same(a.get(k), b.get(k)))
+                if k.split('.')[0] not in RESUMABLE and k not in RESUMABLE
+                and not same(a.get(k), b.get(k)))

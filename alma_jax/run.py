@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from alma_jax import backend, checkpoint, config as alma_config, data, learners, metrics
+from alma_jax import placement
 from alma_jax import sharding, stream as alma_stream, workdir as workdirs
 from alma_jax.learners import base
 # The workdir's file names and refusals, as callers of the driver know them.
@@ -93,13 +94,6 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
       inference_flops=learner.inference_flops(learner_state),
       seconds=time.perf_counter() - began)
   return stream_state, learner_state, history
-
-
-def device_data(dataset, mesh) -> base.DeviceData:
-  """The data set's arrays on the mesh, replicated: what `learners.create` trains from."""
-  put = lambda x: sharding.global_array(x, sharding.replicated(mesh))
-  return base.DeviceData(put(dataset.train_images), put(dataset.train_labels),
-                         put(dataset.test_images), put(dataset.test_labels))
 
 
 def _fingerprint(config, stream, dataset) -> int:
@@ -181,7 +175,7 @@ def run(config, workdir: str) -> dict:
   backend.configure(config.backend)
   try:
     with backend.Compilations() as compiled, _interruptible() as stop_requested:
-      history, startup = _run(config, workdir, began, stop_requested)
+      history, startup, data_placement = _run(config, workdir, began, stop_requested)
   except Interrupted as stop:
     where = ('before its first arrival' if stop.arrival is None else
              f'after arrival {stop.arrival}, its checkpoint written')
@@ -189,7 +183,7 @@ def run(config, workdir: str) -> dict:
     raise
   timings = {'startup_seconds': startup, 'compile_seconds': compiled.seconds,
              'compilations': compiled.count, 'compilations_from_cache': compiled.loaded}
-  summary = {**metrics.summary(history), **timings}
+  summary = {**metrics.summary(history), **timings, 'data_placement': data_placement}
   if sharding.is_main_process():
     workdirs.write_atomic(os.path.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2))
   _say(metrics.format_summary(summary))
@@ -209,7 +203,7 @@ def _build(config):
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
                                    config.stream.permutation_seed,
                                    config.stream.validation_fraction)
-  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, placement.place(dataset, mesh, config.data), mesh)
   return mesh, dataset, stream, learner
 
 
@@ -232,12 +226,15 @@ def plan(config) -> dict:
       'test_examples': len(dataset.test_labels),
       'params_at_start': learner.params(learner.init(jax.random.key(config.seed))),
       'train_step_flops': flops['step'], 'forward_flops_per_example': flops['forward'],
+      'data_placement': placement.choose(config.data, dataset),
+      'data_bytes': placement.data_bytes(dataset),
       'mesh': dict(mesh.shape), 'backend': jax.default_backend(),
   }
 
 
-def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
-  """The arrivals left; the history, and the seconds from `began` to the first arrival."""
+def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
+  """The arrivals left; the history, the seconds from `began` to the first arrival, and where
+  the data was read from ('device' or 'host')."""
   workdirs.check(config, workdir)  # before creating anything
   if sharding.is_main_process():
     os.makedirs(workdir, exist_ok=True)
@@ -247,7 +244,7 @@ def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, floa
     return _run_locked(config, workdir, began, stop_requested)
 
 
-def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float]:
+def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
   mesh, dataset, stream, learner = _build(config)
   workdirs.check_same_data(workdir, dataset, config.data)
   sharding.check_hosts_agree('the config, the stream and the data',
@@ -288,4 +285,4 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
       except Interrupted as stop:
         stop.arrival = done if stop.arrival is None else stop.arrival
         raise
-  return history, startup
+  return history, startup, placement.choose(config.data, dataset)

@@ -38,6 +38,12 @@ def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def members_batch_sharded(mesh, members: int) -> NamedSharding:
+  """Batches of a stack of members (member, example, ...): members split over `member` where
+  their count divides it, examples over `data`."""
+  return NamedSharding(mesh, P(MEMBER if members % mesh.shape[MEMBER] == 0 else None, DATA))
+
+
 def microbatch_sharded(mesh) -> NamedSharding:
   """A batch cut into microbatches (microbatch, example, ...): examples split over `data`."""
   return NamedSharding(mesh, P(None, DATA))
@@ -77,6 +83,11 @@ def checkpointable(tree):
       return np.asarray(x)
     return x
   return jax.tree.map(convert, tree)
+
+
+def local_copy(x: jax.Array) -> np.ndarray:
+  """A replicated array as a host array (each process reads its own copy)."""
+  return np.asarray(x.addressable_data(0))
 
 
 def to_host(x) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""Pure, compiled train and evaluation steps over device-resident data.
+"""Pure, compiled train and evaluation steps.
 
-A training or evaluation set is a vector of indices into the data set's arrays, which live on the
-device for the whole run. Index vectors are padded to a few bucket sizes (`pad_indices`) so that a
+A training or evaluation set is a vector of indices into the data set's arrays. Arrays on the
+devices (`placement`) are gathered by index inside the compiled loops; arrays on the hosts are
+gathered there a few batches ahead and fed to a compiled step per batch, in the same order and
+with the same keys. Index vectors are padded to a few bucket sizes (`pad_indices`) so that a
 stream whose rounds differ in size compiles a handful of programs, not one per round; `n` says how
 many entries are real. A whole epoch runs as one compiled loop over batches; the host decides only
 between epochs.
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alma_jax import metrics, sharding
+from alma_jax import metrics, placement, sharding
 
 # loss_fn(variables, images, labels, weights, key) -> (sum of the weighted per-example losses,
 # updated non-parameter collections)
@@ -60,9 +62,16 @@ class Evaluator:
   batch_size: int
   mesh: Any
 
+  prefetch: int = 4  # host-resident data: blocks gathered ahead (see placement.prefetched)
+
   def __post_init__(self):
-    object.__setattr__(self, 'sums', jax.jit(self._sums,
-                                             out_shardings=sharding.replicated(self.mesh)))
+    replicated = sharding.replicated(self.mesh)
+    object.__setattr__(self, 'sums', jax.jit(self._sums, out_shardings=replicated))
+    object.__setattr__(self, '_fed_sums', jax.jit(
+        lambda model, images, labels, n, i: self.metric_fn(
+            model, images, labels, _valid(n, i * self.batch_size, self.batch_size)),
+        out_shardings=replicated))
+    object.__setattr__(self, '_add', jax.jit(functools.partial(jax.tree.map, jnp.add)))
 
   def _sums(self, model, images, labels, indices, n):
     def block_sums(i):
@@ -79,7 +88,18 @@ class Evaluator:
   def __call__(self, model, images, labels, indices: np.ndarray) -> dict:
     """Host sums of the metric over `indices` (a 1-D array of any length)."""
     padded, n = pad_indices(indices, self.batch_size)
-    return jax.device_get(self.sums(model, images, labels, padded, n))
+    if not placement.on_host(images):
+      return jax.device_get(self.sums(model, images, labels, padded, n))
+    blocks = padded[:max(-(-n // self.batch_size), 1) * self.batch_size].reshape(-1, self.batch_size)
+    where = sharding.batch_sharded(self.mesh)
+    fed = placement.prefetched(
+        lambda i: (placement.global_batch(images, blocks[i], where),
+                   placement.global_batch(labels, blocks[i], where)), len(blocks), self.prefetch)
+    total = None
+    for i, (block_images, block_labels) in enumerate(fed):
+      sums = self._fed_sums(model, block_images, block_labels, n, i)
+      total = sums if total is None else self._add(total, sums)
+    return jax.device_get(total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +125,7 @@ class Trainer:
   # arrays that `train_epoch` is given (e.g. the parameters of an earlier round); None: none.
   penalty: Callable | None = None
   shard_params: bool = False  # FSDP: members' parameters and optimizer states split over `data`
+  prefetch: int = 4  # host-resident data: batches gathered ahead (see placement.prefetched)
 
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
@@ -114,10 +135,13 @@ class Trainer:
         self._stacked(members(functools.partial(self._member_epoch, resample=resample),
                               *epoch_axes)), donate_argnums=(0, 1)) for resample in (False, True)})
     object.__setattr__(self, '_orders', {resample: jax.jit(
-        members(functools.partial(self._member_order, resample=resample), 0, 0, None, 0, None))
-        for resample in (False, True)})
+        members(functools.partial(self._member_order, resample=resample), 0, 0, None, 0, None),
+        out_shardings=sharding.replicated(self.mesh)) for resample in (False, True)})
     object.__setattr__(self, '_step', jax.jit(
         self._stacked(members(self._member_step, *epoch_axes)), donate_argnums=(0, 1)))
+    object.__setattr__(self, '_fed_step', jax.jit(
+        self._stacked(members(self._member_batch_step, 0, 0, 0, 0, 0, None, 0, None, 0)),
+        donate_argnums=(0, 1)))
 
   def _stacked(self, update):
     """`update(variables, opt_state, ...)` with its outputs placed as its inputs are (see
@@ -145,6 +169,9 @@ class Trainer:
     """Epoch `epoch` of every member (leading axis) over its first `n` indices; `anchor`
     (leading member axis) is what `penalty` compares each member's parameters with."""
     variables, opt_state = self.place(variables, opt_state)
+    if placement.on_host(images):
+      return self._fed_epoch(variables, opt_state, images, labels, indices, weights, n, keys,
+                             epoch, resample, anchor)
     if self.compiled_epoch:
       return self._epochs[resample](variables, opt_state, images, labels, indices, weights, n,
                                     keys, epoch, anchor)
@@ -152,6 +179,22 @@ class Trainer:
     for step in range(-(-n // self.batch_size)):
       variables, opt_state = self._step(variables, opt_state, images, labels, indices, weights,
                                         step, keys, epoch, anchor)
+    return variables, opt_state
+
+  def _fed_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
+                 resample, anchor):
+    """An epoch over host-resident arrays: the device draws the order, the host gathers each
+    step's batch of every member ahead of the step that takes it."""
+    order, weights = self._orders[resample](indices, weights, n, keys, epoch)
+    order, b = sharding.local_copy(order), self.batch_size
+    where = sharding.members_batch_sharded(self.mesh, order.shape[0])
+    batches = placement.prefetched(
+        lambda step: (placement.global_batch(images, order[:, step * b:(step + 1) * b], where),
+                      placement.global_batch(labels, order[:, step * b:(step + 1) * b], where)),
+        -(-n // b), self.prefetch)
+    for step, (batch_images, batch_labels) in enumerate(batches):
+      variables, opt_state = self._fed_step(variables, opt_state, batch_images, batch_labels,
+                                            weights, step, keys, epoch, anchor)
     return variables, opt_state
 
   def train_step(self, variables, opt_state, images, labels, weights, key, anchor=None):
@@ -211,8 +254,14 @@ class Trainer:
     b = self.batch_size
     block = jax.lax.with_sharding_constraint(_block(indices, step * b, b),
                                              sharding.batch_sharded(self.mesh))
-    return self.train_step(variables, opt_state, images[block], labels[block],
-                           _block(weights, step * b, b),
+    return self._member_batch_step(variables, opt_state, images[block], labels[block], weights,
+                                   step, key, epoch, anchor)
+
+  def _member_batch_step(self, variables, opt_state, images, labels, weights, step, key, epoch,
+                         anchor):
+    """Step `step` of one member's epoch, on its batch of that step."""
+    b = self.batch_size
+    return self.train_step(variables, opt_state, images, labels, _block(weights, step * b, b),
                            jax.random.fold_in(jax.random.fold_in(key, epoch), step + 1), anchor)
 
   def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch,

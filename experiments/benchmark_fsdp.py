@@ -17,7 +17,7 @@ import common
 import jax
 import jax.numpy as jnp
 
-from alma_jax import config as alma_config, data, learners, run, sharding
+from alma_jax import config as alma_config, data, learners, placement, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def epoch_memory(config) -> dict:
   dataset = data.load(config.data)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
-  learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   trainer = learner.trainer
   variables = jax.eval_shape(lambda k: learner._init_members(k, 1), jax.random.key(0))
   opt_state = jax.eval_shape(learner.init_optimizer, variables)

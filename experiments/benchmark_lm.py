@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alma_jax import backend, learners, run, sharding, steps
+from alma_jax import backend, learners, placement, sharding, steps
 
 
 def matmul_peak(seconds: float = 2.0) -> dict:
@@ -58,7 +58,7 @@ def _seconds(f, a, b, calls: int) -> float:
 def throughput(config, dataset, num_steps: int, peak: float) -> dict:
   """Tokens/s of `num_steps` train steps in one compiled epoch of the config's learner."""
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   batch, length = config.train.batch_size, config.data.sequence_length
   n = min(num_steps * batch, len(dataset.train_labels))
   indices, n = steps.pad_indices(np.arange(n)[None], batch)

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 from alma_jax import backend, config as alma_config, data, learners, sharding  # noqa: E402
 from alma_jax import stream as alma_stream  # noqa: E402
-from alma_jax.run import device_data  # noqa: E402
+from alma_jax.placement import device_data  # noqa: E402
 
 
 def timed_round(learner, round_data, repeats: int) -> float:

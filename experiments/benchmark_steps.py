@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from alma_jax import backend, config as alma_config, data, learners, sharding, steps  # noqa: E402
-from alma_jax.run import device_data  # noqa: E402
+from alma_jax.placement import device_data  # noqa: E402
 
 CONFIGS = {'mlp (h=64)': 'fashion_mnist.py', 'vgg (c=16)': 'fashion_mnist_conv.py'}
 

@@ -14,7 +14,7 @@ import os
 import common
 import jax
 
-from alma_jax import config as alma_config, data, learners, run, sharding
+from alma_jax import config as alma_config, data, learners, placement, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = (('fashion_mnist.py', 'auto'), ('lm.py', 'auto'), ('lm.py:gpt2_small', 'auto'),
@@ -33,7 +33,7 @@ def main():
       c.model.attention = attention
     dataset = data.load(c.data)
     mesh = sharding.make_mesh()
-    learner = learners.create(c, dataset, run.device_data(dataset, mesh), mesh)
+    learner = learners.create(c, dataset, placement.device_data(dataset, mesh), mesh)
     counts[f'{spec} (attention {attention})' if 'attention' in c.model else spec] = (
         learner.flops())
   common.write_result({**common.environment(), 'flops': counts}, args.out)

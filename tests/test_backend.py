@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from alma_jax import backend, data as alma_data, learners, run, sharding, steps
+from alma_jax import backend, data as alma_data, learners, placement, run, sharding, steps
 from alma_jax import stream as alma_stream
 from conftest import REPO
 
@@ -64,7 +64,7 @@ def test_fresh_members_and_trained_ones_share_their_compiled_programs(config):
   an epoch, a validation and a test evaluation compile once over a whole stream."""
   dataset = alma_data.load(config.data)
   mesh = sharding.make_mesh()
-  learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+  learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   indices, n = steps.pad_indices(np.arange(256)[None], config.train.batch_size)
   weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
   variables = learner.new_members(jax.random.key(0), 1)

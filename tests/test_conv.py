@@ -11,7 +11,7 @@ import pytest
 from alma_jax import config as alma_config, data, learners, metrics, run, sharding, steps
 from alma_jax.data import random_crop_flip
 from alma_jax.models import VGG, ResNet18
-from alma_jax.run import device_data
+from alma_jax.placement import device_data
 from conftest import REPO
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from alma_jax import data as alma_data, learners, sharding
-from alma_jax.run import device_data
+from alma_jax.placement import device_data
 from conftest import REPO
 from test_learners import first_round
 

@@ -9,7 +9,7 @@ import pytest
 from alma_jax import config as alma_config, data as alma_data, learners, metrics, run, sharding
 from alma_jax.learners import firefly as firefly_learner, moe as moe_learner
 from alma_jax.models import MLP, VGG, firefly, moe
-from alma_jax.run import device_data
+from alma_jax.placement import device_data
 from test_conv import conv_config
 from test_learners import first_round
 

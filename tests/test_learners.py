@@ -11,7 +11,7 @@ import pytest
 from alma_jax import config as alma_config, data as alma_data, learners, run, sharding, steps, stream as alma_stream
 from alma_jax.learners import boosting, moe as moe_learner
 from alma_jax.models import moe as moe_model
-from alma_jax.run import device_data
+from alma_jax.placement import device_data
 
 # Every learner over a model it trains, and some over the mixture-of-experts MLP.
 ALL = [(name, 'moe_mlp' if name == 'gmoe' else 'mlp') for name in learners.names()] + [

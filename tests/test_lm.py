@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alma_jax import config as alma_config, data, learners, metrics, optim, run, sharding
+from alma_jax import config as alma_config, data, learners, metrics, optim, placement, run, sharding
 from alma_jax.data import text
 from alma_jax.models import Transformer
 from alma_jax.models.transformer import CausalSelfAttention
@@ -107,7 +107,7 @@ def test_microbatches_accumulate_the_full_batch_update(corpus):
   updated = []
   for microbatches in (1, 4):
     c.train.microbatches = microbatches
-    learner = learners.create(c, dataset, run.device_data(dataset, mesh), mesh)
+    learner = learners.create(c, dataset, placement.device_data(dataset, mesh), mesh)
     variables = learner.member(learner.new_members(jax.random.key(0), 1), 0)
     one = jax.tree.map(lambda a: a[0], variables)
     batch = c.train.batch_size
@@ -182,7 +182,7 @@ def make_learner(c, name='finetune'):
   c.learner.name = name
   dataset = data.load(c.data)
   mesh = sharding.make_mesh()
-  return learners.create(c, dataset, run.device_data(dataset, mesh), mesh), dataset
+  return learners.create(c, dataset, placement.device_data(dataset, mesh), mesh), dataset
 
 
 def test_lm_ensembles_average_probabilities(corpus):

@@ -7,7 +7,7 @@ import pytest
 from alma_jax import learners, metrics, run, sharding
 from alma_jax import data as alma_data
 from alma_jax.models import VGG, moe
-from alma_jax.run import device_data
+from alma_jax.placement import device_data
 
 
 def test_cer_is_the_sum_of_the_anytime_errors():

@@ -330,9 +330,11 @@ def write_config(config, path):
 
 
 # A growing learner's tree after a kill: gMoE here; every learner resumes mid-stream in
-# test_learners.py.
-@pytest.mark.parametrize('learner', ['finetune', 'gmoe'])
-def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner):
+# test_learners.py. 'host': the data streamed from host memory (alma_jax/placement.py).
+@pytest.mark.parametrize('learner,where', [('finetune', 'device'), ('gmoe', 'device'),
+                                           ('finetune', 'host')])
+def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner, where):
+  config.data.placement = where
   config.learner.name = learner
   config.model.name = 'moe_mlp' if learner == 'gmoe' else 'mlp'
   config.learner.grow_every = 2

@@ -30,6 +30,7 @@ config.train.update(max_epochs=3, patience=3)
 config.learner.update(name={learner!r}, num_members=4)
 config.mesh.member = {member}
 config.mesh.shard_params = {shard_params}
+config.data.placement = {placement!r}
 summary = run.run(config, {workdir!r})
 if jax.process_index() == 0:
   rows = [json.loads(l) for l in open({workdir!r} + '/metrics.jsonl')]
@@ -39,10 +40,11 @@ if jax.process_index() == 0:
 
 
 def command(idx_dir, workdir, learner='finetune', member=1, coordinator='', processes=1,
-            process=0, shard_params=False):
+            process=0, shard_params=False, placement='device'):
   script = SCRIPT.format(tests=os.path.join(REPO, 'tests'), data=idx_dir, workdir=str(workdir),
                          learner=learner, member=member, coordinator=coordinator,
-                         processes=processes, process=process, shard_params=shard_params)
+                         processes=processes, process=process, shard_params=shard_params,
+                         placement=placement)
   return [sys.executable, '-c', script]
 
 
@@ -86,13 +88,13 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp
 from conftest import tiny_config
-from alma_jax import data, learners, run, sharding
+from alma_jax import data, learners, placement, run, sharding
 config = tiny_config({data!r})
 config.model.update(hidden=1024)
 config.mesh.shard_params = {shard_params}
 dataset = data.load(config.data)
 mesh = sharding.make_mesh()
-learner = learners.create(config, dataset, run.device_data(dataset, mesh), mesh)
+learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
 variables = learner.new_members(jax.random.key(0), 1)
 opt_state = learner.init_optimizer(variables)
 variables, opt_state = learner.trainer.place(variables, opt_state)
@@ -143,10 +145,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(idx_dir, workdir):
+def start_processes(idx_dir, workdir, **kwargs):
   coordinator = f'127.0.0.1:{free_port()}'
   return [subprocess.Popen(command(idx_dir, workdir, coordinator=coordinator, processes=2,
-                                   process=i),
+                                   process=i, **kwargs),
                            cwd=REPO, env=env(2), stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
           for i in range(2)]
@@ -175,6 +177,19 @@ def test_two_processes_match_one_and_resume_after_both_are_killed(idx_dir, tmp_p
   assert two['devices'] == 4
   assert f'Resuming {workdir} after arrival' in outputs[0]
   assert 'Resuming' not in outputs[1]  # only process 0 writes the console
+  assert_same_run(one, two)
+
+
+def test_two_processes_streaming_their_halves_of_each_batch_match_one(idx_dir, tmp_path):
+  """Data on the hosts: 2 members over 2 processes of 2 devices (member 2 x data 2), each
+  process reading only its own devices' rows of every batch, give the one-device run."""
+  one = run_with_devices(1, idx_dir, tmp_path / 'one', learner='k_ensemble')
+  processes = start_processes(idx_dir, tmp_path / 'two', learner='k_ensemble', member=2,
+                              placement='host')
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  assert all(p.returncode == 0 for p in processes)
+  two = json.loads(outputs[0].strip().splitlines()[-1])
+  assert two['devices'] == 4
   assert_same_run(one, two)
 
 

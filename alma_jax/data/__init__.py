@@ -149,6 +149,11 @@ def check(c) -> None:
       fail(f'data.{key}', c[key], 'must be >= 0 (0: all)')
   if c.pad_to < 0:
     fail('data.pad_to', c.pad_to, 'must be >= 0 (0: no padding)')
+  if c.placement not in ('auto', 'device', 'host'):
+    fail('data.placement', c.placement, "must be 'auto', 'device' or 'host'")
+  for key in ('device_memory', 'prefetch'):
+    if c[key] < 0:
+      fail(f'data.{key}', c[key], 'must be >= 0')
 
 
 def load(config) -> Dataset:

@@ -9,7 +9,7 @@ A learner is a set of pure functions over its own state (a pytree of arrays):
   restore(tree) -> state                 rebuild the state from a checkpointed tree
 
 The object holding these functions keeps only what never changes over a run (the model, the
-optimizer, the compiled steps, the device-resident data), so a state saved at any arrival
+optimizer, the compiled steps, the placed data), so a state saved at any arrival
 describes the learner completely.
 """
 from __future__ import annotations
@@ -24,17 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alma_jax import steps
+from alma_jax import placement, steps
 from alma_jax.stream import Round
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceData:
-  """The data set's arrays, placed once on the devices (replicated) for the whole run."""
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +131,7 @@ def counted(flops: float | None) -> float:
   return math.nan if flops is None else flops
 
 
-def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: DeviceData,
+def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state, data: placement.DataArrays,
         train: np.ndarray, valid: np.ndarray, key, train_config, flops: dict,
         weights: np.ndarray | None = None, progress=None,
         resample: bool = False, anchor=None) -> tuple[Any, Any, RoundReport]:

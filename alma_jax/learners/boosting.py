@@ -20,23 +20,22 @@ from alma_jax import sharding, steps
 from alma_jax.learners import gens, members
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _member_mistakes(apply_fn, variables, images, labels, indices, block):
-  """(M, n) 1.0 where member m misclassifies example indices[i] (indices padded to `block`)."""
-  def one_block(idx):
-    logits = jax.vmap(apply_fn, (0, None))(variables, images[idx])
-    return (jnp.argmax(logits, -1) != labels[idx]).astype(jnp.float32)
-  mistakes = jax.lax.map(one_block, indices.reshape(-1, block))  # (blocks, M, block)
-  return jnp.moveaxis(mistakes, 1, 0).reshape(mistakes.shape[1], -1)
+@functools.partial(jax.jit, static_argnums=0)
+def _member_mistakes(apply_fn, variables, images, labels):
+  """(M, B) 1.0 where member m misclassifies example b."""
+  logits = jax.vmap(apply_fn, (0, None))(variables, images)
+  return (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
 
 
 def mistakes(learner, variables, indices: np.ndarray) -> np.ndarray:
   """(M, n) 1.0 where member m of `variables` misclassifies training example indices[i]."""
   block = learner.config.train.eval_batch_size
   padded, n = steps.pad_indices(indices, block)
-  return sharding.to_host(_member_mistakes(learner.apply_fn, variables,
-                                          learner.data.train_images, learner.data.train_labels,
-                                          padded, block))[:, :n]
+  blocks = padded[:max(-(-n // block), 1) * block].reshape(-1, block)
+  miss = [sharding.to_host(_member_mistakes(learner.apply_fn, variables,
+                                            *learner.data.batch(b, learner.trainer.mesh)))
+          for b in blocks]
+  return np.concatenate(miss, axis=1)[:, :n]
 
 
 def samme(miss: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

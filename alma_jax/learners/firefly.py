@@ -35,13 +35,13 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
   split_all = [np.arange(c['split'].shape[-1]) for c in cands]
   new_all = [np.arange(c['new_in'].shape[-1]) for c in cands]
   ones = ([jnp.ones(len(i)) for i in split_all], [jnp.ones(len(i)) for i in new_all])
-  images, labels = learner.data.train_images, learner.data.train_labels
 
   def loss(cands, gates, batch):
+    images, labels = batch
     grown = firefly_model.grow(variables, layers, firefly_model.gated(cands, *gates), split_all,
                                new_all)
-    logits = learner.apply_fn(grown, images[batch])
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels[batch]))
+    logits = learner.apply_fn(grown, images)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
   def penalty(cands):
     return 1e-2 * sum(jnp.sum(c['split'] ** 2) + 1e-2 * jnp.sum(c['new_in'] ** 2) for c in cands)
@@ -57,7 +57,8 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
     return [clip(c) for c in cands], opt_state
 
   gate_grads = jax.jit(jax.grad(loss, argnums=1))
-  batches = _batches(indices, learner.config.train.batch_size, key)
+  batches = [learner.data.batch(b, learner.trainer.mesh)
+             for b in _batches(indices, learner.config.train.batch_size, key)]
   opt_state = optimizer.init(cands)
   for batch in batches:
     cands, opt_state = optimize_step(cands, opt_state, batch)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from alma_jax import metrics, optim, sharding, steps
+from alma_jax import metrics, optim, placement, sharding, steps
 from alma_jax.learners import base
 
 
@@ -110,7 +110,7 @@ def majority_vote(logits, weights):
 class MemberLearner:
   """A learner over a stack of members of one model; `plan` says how it trains and predicts."""
 
-  def __init__(self, config, dataset, data: base.DeviceData, mesh, plan: Plan, model):
+  def __init__(self, config, dataset, data: placement.DataArrays, mesh, plan: Plan, model):
     # A language model's members combine by their mean probability, which perplexity needs.
     combine = plan.combine if dataset.targets_per_example == 1 else mean_probs
     self.plan = plan
@@ -164,11 +164,13 @@ class MemberLearner:
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
                                       self.example),
-        config.train.microbatches, plan.penalty, config.mesh.get('shard_params', False))
+        config.train.microbatches, plan.penalty, config.mesh.get('shard_params', False),
+        config.data.prefetch)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
                                               spmd_axis_name=sharding.MEMBER),
-                                     config.train.eval_batch_size, mesh)
-    self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh)
+                                     config.train.eval_batch_size, mesh, config.data.prefetch)
+    self.tester = steps.Evaluator(test_metric, config.train.eval_batch_size, mesh,
+                                  config.data.prefetch)
     self._flops = {}
 
   # Members.

@@ -28,7 +28,7 @@ def leaf_usage(learner, variables, indices: np.ndarray) -> dict[str, float]:
     return {path: jnp.sum(weights * u) for path, u in usage.items()}
 
   evaluator = steps.Evaluator(usage_sums, learner.config.train.eval_batch_size,
-                              learner.trainer.mesh)
+                              learner.trainer.mesh, learner.config.data.prefetch)
   sums = evaluator(variables, learner.data.train_images, learner.data.train_labels, indices)
   return {path: float(v) for path, v in sums.items()}
 
