@@ -16,7 +16,7 @@ import ml_collections
 # Sections and keys that may change when a run is resumed: they do not change what the run
 # computes.
 RESUMABLE = ('checkpoint', 'mesh', 'log', 'backend', 'data.placement', 'data.device_memory',
-             'data.prefetch')
+             'data.prefetch', 'data.cache_dir')
 
 
 def base() -> ml_collections.ConfigDict:
@@ -36,6 +36,7 @@ def base() -> ml_collections.ConfigDict:
       sequence_length=128,  # language models: tokens per example (the model's context)
       tokenizer='',         # language models: '' (bytes) or a SentencePiece model file
       test_fraction=0.1,    # language models over text files: documents held out for the test
+      cache_dir='',         # language models: tokenized corpora ('': ~/.cache/alma_jax/corpora)
       # Where the run reads the data (alma_jax/placement.py): 'device' (replicated on every
       # device), 'host' (streamed from host memory), or 'auto': 'device' when the arrays fit
       # in device_memory bytes of a device (0: half of the device's memory).

@@ -100,7 +100,7 @@ def _fingerprint(config, stream, dataset) -> int:
   """A checksum of the protocol, the stream's mega-batches and the training labels."""
   crc = zlib.crc32(json.dumps(workdirs.config_dict(config), sort_keys=True).encode())
   for part in stream.train + stream.valid + (dataset.train_labels,):
-    crc = zlib.crc32(np.ascontiguousarray(part).tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(part), crc)
   return crc
 
 

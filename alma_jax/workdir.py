@@ -191,7 +191,7 @@ def check_results_are_checkpointed(workdir: str, start: int) -> None:
 def check_same_data(workdir: str, dataset, data_config) -> None:
   """Refuses to resume a run on data that changed since it started (at the same path, say),
   naming the arrays that differ; a new run records checksums of its arrays."""
-  parts = {name: zlib.crc32(np.ascontiguousarray(getattr(dataset, name)).tobytes())
+  parts = {name: zlib.crc32(np.ascontiguousarray(getattr(dataset, name)))
            for name in ('train_images', 'train_labels', 'test_images', 'test_labels')}
   path = os.path.join(workdir, DATA_FILE)
   if _has_results(workdir) and os.path.exists(path):

@@ -123,8 +123,8 @@ def test_microbatches_accumulate_the_full_batch_update(corpus):
 
 def test_bytes_pack_into_sequences_with_targets_shifted_by_one():
   documents = ['héllo wörld\n'.encode(), b'second document\n']
-  inputs, targets = text.pack(documents, sequence_length=5)
   joined = b''.join(documents)
+  inputs, targets = text.pack(np.frombuffer(joined, np.uint8), sequence_length=5)
   assert inputs.shape == targets.shape == ((len(joined) - 1) // 5, 5)
   np.testing.assert_array_equal(inputs.reshape(-1)[1:], targets.reshape(-1)[:-1])
   assert text.decode(np.concatenate([inputs.reshape(-1), targets[-1, -1:]])) == \
@@ -132,7 +132,7 @@ def test_bytes_pack_into_sequences_with_targets_shifted_by_one():
 
 
 def test_test_documents_are_held_out_whole(corpus):
-  documents = text.read_documents(corpus)
+  documents = [text.read(p) for p in text.document_paths(corpus)]
   train, test = text.split_documents(documents, 0.2)
   assert len(test) == 2 and len(train) == 8
   assert not set(train) & set(test)
@@ -145,7 +145,7 @@ def test_test_documents_are_held_out_whole(corpus):
 
 
 def test_shakespeare_default_reads_one_copy_of_each_work():
-  documents = text.read_documents(text.shakespeare_glob())
+  documents = [text.read(p) for p in text.document_paths(text.shakespeare_glob())]
   assert len(documents) == 42
   assert sum(map(len, documents)) > 4_000_000
   # The package also holds a second edition of most plays (*_gut_f.txt): none of it is read.
@@ -162,6 +162,58 @@ def test_lm1b_through_tfds(tmp_path):
     dataset = data.load(c.data)
   assert dataset.train_images.shape[1] == 8 and dataset.targets_per_example == 8
   np.testing.assert_array_equal(dataset.train_images[:, 1:], dataset.train_labels[:, :-1])
+
+
+def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
+    tmp_path, monkeypatch):
+  corpus = tmp_path / 'corpus'
+  (corpus / 'part').mkdir(parents=True)
+  for i in range(10):  # a directory is read whole, subfolders too
+    (corpus / ('part' if i % 2 else '') / f'doc{i}.txt').write_text(f'document {i} ' * 40)
+  c = lm_config(str(corpus))
+  c.data.update(cache_dir=str(tmp_path / 'cache'), max_train_examples=0, max_test_examples=0)
+  first = data.load(c.data)
+  folders = os.listdir(tmp_path / 'cache')
+  assert len(folders) == 1 and not folders[0].count('.tmp-')
+  monkeypatch.setattr(text, '_build', lambda *args: pytest.fail('tokenized again'))
+  again = data.load(c.data)
+  assert isinstance(again.train_images, np.memmap)
+  np.testing.assert_array_equal(again.train_images, first.train_images)
+  documents = {text.read(p) for p in text.document_paths(str(corpus))}
+  held_out = bytes(again.test_images.reshape(-1).tolist())
+  assert sum(d[:50] in held_out for d in documents) == 1  # one whole document of ten
+  assert first.train_images.size + first.test_images.size >= sum(map(len, documents)) - 64
+
+  (corpus / 'doc0.txt').write_text('changed ' * 40)  # a changed file is a new corpus
+  monkeypatch.undo()
+  data.load(c.data)
+  assert len(os.listdir(tmp_path / 'cache')) == 2
+
+
+def test_a_corpus_four_times_the_device_budget_streams_from_the_cache(tmp_path):
+  """The memory-mapped corpus stays on the host when it exceeds `data.device_memory`; the
+  streamed run is the run of the same corpus on the devices."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  rng = np.random.default_rng(1)
+  words = [''.join(rng.choice(list('etaoinshrdlu'), 5)) for _ in range(200)]
+  for i in range(8):
+    (corpus / f'{i}.txt').write_text(' '.join(rng.choice(words, 6000)))
+  c = lm_config(str(corpus))
+  c.data.update(cache_dir=str(tmp_path / 'cache'), max_train_examples=0, max_test_examples=256)
+  c.stream.num_megabatches = 2
+  c.train.max_epochs = 1
+  size = placement.data_bytes(data.load(c.data))
+  assert size > 250_000
+  c.data.device_memory = size // 4 - 1
+  assert run.plan(c)['data_placement'] == 'host'
+  streamed = run.run(c, str(tmp_path / 'streamed'))
+  c.data.placement = 'device'
+  resident = run.run(c, str(tmp_path / 'resident'))
+  assert (streamed['data_placement'], resident['data_placement']) == ('host', 'device')
+  rows = lambda w: [json.loads(line)['test_loss'] for line in open(w / 'metrics.jsonl')]
+  np.testing.assert_allclose(rows(tmp_path / 'streamed'), rows(tmp_path / 'resident'),
+                             rtol=1e-6)
 
 
 def test_lm_metrics_per_token():

