@@ -16,7 +16,7 @@ import ml_collections
 # Sections and keys that may change when a run is resumed: they do not change what the run
 # computes.
 RESUMABLE = ('checkpoint', 'mesh', 'log', 'backend', 'data.placement', 'data.device_memory',
-             'data.prefetch', 'data.cache_dir')
+             'data.prefetch', 'data.feed_steps', 'data.cache_dir')
 
 
 def base() -> ml_collections.ConfigDict:
@@ -41,7 +41,8 @@ def base() -> ml_collections.ConfigDict:
       # device), 'host' (streamed from host memory), or 'auto': 'device' when the arrays fit
       # in device_memory bytes of a device (0: half of the device's memory).
       placement='auto', device_memory=0,
-      prefetch=4))          # 'host': batches gathered ahead by background threads (0: none)
+      feed_steps=8,         # 'host': steps whose batches one compiled call takes together
+      prefetch=4))          # 'host': such feeds gathered ahead by background threads (0: none)
 
   c.stream = ml_collections.ConfigDict(dict(
       num_megabatches=10,        # T

@@ -110,5 +110,5 @@ def prefetched(make, count: int, ahead: int):
   if ahead == 0 or count <= 1:
     return map(make, range(count))
   import grain  # only runs that stream pay for its import
-  options = grain.ReadOptions(num_threads=min(ahead, 4), prefetch_buffer_size=ahead)
+  options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=ahead)
   return iter(grain.MapDataset.range(count).map(make).to_iter_dataset(options))

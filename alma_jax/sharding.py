@@ -44,6 +44,12 @@ def members_batch_sharded(mesh, members: int) -> NamedSharding:
   return NamedSharding(mesh, P(MEMBER if members % mesh.shape[MEMBER] == 0 else None, DATA))
 
 
+def members_steps_sharded(mesh, members: int) -> NamedSharding:
+  """Several steps' batches of a stack of members (member, step, example, ...)."""
+  return NamedSharding(mesh, P(MEMBER if members % mesh.shape[MEMBER] == 0 else None, None,
+                               DATA))
+
+
 def microbatch_sharded(mesh) -> NamedSharding:
   """A batch cut into microbatches (microbatch, example, ...): examples split over `data`."""
   return NamedSharding(mesh, P(None, DATA))

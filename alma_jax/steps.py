@@ -125,7 +125,8 @@ class Trainer:
   # arrays that `train_epoch` is given (e.g. the parameters of an earlier round); None: none.
   penalty: Callable | None = None
   shard_params: bool = False  # FSDP: members' parameters and optimizer states split over `data`
-  prefetch: int = 4  # host-resident data: batches gathered ahead (see placement.prefetched)
+  prefetch: int = 4  # host-resident data: feeds gathered ahead (see placement.prefetched)
+  feed_steps: int = 8  # host-resident data: steps (batches) fed to one compiled call
 
   def __post_init__(self):
     members = lambda f, *axes: jax.vmap(f, in_axes=axes, spmd_axis_name=sharding.MEMBER)
@@ -139,9 +140,10 @@ class Trainer:
         out_shardings=sharding.replicated(self.mesh)) for resample in (False, True)})
     object.__setattr__(self, '_step', jax.jit(
         self._stacked(members(self._member_step, *epoch_axes)), donate_argnums=(0, 1)))
-    object.__setattr__(self, '_fed_step', jax.jit(
-        self._stacked(members(self._member_batch_step, 0, 0, 0, 0, 0, None, 0, None, 0)),
-        donate_argnums=(0, 1)))
+    object.__setattr__(self, '_fed_steps', {several: jax.jit(
+        self._stacked(members(functools.partial(self._member_batch_steps, several=several),
+                              0, 0, 0, 0, 0, None, 0, None, 0)), donate_argnums=(0, 1))
+        for several in (False, True)})
 
   def _stacked(self, update):
     """`update(variables, opt_state, ...)` with its outputs placed as its inputs are (see
@@ -183,18 +185,30 @@ class Trainer:
 
   def _fed_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
                  resample, anchor):
-    """An epoch over host-resident arrays: the device draws the order, the host gathers each
-    step's batch of every member ahead of the step that takes it."""
+    """An epoch over host-resident arrays: the device draws the order, the host gathers the
+    batches of `feed_steps` steps of every member at a time, ahead of the compiled call that
+    runs them (the steps left over run one by one)."""
     order, weights = self._orders[resample](indices, weights, n, keys, epoch)
-    order, b = sharding.local_copy(order), self.batch_size
-    where = sharding.members_batch_sharded(self.mesh, order.shape[0])
-    batches = placement.prefetched(
-        lambda step: (placement.global_batch(images, order[:, step * b:(step + 1) * b], where),
-                      placement.global_batch(labels, order[:, step * b:(step + 1) * b], where)),
-        -(-n // b), self.prefetch)
-    for step, (batch_images, batch_labels) in enumerate(batches):
-      variables, opt_state = self._fed_step(variables, opt_state, batch_images, batch_labels,
-                                            weights, step, keys, epoch, anchor)
+    order, b, k = sharding.local_copy(order), self.batch_size, self.feed_steps
+    total = -(-n // b)
+    feeds = [(s, k) for s in range(0, total - total % k, k)]
+    feeds += [(s, 1) for s in range(total - total % k, total)]
+    members = order.shape[0]
+    one, several = (sharding.members_batch_sharded(self.mesh, members),
+                    sharding.members_steps_sharded(self.mesh, members))
+
+    def feed(i):
+      first, count = feeds[i]
+      rows = order[:, first * b:(first + count) * b]
+      rows, where = (rows, one) if count == 1 else (rows.reshape(members, count, b), several)
+      return (placement.global_batch(images, rows, where),
+              placement.global_batch(labels, rows, where))
+
+    for i, (batch_images, batch_labels) in enumerate(
+        placement.prefetched(feed, len(feeds), self.prefetch)):
+      first, count = feeds[i]
+      variables, opt_state = self._fed_steps[count > 1](
+          variables, opt_state, batch_images, batch_labels, weights, first, keys, epoch, anchor)
     return variables, opt_state
 
   def train_step(self, variables, opt_state, images, labels, weights, key, anchor=None):
@@ -263,6 +277,17 @@ class Trainer:
     b = self.batch_size
     return self.train_step(variables, opt_state, images, labels, _block(weights, step * b, b),
                            jax.random.fold_in(jax.random.fold_in(key, epoch), step + 1), anchor)
+
+  def _member_batch_steps(self, variables, opt_state, images, labels, weights, first, key, epoch,
+                          anchor, several: bool):
+    """Steps first, first + 1, ... of one member's epoch on their batches, stacked on a
+    leading axis when `several` (one compiled loop), else the batch of step `first`."""
+    if not several:
+      return self._member_batch_step(variables, opt_state, images, labels, weights, first, key,
+                                     epoch, anchor)
+    body = lambda i, carry: self._member_batch_step(*carry, images[i], labels[i], weights,
+                                                    first + i, key, epoch, anchor)
+    return jax.lax.fori_loop(0, images.shape[0], body, (variables, opt_state))
 
   def _member_epoch(self, variables, opt_state, images, labels, indices, weights, n, key, epoch,
                     anchor, resample: bool):

@@ -154,6 +154,8 @@ def check(c) -> None:
   for key in ('device_memory', 'prefetch'):
     if c[key] < 0:
       fail(f'data.{key}', c[key], 'must be >= 0')
+  if c.feed_steps < 1:
+    fail('data.feed_steps', c.feed_steps, 'must be >= 1')
 
 
 def load(config) -> Dataset:

@@ -165,7 +165,7 @@ class MemberLearner:
                                                      jax.random.key(0)),
                                       self.example),
         config.train.microbatches, plan.penalty, config.mesh.get('shard_params', False),
-        config.data.prefetch)
+        config.data.prefetch, config.data.feed_steps)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
                                               spmd_axis_name=sharding.MEMBER),
                                      config.train.eval_batch_size, mesh, config.data.prefetch)

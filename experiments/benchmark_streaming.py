@@ -1,0 +1,83 @@
+"""Training throughput with the data streamed from host memory vs resident on the devices.
+
+    python experiments/benchmark_streaming.py [--config=configs/lm.py] [--steps=200] [--repeats=3]
+
+Trains the same epochs of the config's learner (the same examples, order and steps) with the
+data set on the devices (`data.placement=device`: one compiled loop per epoch) and on the host
+(`host`: a compiled step per batch, batches gathered by Grain `data.prefetch` batches ahead; and
+with prefetch 0, gathered when the step asks for them). A first epoch of each compiles; the timed
+epochs run with no compilation allowed, the placements interleaved; the best of `repeats` is
+kept. Writes experiments/results/streaming_<backend>.json.
+"""
+from __future__ import annotations
+
+import time
+
+import common
+import jax
+import numpy as np
+
+from alma_jax import backend, learners, placement, sharding, steps
+
+
+def epochs(config, dataset, where: str, num_steps: int):
+  """A function that runs epoch e of the config's learner over `num_steps` batches with the
+  data placed `where`, and returns its seconds."""
+  mesh = sharding.make_mesh()
+  data = (placement.device_data(dataset, mesh) if where == 'device' else
+          placement.DataArrays(dataset.train_images, dataset.train_labels, dataset.test_images,
+                               dataset.test_labels))
+  learner = learners.create(config, dataset, data, mesh)
+  n = min(num_steps * config.train.batch_size, len(dataset.train_labels))
+  indices, n = steps.pad_indices(np.arange(n)[None], config.train.batch_size)
+  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
+  state = list(learner.trainer.place(*_fresh(learner)))
+  keys = jax.random.split(jax.random.key(1), 1)
+
+  def run(epoch: int) -> float:
+    began = time.perf_counter()
+    state[:] = learner.trainer.train_epoch(*state, data.train_images, data.train_labels,
+                                           indices, weights, n, keys, epoch)
+    jax.block_until_ready(state)
+    return time.perf_counter() - began
+
+  return run, n
+
+
+def _fresh(learner):
+  variables = learner.new_members(jax.random.key(0), 1)
+  return variables, learner.init_optimizer(variables)
+
+
+def main():
+  args, c, dataset = common.lm_script(__doc__, '', steps=200, repeats=3)
+  variants = {'device': ('device', c.data.prefetch), 'host': ('host', c.data.prefetch),
+              'host_no_prefetch': ('host', 0)}
+  runs, first = {}, {}
+  for name, (where, prefetch) in variants.items():
+    c.data.prefetch = prefetch
+    runs[name], n = epochs(c, dataset, where, args.steps)
+    first[name] = runs[name](0)  # compiles
+  best = {name: float('inf') for name in variants}
+  with backend.no_compilation('the timed epochs'):
+    for repeat in range(args.repeats):
+      for name in variants:
+        best[name] = min(best[name], runs[name](repeat + 1))
+  tokens = n * dataset.targets_per_example
+  result = {
+      'config': args.config, **common.environment(),
+      'steps': n // c.train.batch_size, 'batch': c.train.batch_size,
+      'tokens_per_epoch': tokens, 'data_bytes': placement.data_bytes(dataset),
+      'prefetch': variants['host'][1], 'repeats': args.repeats,
+      'first_epoch_seconds_with_compile': first,
+      'epoch_seconds': best,
+      'tokens_per_second': {name: tokens / s for name, s in best.items()},
+      'host_over_device': best['device'] / best['host'],
+      'host_no_prefetch_over_device': best['device'] / best['host_no_prefetch'],
+  }
+  common.write_result(result, args.out or
+                      f'experiments/results/streaming_{jax.default_backend()}.json')
+
+
+if __name__ == '__main__':
+  main()
