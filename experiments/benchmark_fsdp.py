@@ -6,7 +6,8 @@
 Builds the learner of the config over every device, lowers and compiles one member's epoch for
 abstract inputs (nothing is allocated or trained), and writes XLA's memory analysis per device
 (arguments: parameters, optimizer state and data; outputs; temporaries) with `mesh.shard_params`
-off and on, as configured and with `model.remat` and 16 microbatches, and the ratios.
+off and on, as configured and with `model.remat` and 2 microbatches (of 8 sequences: one per
+device, the smallest a run allows), and the ratios.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def epoch_memory(config) -> dict:
   dataset = data.load(config.data)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+  microbatch = config.train.batch_size // config.train.microbatches
+  if microbatch % mesh.shape[sharding.DATA]:
+    raise ValueError(f'a microbatch of {microbatch} does not split over the '
+                     f'{mesh.shape[sharding.DATA]} devices of the data axis (a run refuses it)')
   learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   trainer = learner.trainer
   variables = jax.eval_shape(lambda k: learner._init_members(k, 1), jax.random.key(0))
@@ -54,7 +59,7 @@ def main():
   args = parser.parse_args()
   results = {}
   for setting, overrides in (('as_configured', {}),
-                             ('remat_16_microbatches', {'remat': True, 'microbatches': 16})):
+                             ('remat_2_microbatches', {'remat': True, 'microbatches': 2})):
     for shard in (False, True):
       config = alma_config.load(args.config)
       config.mesh.shard_params = shard
