@@ -294,9 +294,11 @@ def losses(workdir):
     return [json.loads(line)['test_loss'] for line in f]
 
 
-def test_tiny_lm_run_learns_and_resumes_after_a_kill_mid_round(corpus, tmp_path):
+@pytest.mark.parametrize('where', ['device', 'host'])  # 'host': the corpus streamed
+def test_tiny_lm_run_learns_and_resumes_after_a_kill_mid_round(corpus, tmp_path, where):
   c = lm_config(corpus)
   c.stream.num_megabatches = 4
+  c.data.placement = where
   config_file = write_config(c, tmp_path / 'cfg.py')
   command = [sys.executable, '-m', 'alma_jax.main', f'--config={config_file}']
   subprocess.run(command + [f'--workdir={tmp_path}/straight'], cwd=REPO, check=True,
