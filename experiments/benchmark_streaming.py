@@ -4,8 +4,9 @@
 
 Trains the same epochs of the config's learner (the same examples, order and steps) with the
 data set on the devices (`data.placement=device`: one compiled loop per epoch) and on the host
-(`host`: a compiled step per batch, batches gathered by Grain `data.prefetch` batches ahead; and
-with prefetch 0, gathered when the step asks for them). A first epoch of each compiles; the timed
+(`host`: a compiled call per `data.feed_steps` batches, gathered by Grain `data.prefetch` feeds
+ahead; with prefetch 0, gathered when the call asks for them; and with a compiled call per
+step). A first epoch of each compiles; the timed
 epochs run with no compilation allowed, the placements interleaved; the best of `repeats` is
 kept. Writes experiments/results/streaming_<backend>.json.
 """
@@ -51,11 +52,13 @@ def _fresh(learner):
 
 def main():
   args, c, dataset = common.lm_script(__doc__, '', steps=200, repeats=3)
-  variants = {'device': ('device', c.data.prefetch), 'host': ('host', c.data.prefetch),
-              'host_no_prefetch': ('host', 0)}
+  feed_steps, prefetch = c.data.feed_steps, c.data.prefetch
+  variants = {'device': ('device', prefetch, feed_steps),
+              'host': ('host', prefetch, feed_steps),
+              'host_no_prefetch': ('host', 0, feed_steps),
+              'host_one_step_per_call': ('host', prefetch, 1)}
   runs, first = {}, {}
-  for name, (where, prefetch) in variants.items():
-    c.data.prefetch = prefetch
+  for name, (where, c.data.prefetch, c.data.feed_steps) in variants.items():
     runs[name], n = epochs(c, dataset, where, args.steps)
     first[name] = runs[name](0)  # compiles
   best = {name: float('inf') for name in variants}
@@ -68,12 +71,13 @@ def main():
       'config': args.config, **common.environment(),
       'steps': n // c.train.batch_size, 'batch': c.train.batch_size,
       'tokens_per_epoch': tokens, 'data_bytes': placement.data_bytes(dataset),
-      'prefetch': variants['host'][1], 'repeats': args.repeats,
+      'prefetch': prefetch, 'feed_steps': feed_steps, 'repeats': args.repeats,
       'first_epoch_seconds_with_compile': first,
       'epoch_seconds': best,
       'tokens_per_second': {name: tokens / s for name, s in best.items()},
       'host_over_device': best['device'] / best['host'],
       'host_no_prefetch_over_device': best['device'] / best['host_no_prefetch'],
+      'host_one_step_per_call_over_device': best['device'] / best['host_one_step_per_call'],
   }
   common.write_result(result, args.out or
                       f'experiments/results/streaming_{jax.default_backend()}.json')
