@@ -2,8 +2,8 @@
 
 A training or evaluation set is a vector of indices into the data set's arrays. Arrays on the
 devices (`placement`) are gathered by index inside the compiled loops; arrays on the hosts are
-gathered there a few batches ahead and fed to a compiled step per batch, in the same order and
-with the same keys. Index vectors are padded to a few bucket sizes (`pad_indices`) so that a
+gathered there a few batches ahead and fed to compiled calls of a few steps each, in the same
+order and with the same keys. Index vectors are padded to a few bucket sizes (`pad_indices`) so that a
 stream whose rounds differ in size compiles a handful of programs, not one per round; `n` says how
 many entries are real. A whole epoch runs as one compiled loop over batches; the host decides only
 between epochs.
@@ -61,7 +61,6 @@ class Evaluator:
   metric_fn: MetricFn
   batch_size: int
   mesh: Any
-
   prefetch: int = 4  # host-resident data: blocks gathered ahead (see placement.prefetched)
 
   def __post_init__(self):
@@ -90,7 +89,8 @@ class Evaluator:
     padded, n = pad_indices(indices, self.batch_size)
     if not placement.on_host(images):
       return jax.device_get(self.sums(model, images, labels, padded, n))
-    blocks = padded[:max(-(-n // self.batch_size), 1) * self.batch_size].reshape(-1, self.batch_size)
+    size = self.batch_size
+    blocks = padded[:max(-(-n // size), 1) * size].reshape(-1, size)  # at least one
     where = sharding.batch_sharded(self.mesh)
     fed = placement.prefetched(
         lambda i: (placement.global_batch(images, blocks[i], where),

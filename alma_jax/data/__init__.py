@@ -120,6 +120,7 @@ def register_source(name: str, loader) -> None:
 
 def check(c) -> None:
   """Raises ValueError naming the first bad key of the `data` section."""
+  from alma_jax import placement
   from alma_jax.config import fail
   if c.num_classes < 2:
     fail('data.num_classes', c.num_classes, 'must be >= 2')
@@ -149,8 +150,8 @@ def check(c) -> None:
       fail(f'data.{key}', c[key], 'must be >= 0 (0: all)')
   if c.pad_to < 0:
     fail('data.pad_to', c.pad_to, 'must be >= 0 (0: no padding)')
-  if c.placement not in ('auto', 'device', 'host'):
-    fail('data.placement', c.placement, "must be 'auto', 'device' or 'host'")
+  if c.placement not in placement.PLACEMENTS:
+    fail('data.placement', c.placement, f'must be one of {placement.PLACEMENTS}')
   for key in ('device_memory', 'prefetch'):
     if c[key] < 0:
       fail(f'data.{key}', c[key], 'must be >= 0')
