@@ -299,11 +299,13 @@ class Trainer:
 
   def step_flops(self, variables, opt_state, images, labels) -> float | None:
     """FLOPs of one member's compiled train step on a full batch (forward, backward, update;
-    not a `penalty`'s few per parameter)."""
+    not a `penalty`'s few per parameter). Microbatches are counted as the one batch they make
+    up: XLA's cost analysis counts a loop's body once, whatever its trip count; the adds that
+    accumulate their gradients (parameters x microbatches) are left out."""
     shape = lambda a, dtype=None: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:],
                                                        dtype or a.dtype)
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
-    step = jax.jit(functools.partial(dataclasses.replace(self, penalty=None).train_step,
-                                     anchor=None))
+    step = jax.jit(functools.partial(
+        dataclasses.replace(self, penalty=None, microbatches=1).train_step, anchor=None))
     return metrics.cost_flops(step, variables, opt_state, shape(images), shape(labels), w,
                               jax.random.key(0))

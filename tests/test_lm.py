@@ -121,6 +121,17 @@ def test_microbatches_accumulate_the_full_batch_update(corpus):
   assert not np.allclose(updated[0]['params']['positions'], one['params']['positions'])
 
 
+def test_microbatches_count_the_flops_of_the_whole_batch(corpus):
+  """XLA's cost analysis counts a loop's body once: a step of 4 microbatches was counted as a
+  quarter of its batch before."""
+  counts = []
+  for microbatches in (1, 4):
+    c = lm_config(corpus)
+    c.train.microbatches = microbatches
+    counts.append(make_learner(c)[0].flops()['step'])
+  assert counts[1] == counts[0] > 0
+
+
 def test_bytes_pack_into_sequences_with_targets_shifted_by_one():
   documents = ['héllo wörld\n'.encode(), b'second document\n']
   joined = b''.join(documents)
