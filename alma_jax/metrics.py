@@ -59,7 +59,8 @@ def cost_flops(jitted, *args) -> float | None:
   math where an accelerator runs a library kernel (cuDNN attention, cuBLAS) that its own analysis
   does not see or undercounts (on an H200 the compiled program's analysis read 4x low for a
   transformer). Where no CPU analysis can be had, the program compiled for this backend is
-  analyzed. None when neither gives a count: callers record NaN, never 0.
+  analyzed. None when neither gives a count: callers record NaN, never 0. XLA counts a loop's
+  body once, whatever its trip count: count programs without loops (one step, one forward).
   """
   try:
     on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
