@@ -8,6 +8,7 @@ import pytest
 
 from alma_jax import config as alma_config, run
 from conftest import REPO
+from test_conv import conv_config
 
 
 def rows(workdir):
@@ -34,6 +35,16 @@ def test_streamed_data_gives_the_runs_of_device_resident_data(config, tmp_path, 
     assert summaries[where]['data_placement'] == where
   assert scores(tmp_path / 'host') == scores(tmp_path / 'device')
   assert summaries['host']['train_flops'] == summaries['device']['train_flops']
+
+
+def test_a_streamed_vgg_with_augmentation_and_batchnorm_gives_the_resident_run(config, tmp_path):
+  """Random crops and flips drawn from the same keys; BatchNorm statistics over the same
+  batches (on CPU the resident path also runs a compiled call per step for convolutions)."""
+  config = conv_config(config)
+  for where in ('device', 'host'):
+    config.data.placement = where
+    run.run(config, str(tmp_path / where))
+  assert scores(tmp_path / 'host') == scores(tmp_path / 'device')
 
 
 def test_automatic_placement_streams_data_larger_than_the_device_budget(config, tmp_path):
