@@ -71,11 +71,12 @@ def device_memory() -> int:
 
 
 def choose(config, dataset) -> str:
-  """'device' or 'host' for `config` (the data section) and the loaded `dataset`."""
+  """'device' or 'host' for `config` (the data section) and the loaded `dataset`; under 'auto',
+  'host' on every process if the data does not fit the devices of any."""
   if config.placement != 'auto':
     return config.placement
   budget = config.device_memory or device_memory() // 2
-  return 'device' if data_bytes(dataset) <= budget else 'host'
+  return 'host' if sharding.worst(int(data_bytes(dataset) > budget)) else 'device'
 
 
 def place(dataset, mesh, config) -> DataArrays:
