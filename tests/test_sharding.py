@@ -13,6 +13,8 @@ import sys
 import time
 
 import jax
+import pytest
+
 from alma_jax import analyze
 from conftest import REPO
 
@@ -65,9 +67,10 @@ def assert_same_run(a, b):
     assert abs(x - y) <= 2 / 400
 
 
-def test_eight_devices_of_data_parallelism_match_one(idx_dir, tmp_path):
+@pytest.mark.parametrize('placement', ['device', 'host'])  # 'host': batches fed from the host
+def test_eight_devices_of_data_parallelism_match_one(idx_dir, tmp_path, placement):
   one = run_with_devices(1, idx_dir, tmp_path / 'one')
-  eight = run_with_devices(8, idx_dir, tmp_path / 'eight')
+  eight = run_with_devices(8, idx_dir, tmp_path / 'eight', placement=placement)
   assert one['devices'] == 1 and eight['devices'] == 8
   assert_same_run(one, eight)
 
