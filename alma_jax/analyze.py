@@ -101,7 +101,9 @@ class Run:
     present."""
     dataset = data.load(self.config.data)
     return learners.create(self.config, dataset,
-                           placement.place(dataset, self._mesh, self.config.data), self._mesh)
+                           placement.place(dataset, self._mesh,
+                                           placement.choose(self.config.data, dataset)),
+                           self._mesh)
 
   def predictor(self, t: int):
     """The learner state (the predictor) held after arrival `t`."""

@@ -38,9 +38,11 @@ class DataArrays:
     return on_host(self.train_images)
 
   def batch(self, indices: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
-    """The training examples at `indices` (images, labels), replicated over the mesh."""
+    """The training examples at `indices` (images, labels) on the mesh: from the hosts, split
+    over the `data` axis where their count divides it (each process reads its rows)."""
     if self.on_host:
-      where = sharding.replicated(mesh)
+      where = (sharding.batch_sharded(mesh) if len(indices) % mesh.shape[sharding.DATA] == 0
+               else sharding.replicated(mesh))
       return (global_batch(self.train_images, indices, where),
               global_batch(self.train_labels, indices, where))
     return _gather(self.train_images, self.train_labels, indices)
@@ -79,9 +81,9 @@ def choose(config, dataset) -> str:
   return 'host' if sharding.worst(int(data_bytes(dataset) > budget)) else 'device'
 
 
-def place(dataset, mesh, config) -> DataArrays:
-  """The data set's arrays where `config` (the data section) says the run reads them."""
-  if choose(config, dataset) == 'host':
+def place(dataset, mesh, where: str) -> DataArrays:
+  """The data set's arrays where the run reads them: 'device' or 'host' (see `choose`)."""
+  if where == 'host':
     return DataArrays(dataset.train_images, dataset.train_labels, dataset.test_images,
                       dataset.test_labels)
   return device_data(dataset, mesh)

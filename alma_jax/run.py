@@ -191,7 +191,8 @@ def run(config, workdir: str) -> dict:
 
 
 def _build(config):
-  """The mesh, data set, stream and learner of a validated `config`."""
+  """The mesh, data set, stream and learner of a validated `config`, and where the data is
+  read from ('device' or 'host')."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
   data_devices = mesh.shape[sharding.DATA]
   microbatch = config.train.batch_size // config.train.microbatches
@@ -203,8 +204,13 @@ def _build(config):
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
                                    config.stream.permutation_seed,
                                    config.stream.validation_fraction)
-  learner = learners.create(config, dataset, placement.place(dataset, mesh, config.data), mesh)
-  return mesh, dataset, stream, learner
+  where = placement.choose(config.data, dataset)
+  if where == 'host' and config.train.eval_batch_size % data_devices:
+    raise ValueError(f'config.train.eval_batch_size={config.train.eval_batch_size}: data read '
+                     f'from the hosts is evaluated in blocks that must divide evenly over the '
+                     f'{data_devices} devices of the data axis')
+  learner = learners.create(config, dataset, placement.place(dataset, mesh, where), mesh)
+  return mesh, dataset, stream, learner, where
 
 
 def plan(config) -> dict:
@@ -212,7 +218,7 @@ def plan(config) -> dict:
   its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
   config = learners.with_defaults(config)
   alma_config.validate(config)
-  mesh, dataset, stream, learner = _build(config)
+  mesh, dataset, stream, learner, where = _build(config)
   s = config.stream
   flops = learner.flops()
   return {
@@ -226,7 +232,7 @@ def plan(config) -> dict:
       'test_examples': len(dataset.test_labels),
       'params_at_start': learner.params(learner.init(jax.random.key(config.seed))),
       'train_step_flops': flops['step'], 'forward_flops_per_example': flops['forward'],
-      'data_placement': placement.choose(config.data, dataset),
+      'data_placement': where,
       'data_bytes': placement.data_bytes(dataset),
       'mesh': dict(mesh.shape), 'backend': jax.default_backend(),
   }
@@ -245,7 +251,7 @@ def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, floa
 
 
 def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
-  mesh, dataset, stream, learner = _build(config)
+  mesh, dataset, stream, learner, where = _build(config)
   workdirs.check_same_data(workdir, dataset, config.data)
   sharding.check_hosts_agree('the config, the stream and the data',
                              _fingerprint(config, stream, dataset))
@@ -285,4 +291,4 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
       except Interrupted as stop:
         stop.arrival = done if stop.arrival is None else stop.arrival
         raise
-  return history, startup, placement.choose(config.data, dataset)
+  return history, startup, where

@@ -38,16 +38,12 @@ def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def members_batch_sharded(mesh, members: int) -> NamedSharding:
-  """Batches of a stack of members (member, example, ...): members split over `member` where
-  their count divides it, examples over `data`."""
-  return NamedSharding(mesh, P(MEMBER if members % mesh.shape[MEMBER] == 0 else None, DATA))
-
-
-def members_steps_sharded(mesh, members: int) -> NamedSharding:
-  """Several steps' batches of a stack of members (member, step, example, ...)."""
-  return NamedSharding(mesh, P(MEMBER if members % mesh.shape[MEMBER] == 0 else None, None,
-                               DATA))
+def members_batch_sharded(mesh, members: int, steps: bool = False) -> NamedSharding:
+  """Batches of a stack of members (member, example, ...), or with `steps` several steps'
+  batches (member, step, example, ...): members split over `member` where their count divides
+  it, examples over `data`."""
+  member = MEMBER if members % mesh.shape[MEMBER] == 0 else None
+  return NamedSharding(mesh, P(member, None, DATA) if steps else P(member, DATA))
 
 
 def microbatch_sharded(mesh) -> NamedSharding:

@@ -47,6 +47,14 @@ def pad_indices(indices: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
   return padded, n
 
 
+def blocks(indices: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+  """(at least one block of `size` indices, zero-padded; the number of real ones)."""
+  n = len(indices)
+  padded = np.zeros(max(-(-n // size), 1) * size, np.int32)
+  padded[:n] = indices
+  return padded.reshape(-1, size), n
+
+
 def _block(array, start, size):
   return jax.lax.dynamic_slice_in_dim(array, start, size)
 
@@ -86,20 +94,31 @@ class Evaluator:
 
   def __call__(self, model, images, labels, indices: np.ndarray) -> dict:
     """Host sums of the metric over `indices` (a 1-D array of any length)."""
-    padded, n = pad_indices(indices, self.batch_size)
     if not placement.on_host(images):
-      return jax.device_get(self.sums(model, images, labels, padded, n))
-    size = self.batch_size
-    blocks = padded[:max(-(-n // size), 1) * size].reshape(-1, size)  # at least one
+      return jax.device_get(self.sums(model, images, labels,
+                                      *pad_indices(indices, self.batch_size)))
+    fed_blocks, n = blocks(indices, self.batch_size)
     where = sharding.batch_sharded(self.mesh)
     fed = placement.prefetched(
-        lambda i: (placement.global_batch(images, blocks[i], where),
-                   placement.global_batch(labels, blocks[i], where)), len(blocks), self.prefetch)
+        lambda i: (placement.global_batch(images, fed_blocks[i], where),
+                   placement.global_batch(labels, fed_blocks[i], where)),
+        len(fed_blocks), self.prefetch)
     total = None
     for i, (block_images, block_labels) in enumerate(fed):
       sums = self._fed_sums(model, block_images, block_labels, n, i)
       total = sums if total is None else self._add(total, sums)
     return jax.device_get(total)
+
+
+def feed_plan(steps: int, feed_steps: int) -> list[tuple[int, int]]:
+  """(first step, steps) of each compiled call of a host-fed epoch: `feed_steps` at a time,
+  the rest in decreasing powers of two (a few more programs, none of them per step)."""
+  feeds, first = [], 0
+  while first < steps:
+    count = min(feed_steps, 1 << ((steps - first).bit_length() - 1))
+    feeds.append((first, count))
+    first += count
+  return feeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +205,14 @@ class Trainer:
   def _fed_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
                  resample, anchor):
     """An epoch over host-resident arrays: the device draws the order, the host gathers the
-    batches of `feed_steps` steps of every member at a time, ahead of the compiled call that
-    runs them (the steps left over run one by one)."""
+    batches of `feed_steps` steps of every member at a time (see `feed_plan`), ahead of the
+    compiled call that runs them."""
     order, weights = self._orders[resample](indices, weights, n, keys, epoch)
-    order, b, k = sharding.local_copy(order), self.batch_size, self.feed_steps
-    total = -(-n // b)
-    feeds = [(s, k) for s in range(0, total - total % k, k)]
-    feeds += [(s, 1) for s in range(total - total % k, total)]
+    order, b = sharding.local_copy(order), self.batch_size
+    feeds = feed_plan(-(-n // b), self.feed_steps)
     members = order.shape[0]
     one, several = (sharding.members_batch_sharded(self.mesh, members),
-                    sharding.members_steps_sharded(self.mesh, members))
+                    sharding.members_batch_sharded(self.mesh, members, steps=True))
 
     def feed(i):
       first, count = feeds[i]

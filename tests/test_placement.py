@@ -1,12 +1,13 @@
 """Data on the devices or streamed from the hosts: the same runs either way."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from alma_jax import config as alma_config, run
+from alma_jax import run
 from conftest import REPO
 from test_conv import conv_config
 
@@ -39,8 +40,10 @@ def test_streamed_data_gives_the_runs_of_device_resident_data(config, tmp_path, 
 
 def test_a_streamed_vgg_with_augmentation_and_batchnorm_gives_the_resident_run(config, tmp_path):
   """Random crops and flips drawn from the same keys; BatchNorm statistics over the same
-  batches (on CPU the resident path also runs a compiled call per step for convolutions)."""
+  batches. On CPU the resident path runs convolutions a compiled call per step: fed one step a
+  call too, the streamed run is the same programs on the same batches, bit for bit."""
   config = conv_config(config)
+  config.data.feed_steps = 1
   for where in ('device', 'host'):
     config.data.placement = where
     run.run(config, str(tmp_path / where))
@@ -57,13 +60,18 @@ def test_automatic_placement_streams_data_larger_than_the_device_budget(config, 
   assert run.plan(config)['data_placement'] == 'device'
 
 
-def test_the_placement_may_change_when_a_run_resumes(config):
-  """Where the data is read from does not change what the run computes (above)."""
-  saved = config.to_dict()
-  config.data.update(placement='host', device_memory=1 << 20, prefetch=0)
-  assert alma_config.protocol_differences(saved, config.to_dict()) == []
-  config.data.max_train_examples = 100
-  assert alma_config.protocol_differences(saved, config.to_dict()) == ['data.max_train_examples']
+def test_a_run_resumes_with_its_data_placed_elsewhere(config, tmp_path):
+  """Started with the data on the devices, stopped after arrival 2, resumed streaming."""
+  config.stream.num_megabatches = 4
+  run.run(config, str(tmp_path / 'straight'))
+  shutil.copytree(tmp_path / 'straight', tmp_path / 'moved')
+  for t in (3, 4):
+    shutil.rmtree(tmp_path / 'moved' / 'checkpoints' / str(t))
+  for name in (run.METRICS_FILE, run.SUMMARY_FILE):  # the rows must come from the resumed run
+    os.remove(tmp_path / 'moved' / name)
+  config.data.update(placement='host', prefetch=0, feed_steps=3)
+  assert run.run(config, str(tmp_path / 'moved'))['data_placement'] == 'host'
+  assert scores(tmp_path / 'moved') == scores(tmp_path / 'straight')
 
 
 GLOBAL_BATCH = '''
@@ -101,3 +109,24 @@ def test_a_global_batch_reads_each_devices_rows_alone(member):
   data = 8 // member
   assert result['same'] and result['shards'] == 8
   assert result['reads'] == [(2 // member) * (8 // data)] * 8
+
+
+def test_evaluation_blocks_that_do_not_split_over_the_devices_are_refused_before_work(idx_dir):
+  script = f"""
+import sys
+sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+from conftest import tiny_config
+from alma_jax import run
+config = tiny_config({idx_dir!r})
+config.data.placement = 'host'
+config.train.eval_batch_size = 1001
+try:
+  run.plan(config)
+except ValueError as error:
+  print(error)
+"""
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+                       timeout=120, check=True)
+  assert 'config.train.eval_batch_size=1001' in out.stdout
+  assert 'the 8 devices of the data axis' in out.stdout

@@ -184,10 +184,10 @@ def test_two_processes_match_one_and_resume_after_both_are_killed(idx_dir, tmp_p
 
 
 def test_two_processes_streaming_their_halves_of_each_batch_match_one(idx_dir, tmp_path):
-  """Data on the hosts: 2 members over 2 processes of 2 devices (member 2 x data 2), each
-  process reading only its own devices' rows of every batch, give the one-device run."""
+  """Data on the hosts: 2 processes of 2 devices, the data axis across both (each process
+  reading only its devices' rows of every batch and block), give the one-device run."""
   one = run_with_devices(1, idx_dir, tmp_path / 'one', learner='k_ensemble')
-  processes = start_processes(idx_dir, tmp_path / 'two', learner='k_ensemble', member=2,
+  processes = start_processes(idx_dir, tmp_path / 'two', learner='k_ensemble',
                               placement='host')
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   assert all(p.returncode == 0 for p in processes)

@@ -195,12 +195,8 @@ def _load_text(config) -> TextDataset:
                                          config.test_fraction, config.tokenizer, config.cache_dir)
   elif config.source == 'tfds':
     from alma_jax.data import tfds_source
-    data_dir = config.tfds_data_dir or None
-    splits = tfds_source.text_splits(config.name, data_dir)
-    description = {'source': 'tfds', 'name': config.name, 'data_dir': data_dir,
-                   'records': {split: count for split, (count, _) in splits.items()}}
-    tokens, vocabulary = text.cached_tokens(description, splits, config.tokenizer,
-                                            config.cache_dir)
+    splits, identity = tfds_source.text_splits(config.name, config.tfds_data_dir or None)
+    tokens, vocabulary = text.cached_tokens(identity, splits, config.tokenizer, config.cache_dir)
   else:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")

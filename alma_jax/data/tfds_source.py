@@ -32,15 +32,22 @@ def _split(name: str, split: str, data_dir: str | None):
     ) from failed
 
 
-def text_splits(name: str, data_dir: str | None = None, feature: str = 'text') -> dict:
-  """{'train', 'test': (record count, a function yielding the records' text as bytes)} of a
-  TFDS text data set (lm1b: one sentence a record), read one record at a time."""
-  out = {}
+def text_splits(name: str, data_dir: str | None = None, feature: str = 'text'
+                ) -> tuple[dict, dict]:
+  """({'train', 'test': (record count, a function yielding the records' text as bytes, each
+  ended by a newline)}, what identifies the prepared data set) of a TFDS text data set (lm1b:
+  one sentence a record), read one record at a time."""
+  import tensorflow_datasets as tfds
+  splits = {}
   for split in ('train', 'test'):
     source = _split(name, split, data_dir)
-    out[split] = (len(source), lambda source=source: (_as_bytes(source[i][feature])
-                                                      for i in range(len(source))))
-  return out
+    splits[split] = (len(source), lambda source=source: (_as_bytes(source[i][feature]) + b'\n'
+                                                         for i in range(len(source))))
+  builder = tfds.builder(name, data_dir=data_dir)
+  identity = {'source': 'tfds', 'name': name, 'feature': feature,
+              'version': str(builder.info.version), 'data_dir': str(builder.data_dir),
+              'records': {split: count for split, (count, _) in splits.items()}}
+  return splits, identity
 
 
 def _as_bytes(text) -> bytes:

@@ -29,9 +29,7 @@ def _member_mistakes(apply_fn, variables, images, labels):
 
 def mistakes(learner, variables, indices: np.ndarray) -> np.ndarray:
   """(M, n) 1.0 where member m of `variables` misclassifies training example indices[i]."""
-  block = learner.config.train.eval_batch_size
-  padded, n = steps.pad_indices(indices, block)
-  blocks = padded[:max(-(-n // block), 1) * block].reshape(-1, block)
+  blocks, n = steps.blocks(indices, learner.config.train.eval_batch_size)
   miss = [sharding.to_host(_member_mistakes(learner.apply_fn, variables,
                                             *learner.data.batch(b, learner.trainer.mesh)))
           for b in blocks]

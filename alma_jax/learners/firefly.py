@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alma_jax import metrics, sharding
+from alma_jax import metrics, placement, sharding
 from alma_jax.learners import base, members, single
 from alma_jax.models import firefly as firefly_model
 
@@ -57,19 +57,22 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
     return [clip(c) for c in cands], opt_state
 
   gate_grads = jax.jit(jax.grad(loss, argnums=1))
-  batches = [learner.data.batch(b, learner.trainer.mesh)
-             for b in _batches(indices, learner.config.train.batch_size, key)]
+  rows = _batches(indices, learner.config.train.batch_size, key)
+  mesh = learner.trainer.mesh
+  batches = lambda: placement.prefetched(lambda i: learner.data.batch(rows[i], mesh), len(rows),
+                                         learner.config.data.prefetch)
   opt_state = optimizer.init(cands)
-  for batch in batches:
+  for batch in batches():
     cands, opt_state = optimize_step(cands, opt_state, batch)
   totals = jax.tree.map(jnp.zeros_like, ones)
-  for batch in batches:
+  for batch in batches():
     totals = jax.tree.map(jnp.add, totals, gate_grads(cands, ones, batch))
-  scores = jax.tree.map(lambda t: sharding.to_host(t) / len(batches), totals)
-  flops = len(batches) * sum(
+  scores = jax.tree.map(lambda t: sharding.to_host(t) / len(rows), totals)
+  batch = learner.data.batch(rows[0], mesh)
+  flops = len(rows) * sum(
       base.counted(metrics.cost_flops(f, *args))
-      for f, args in ((optimize_step, (cands, opt_state, batches[0])),
-                      (gate_grads, (cands, ones, batches[0]))))
+      for f, args in ((optimize_step, (cands, opt_state, batch)),
+                      (gate_grads, (cands, ones, batch))))
   return cands, scores, flops
 
 
