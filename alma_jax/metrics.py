@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from alma_jax.models import layers
 from alma_jax.models.layers import AdaptiveAvgPool
 
 # name -> dtype of the per-arrival history.
@@ -60,18 +61,21 @@ def cost_flops(jitted, *args) -> float | None:
   does not see or undercounts (on an H200 the compiled program's analysis read 4x low for a
   transformer). Where no CPU analysis can be had, the program compiled for this backend is
   analyzed. None when neither gives a count: callers record NaN, never 0. XLA counts a loop's
-  body once, whatever its trip count: count programs without loops (one step, one forward).
+  body once, whatever its trip count: count programs without loops (one step, one forward);
+  models' scanned layers are traced unrolled here (`layers.unrolled_scans`), so `jitted` must be
+  traced afresh (not a function whose trace a running program shares).
   """
-  try:
-    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu),
-                            args)
-    flops = _flops(jitted.lower(*abstract).cost_analysis())
-  except (RuntimeError, NotImplementedError, ValueError, TypeError):  # e.g. no CPU backend here
-    flops = None
-  if flops is None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    flops = _flops(jitted.lower(*abstract).compile().cost_analysis())
+  with layers.unrolled_scans():
+    try:
+      on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu),
+                              args)
+      flops = _flops(jitted.lower(*abstract).cost_analysis())
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):  # e.g. no CPU backend
+      flops = None
+    if flops is None:
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+      flops = _flops(jitted.lower(*abstract).compile().cost_analysis())
   return flops
 
 
@@ -84,18 +88,20 @@ def _flops(analysis) -> float | None:
 
 
 def equations(fn, *args):
-  """Every equation of `fn(*args)`'s jaxpr, those inside nested jaxprs (jit, vmap, ...) too."""
+  """(equation, how many times it runs) for every equation of `fn(*args)`'s jaxpr, those inside
+  nested jaxprs (jit, vmap, ...) too; a scan's body runs `length` times."""
 
-  def walk(jaxpr):
+  def walk(jaxpr, times):
     for eqn in jaxpr.eqns:
-      yield eqn
+      yield eqn, times
+      inner = times * eqn.params['length'] if eqn.primitive.name == 'scan' else times
       for value in eqn.params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
           sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds its Jaxpr
           if hasattr(sub, 'eqns'):
-            yield from walk(sub)
+            yield from walk(sub, inner)
 
-  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
 
 
 def _fvcore_module_flops(module, x) -> int:
@@ -126,8 +132,8 @@ def reference_flops(fn, *args) -> int:
   with nn.intercept_methods(record):
     eqns = list(equations(fn, *args))
   total = sum(modules)
-  for eqn in eqns:
-    out = math.prod(eqn.outvars[0].aval.shape)
+  for eqn, times in eqns:
+    out = times * math.prod(eqn.outvars[0].aval.shape)
     if eqn.primitive.name == 'dot_general':
       (contracting, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape

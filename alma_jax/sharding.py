@@ -5,15 +5,31 @@ The mesh has two axes: `member` (devices that hold different ensemble members) a
 `member` (its leading axis), and with `config.mesh.shard_params` its parameters and optimizer
 states over `data` too (FSDP); the data set and everything else is replicated. With several
 processes (hosts), the mesh spans the devices of all of them.
+
+Models name the axes of their activations with Flax's logical names (`nn.with_logical_constraint`;
+`BATCH` for the example axis); within `activations(mesh)` (the steps trace there) the batch axis
+is split over `data`, so that XLA gathers sharded parameters to the activations rather than
+splitting activations the way the parameters are split.
 """
 from __future__ import annotations
 
+import contextlib
+
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
 MEMBER, DATA = 'member', 'data'
+BATCH = 'batch'  # the logical name of an activation's example axis
+
+
+@contextlib.contextmanager
+def activations(mesh):
+  """Within it, programs traced map the logical `BATCH` axis of activations onto `data`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(((BATCH, DATA),)):
+    yield
 
 
 def make_mesh(data: int = 0, member: int = 1) -> jax.sharding.Mesh:

@@ -94,6 +94,10 @@ class Evaluator:
 
   def __call__(self, model, images, labels, indices: np.ndarray) -> dict:
     """Host sums of the metric over `indices` (a 1-D array of any length)."""
+    with sharding.activations(self.mesh):
+      return self._host_sums(model, images, labels, indices)
+
+  def _host_sums(self, model, images, labels, indices: np.ndarray) -> dict:
     if not placement.on_host(images):
       return jax.device_get(self.sums(model, images, labels,
                                       *pad_indices(indices, self.batch_size)))
@@ -190,17 +194,18 @@ class Trainer:
     """Epoch `epoch` of every member (leading axis) over its first `n` indices; `anchor`
     (leading member axis) is what `penalty` compares each member's parameters with."""
     variables, opt_state = self.place(variables, opt_state)
-    if placement.on_host(images):
-      return self._fed_epoch(variables, opt_state, images, labels, indices, weights, n, keys,
-                             epoch, resample, anchor)
-    if self.compiled_epoch:
-      return self._epochs[resample](variables, opt_state, images, labels, indices, weights, n,
-                                    keys, epoch, anchor)
-    indices, weights = self._orders[resample](indices, weights, n, keys, epoch)
-    for step in range(-(-n // self.batch_size)):
-      variables, opt_state = self._step(variables, opt_state, images, labels, indices, weights,
-                                        step, keys, epoch, anchor)
-    return variables, opt_state
+    with sharding.activations(self.mesh):
+      if placement.on_host(images):
+        return self._fed_epoch(variables, opt_state, images, labels, indices, weights, n, keys,
+                               epoch, resample, anchor)
+      if self.compiled_epoch:
+        return self._epochs[resample](variables, opt_state, images, labels, indices, weights, n,
+                                      keys, epoch, anchor)
+      indices, weights = self._orders[resample](indices, weights, n, keys, epoch)
+      for step in range(-(-n // self.batch_size)):
+        variables, opt_state = self._step(variables, opt_state, images, labels, indices,
+                                          weights, step, keys, epoch, anchor)
+      return variables, opt_state
 
   def _fed_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
                  resample, anchor):

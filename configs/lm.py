@@ -28,7 +28,7 @@ def get_config(variant: str = ''):
   c.stream.num_megabatches = 5
   c.model = ml_collections.ConfigDict(dict(name='transformer', context=128, width=128, depth=4,
                                            heads=4, tied_embeddings=True, dtype='float32',
-                                           attention='auto', remat=False))
+                                           attention='auto', remat=False, scan_blocks=False))
   c.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=0.01, warmup_steps=100,
                      decay_steps=1600)
   c.train.update(batch_size=16, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',
@@ -48,8 +48,10 @@ def _gpt2_small(c):
 def _gpt2_medium(c):
   """GPT-2 medium's shape over bytes (width 1024, 24 blocks of 16 heads: about 303M
   parameters), bfloat16 compute, parameters and optimizer state sharded over the data axis
-  (FSDP): for several accelerators."""
-  c.model.update(width=1024, depth=24, heads=16, context=1024, dtype='bfloat16')
+  (FSDP), its blocks one scanned layer (gathered a block at a time) whose activations are
+  recomputed in the backward pass: for several accelerators."""
+  c.model.update(width=1024, depth=24, heads=16, context=1024, dtype='bfloat16',
+                 scan_blocks=True, remat=True)
   c.data.sequence_length = 1024
   c.mesh.shard_params = True
 

@@ -224,6 +224,8 @@ def test_firefly_vgg_run_grows_in_the_metrics(config, tmp_path):
   alma_config.growing('firefly')(config)
   config.learner.update(grow_every=1, new_neurons=4)
   config.stream.num_megabatches = 2
+  config.data.max_train_examples = 320
+  config.train.max_epochs = 1
   summary = run.run(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / run.METRICS_FILE)]
   assert rows[0]['params'] < rows[1]['params'] == summary['params']  # grown before round 2

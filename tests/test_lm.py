@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from alma_jax import config as alma_config, data, learners, metrics, optim, placement, run, sharding
+from alma_jax import workdir as workdirs
 from alma_jax.data import text
 from alma_jax.models import Transformer
 from alma_jax.models.transformer import CausalSelfAttention
@@ -132,6 +133,31 @@ def test_microbatches_count_the_flops_of_the_whole_batch(corpus):
   assert counts[1] == counts[0] > 0
 
 
+def test_scanned_blocks_compute_and_count_what_unscanned_blocks_do(corpus):
+  """`scan_blocks` stacks the blocks' parameters and loops over them: the same logits from the
+  same (restacked) parameters, and the same FLOPs in every count (XLA's cost analysis and the
+  jaxpr walk would see one block of the loop otherwise)."""
+  unscanned = Transformer(width=32, depth=3, heads=4)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  variables = unscanned.init(jax.random.key(1), tokens)
+  params = dict(variables['params'])
+  blocks = [params.pop(f'Block_{i}') for i in range(3)]
+  stacked = {'params': {**params, 'blocks': jax.tree.map(lambda *b: jnp.stack(b), *blocks)}}
+  scanned = Transformer(width=32, depth=3, heads=4, scan_blocks=True)
+  assert jax.tree.map(jnp.shape, scanned.init(jax.random.key(1), tokens)) == \
+      jax.tree.map(jnp.shape, stacked)
+  np.testing.assert_allclose(scanned.apply(stacked, tokens), unscanned.apply(variables, tokens),
+                             atol=1e-5)
+  counts = []
+  for scan in (False, True):
+    c = lm_config(corpus)
+    c.model.update(depth=3, scan_blocks=scan)
+    counts.append(make_learner(c)[0].flops())
+  assert counts[0]['step'] > 0 and counts[0]['reference'] > 0
+  for name in ('step', 'forward', 'reference'):
+    assert counts[1][name] == pytest.approx(counts[0][name], rel=1e-3), name
+
+
 def test_bytes_pack_into_sequences_with_targets_shifted_by_one():
   documents = ['héllo wörld\n'.encode(), b'second document\n']
   joined = b''.join(documents)
@@ -202,10 +228,20 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   assert sum(d[:50] in held_out for d in documents) == 1  # one whole document of ten
   assert first.train_images.size + first.test_images.size >= sum(map(len, documents)) - 64
 
-  (corpus / 'doc0.txt').write_text('changed ' * 40)  # a changed file is a new corpus
+  # A resumed run checks its corpus by the cache's identity, reading no array through.
+  monkeypatch.setattr(np, 'ascontiguousarray', lambda *a: pytest.fail('read to checksum'))
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  workdirs.check_same_data(str(workdir), again, c.data)
+  (workdir / run.METRICS_FILE).write_text('{}\n')
+  workdirs.check_same_data(str(workdir), again, c.data)
   monkeypatch.undo()
-  data.load(c.data)
+
+  (corpus / 'doc0.txt').write_text('changed ' * 40)  # a changed file is a new corpus
+  changed = data.load(c.data)
   assert len(os.listdir(tmp_path / 'cache')) == 2
+  with pytest.raises(workdirs.WorkdirError, match='train_images, train_labels, test_images'):
+    workdirs.check_same_data(str(workdir), changed, c.data)
 
 
 def test_a_corpus_four_times_the_device_budget_streams_from_the_cache(tmp_path):

@@ -15,7 +15,7 @@ import time
 import jax
 import pytest
 
-from alma_jax import analyze
+from alma_jax import analyze, config as alma_config, run
 from conftest import REPO
 
 SCRIPT = '''
@@ -84,6 +84,37 @@ def test_parameters_sharded_over_eight_devices_match_one_and_restore_on_one(idx_
   assert_same_run(one, eight)
   written = analyze.Run(str(tmp_path / 'eight'))
   assert written.evaluate(3)['error'] == eight['errors'][-1]
+
+
+def tiny_lm_run(workdir: str, shard_params: bool) -> dict:
+  """The tiny LM with 2 scanned blocks, two arrivals: devices, test losses and errors."""
+  config = alma_config.load(os.path.join(REPO, 'configs', 'lm.py:tiny'))
+  config.log.tensorboard = False
+  config.stream.num_megabatches = 2
+  config.train.max_epochs = 1
+  config.model.update(depth=2, scan_blocks=True)
+  config.mesh.shard_params = shard_params
+  run.run(config, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, run.METRICS_FILE))]
+  return {'devices': jax.device_count(), 'losses': [r['test_loss'] for r in rows],
+          'errors': [r['test_error'] for r in rows]}
+
+
+def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches_one(tmp_path):
+  """FSDP of a transformer whose blocks are one scanned layer (parameters stacked, gathered a
+  block at a time; activations split over the batch): the 8-device run is the 1-device run
+  (here, in this process), and its checkpoint evaluates here as logged."""
+  script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
+            f'from test_sharding import tiny_lm_run; '
+            f'print(json.dumps(tiny_lm_run({str(tmp_path / "eight")!r}, True)))')
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+                       capture_output=True, text=True, timeout=300, check=True)
+  eight = json.loads(out.stdout.strip().splitlines()[-1])
+  one = tiny_lm_run(str(tmp_path / 'one'), False)
+  assert (one['devices'], eight['devices']) == (1, 8)
+  assert_same_run(one, eight)
+  written = analyze.Run(str(tmp_path / 'eight'))
+  assert written.evaluate(2)['loss'] == pytest.approx(eight['losses'][-1], rel=1e-5)
 
 
 MEMORY = '''

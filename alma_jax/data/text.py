@@ -86,8 +86,9 @@ def default_cache_dir() -> str:
 
 
 def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: str = ''
-                  ) -> tuple[dict[str, np.ndarray], int]:
-  """({split: its documents' tokens joined, memory-mapped}, vocabulary size).
+                  ) -> tuple[dict[str, np.ndarray], int, str]:
+  """({split: its documents' tokens joined, memory-mapped}, vocabulary size, the cache
+  folder's name: an identity of the tokens that later checks use instead of reading them).
 
   `splits` maps a split to (document count, a function that yields its documents as bytes);
   `description` names the corpus and its split (paths, sizes and modification times; a TFDS
@@ -108,7 +109,7 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
   tokens = {split: (np.memmap(os.path.join(folder, f'{split}.bin'), np.dtype(meta['dtype']), 'r',
                               shape=(count,)) if count else np.zeros(0, meta['dtype']))
             for split, count in meta['tokens'].items()}
-  return tokens, meta['vocabulary']
+  return tokens, meta['vocabulary'], digest
 
 
 def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, description: dict) -> None:
@@ -139,7 +140,7 @@ def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, descriptio
 
 
 def text_files(pattern: str, test_fraction: float, tokenizer: str, cache_dir: str = ''):
-  """({'train', 'test': tokens}, vocabulary) of the text files `pattern` names, cached."""
+  """`cached_tokens` of the text files `pattern` names."""
   paths = document_paths(pattern)
   train, test = split_documents(paths, test_fraction)
   files = lambda chosen: [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]

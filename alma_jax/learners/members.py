@@ -329,7 +329,7 @@ def compile_epochs(setting: str, apply_fn, variables, example) -> bool:
     return setting == 'yes'
   one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
   convolutions = any(eqn.primitive.name == 'conv_general_dilated'
-                     for eqn in metrics.equations(apply_fn, one, example))
+                     for eqn, _ in metrics.equations(apply_fn, one, example))
   return not (convolutions and jax.default_backend() == 'cpu')
 
 

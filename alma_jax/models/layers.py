@@ -6,6 +6,9 @@ initialization. So a network whose layers grew (Firefly) runs with the same modu
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,3 +76,24 @@ class AdaptiveAvgPool(nn.Module):
     if h >= self.size:
       return x.reshape(b, self.size, h // self.size, self.size, w // self.size, c).mean((2, 4))
     return jnp.repeat(jnp.repeat(x, self.size // h, axis=1), self.size // w, axis=2)
+
+
+_UNROLLED = contextvars.ContextVar('alma_jax_unrolled_scans', default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Within it, models trace their scanned layers unrolled (no loop in the program), so that
+  XLA's cost analysis, which counts a loop's body once, counts every layer. Only for programs
+  traced afresh within it (FLOP counting); the traces of running code are left as they are."""
+  token = _UNROLLED.set(True)
+  try:
+    yield
+  finally:
+    _UNROLLED.reset(token)
+
+
+def scan_unroll() -> int | bool:
+  """The `unroll` for `nn.scan` over a model's layers: 1 (a loop), or all inside
+  `unrolled_scans`."""
+  return True if _UNROLLED.get() else 1

@@ -8,13 +8,20 @@ Attention is `jax.nn.dot_product_attention` with its causal option, which never 
 a mask: cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes
 (`attention='auto'`), XLA's elsewhere (`'xla'`). The two give the same result to rounding.
 `remat=True` recomputes each block's activations in the backward pass instead of keeping them
-(less memory, about a third more compute).
+(less memory, about a third more compute). `scan_blocks=True` runs the blocks as one layer
+scanned `depth` times, their parameters stacked (`blocks`, leading axis the block): the program
+holds one block, compiles in a time that does not grow with depth, and, with sharded parameters
+(`mesh.shard_params`), gathers one block's parameters at a time. Its parameter tree differs from
+the unscanned model's, so the two don't restore each other's checkpoints.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from alma_jax import sharding
+from alma_jax.models import layers
 
 _init = nn.initializers.normal(0.02)
 ATTENTION = ('auto', 'xla')
@@ -80,12 +87,20 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
+    x = nn.with_logical_constraint(x, (sharding.BATCH, None, None))
     h = nn.LayerNorm(dtype=self.dtype)(x)
     x = x + CausalSelfAttention(self.heads, self.dtype, self.attention,
                                 name='MultiHeadDotProductAttention_0')(h)
     h = nn.LayerNorm(dtype=self.dtype)(x)
     h = nn.gelu(nn.Dense(4 * width, dtype=self.dtype, kernel_init=_init)(h))
     return x + nn.Dense(width, dtype=self.dtype, kernel_init=_init)(h)
+
+
+class ScannedBlock(Block):
+  """A block as the body of `nn.scan`: (carry, nothing) -> (carry, nothing)."""
+
+  def __call__(self, x, _):
+    return super().__call__(x), None
 
 
 class Transformer(nn.Module):
@@ -98,6 +113,7 @@ class Transformer(nn.Module):
   dtype: str = 'float32'
   attention: str = 'auto'  # 'auto' (cuDNN on GPUs where it can) or 'xla'
   remat: bool = False      # recompute block activations in the backward pass
+  scan_blocks: bool = False  # the blocks as one scanned layer (parameters stacked)
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
@@ -107,9 +123,16 @@ class Transformer(nn.Module):
     embed = nn.Embed(self.num_classes, self.width, embedding_init=_init, dtype=dtype)
     positions = self.param('positions', _init, (self.context, self.width))
     x = embed(tokens) + positions[:tokens.shape[1]].astype(dtype)
-    block = nn.remat(Block) if self.remat else Block
-    for i in range(self.depth):
-      x = block(self.heads, dtype, self.attention, name=f'Block_{i}')(x)
+    x = nn.with_logical_constraint(x, (sharding.BATCH, None, None))
+    if self.scan_blocks:
+      block = nn.remat(ScannedBlock) if self.remat else ScannedBlock
+      blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                       length=self.depth, unroll=layers.scan_unroll())
+      x, _ = blocks(self.heads, dtype, self.attention, name='blocks')(x, None)
+    else:
+      block = nn.remat(Block) if self.remat else Block
+      for i in range(self.depth):
+        x = block(self.heads, dtype, self.attention, name=f'Block_{i}')(x)
     x = nn.LayerNorm(dtype=dtype)(x)
     if self.tied_embeddings:
       return embed.attend(x).astype(jnp.float32)
