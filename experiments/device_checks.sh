@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (about 9 minutes of
+# its 15 on an H100/H200). Two steps:
+#
+#   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
+#   # device tool, carry [".device"], timeout_s 600:
+#   source .device/setup.sh; bash experiments/device_checks.sh run
+#
+# `prepare` runs ../shared/device/prepare.sh (data sets, ml-collections, tensorboardX), leaves out
+# MNIST (unused here; the carry must stay under 64 MiB) and adds the wheels the streamed path
+# needs there (Grain and its compiled dependency, for the device's
+# Python 3.12). `run` writes into $OUT (which the device tool brings back; else
+# experiments/results): accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical
+# rows of repeated and resumed runs, start-up, the LM's MFU, the PyTorch demo),
+# streaming_<backend>.json (default LM) and streaming_gpt2_small_<backend>.json (streamed vs
+# device-resident throughput). Each step has its own time limit, so one that hangs leaves the
+# others their time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+  prepare)
+    set -e
+    bash ../shared/device/prepare.sh
+    rm -rf .device/site/mnist  # no check here reads MNIST; the carry must stay under 64 MiB
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform any -d .device/whl \
+      grain==0.2.18 array_record==0.8.6 cloudpickle==2.1.0 portpicker==1.6.0
+    du -sh .device
+    ;;
+  run)
+    out=${OUT:-experiments/results}
+    backend=$(python -c 'import jax; print(jax.default_backend())')
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+    timeout 400 python experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json"
+    timeout 60 python experiments/benchmark_streaming.py --repeats=3 \
+      --out="$out/streaming_$backend.json"
+    timeout 100 python experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
+      --steps=48 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
+    ;;
+  *)
+    echo "usage: bash experiments/device_checks.sh prepare|run" >&2
+    exit 2
+    ;;
+esac
