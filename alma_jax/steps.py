@@ -161,6 +161,8 @@ class Trainer:
     object.__setattr__(self, '_orders', {resample: jax.jit(
         members(functools.partial(self._member_order, resample=resample), 0, 0, None, 0, None),
         out_shardings=sharding.replicated(self.mesh)) for resample in (False, True)})
+    # Fresh buffers for a whole stack in one program (device_put copies one leaf at a time).
+    object.__setattr__(self, '_copy', jax.jit(lambda tree: jax.tree.map(jnp.copy, tree)))
     object.__setattr__(self, '_step', jax.jit(
         self._stacked(members(self._member_step, *epoch_axes)), donate_argnums=(0, 1)))
     object.__setattr__(self, '_fed_steps', {several: jax.jit(
@@ -181,9 +183,9 @@ class Trainer:
     """A stack of members and its optimizer states split over the mesh's member axis: where
     the compiled epochs take and leave them (a no-op for their own outputs, unless `copy`:
     fresh buffers, for a caller that still holds the ones training will donate)."""
-    return jax.device_put((variables, opt_state),
-                          sharding.stacked(self.mesh, (variables, opt_state), self.shard_params),
-                          may_alias=False if copy else None)
+    placed = jax.device_put((variables, opt_state),
+                            sharding.stacked(self.mesh, (variables, opt_state), self.shard_params))
+    return self._copy(placed) if copy else placed
 
   def place_members(self, variables):
     """A stack of members' variables where the compiled epochs take them (see `place`)."""

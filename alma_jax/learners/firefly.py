@@ -61,12 +61,13 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
   mesh = learner.trainer.mesh
   batches = lambda: placement.prefetched(lambda i: learner.data.batch(rows[i], mesh), len(rows),
                                          learner.config.data.prefetch)
-  opt_state = optimizer.init(cands)
+  opt_state = jax.jit(optimizer.init)(cands)
   for batch in batches():
     cands, opt_state = optimize_step(cands, opt_state, batch)
-  totals = jax.tree.map(jnp.zeros_like, ones)
+  totals = None
   for batch in batches():
-    totals = jax.tree.map(jnp.add, totals, gate_grads(cands, ones, batch))
+    grads = gate_grads(cands, ones, batch)
+    totals = grads if totals is None else _add(totals, grads)
   scores = jax.tree.map(lambda t: sharding.to_host(t) / len(rows), totals)
   batch = learner.data.batch(rows[0], mesh)
   flops = len(rows) * sum(
@@ -83,6 +84,14 @@ def neurons_to_add(neurons: int, rounds: int, growth_rate: float) -> int:
   return int(neurons * ratio)
 
 
+# One compiled program for a whole tree (each eager op would compile once per leaf shape).
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_first = jax.jit(lambda stack: jax.tree.map(lambda a: a[0], stack))
+_stacked = jax.jit(lambda one: jax.tree.map(lambda a: a[None], one))
+_candidates = jax.jit(firefly_model.candidates, static_argnums=(2, 3))
+_grown = jax.jit(firefly_model.grow, static_argnums=1)
+
+
 def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
   """One member's `variables` grown before round `rounds`, and the FLOPs spent choosing."""
   layers = learner.model.neuron_layers()
@@ -90,7 +99,7 @@ def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
   if count <= 0:
     return variables, 0.0
   cand_key, order_key = jax.random.split(key)
-  cands = firefly_model.candidates(cand_key, variables, layers, config.new_neurons)
+  cands = _candidates(cand_key, variables, tuple(layers), config.new_neurons)
   cands, (split_scores, new_scores), flops = score(learner, variables, layers, cands, indices,
                                                    order_key)
   flat = np.concatenate(split_scores + new_scores)
@@ -99,7 +108,7 @@ def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
   sizes = [len(s) for s in split_scores + new_scores]
   picks = [np.flatnonzero(c) for c in np.split(chosen, np.cumsum(sizes)[:-1])]
   half = len(split_scores)
-  return firefly_model.grow(variables, layers, cands, picks[:half], picks[half:]), flops
+  return _grown(variables, tuple(layers), cands, picks[:half], picks[half:]), flops
 
 
 def firefly(config) -> members.Plan:
@@ -107,9 +116,8 @@ def firefly(config) -> members.Plan:
     rounds = int(state.rounds)
     if rounds == 0 or rounds % config.grow_every:
       return single.warm_start(learner, state, round, key)
-    one = jax.tree.map(lambda a: a[0], state.variables)
-    grown, flops = grow(learner, one, round.train, rounds, key, config)
-    return members.Work(start=jax.tree.map(lambda a: a[None], grown),
+    grown, flops = grow(learner, _first(state.variables), round.train, rounds, key, config)
+    return members.Work(start=_stacked(grown),
                         train=members.same_data(round, 1), extra_flops=flops)
 
   return members.Plan(1, work, members.replace, members.mean_logits)

@@ -156,6 +156,7 @@ class MemberLearner:
         lambda key, count: jax.vmap(lambda k: self.model.init(k, example))(
             jax.random.split(key, count)), static_argnums=1)
     self.apply_fn = apply_fn
+    self._init_optimizer = jax.jit(jax.vmap(self.optimizer.init))  # one program, not one a leaf
     self.preprocess = dataset.preprocess
     self.ensemble = ensemble
     self.trainer = steps.Trainer(
@@ -192,7 +193,7 @@ class MemberLearner:
     return int(state.member_weights.shape[0])
 
   def init_optimizer(self, variables):
-    return jax.vmap(self.optimizer.init)(variables['params'])
+    return self._init_optimizer(variables['params'])
 
   def init(self, key) -> MembersState:
     m = self.plan.initial_members

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Layers = list[tuple[tuple[str, ...], tuple[str, ...] | None]]
 
@@ -71,7 +70,7 @@ def grow(variables, layers: Layers, cands: list[dict], split, new):
   params, stats = variables['params'], variables.get('batch_stats')
   for l, cand in enumerate(cands):
     (path, norm), (next_path, _) = layers[l], layers[l + 1]
-    s, n = np.asarray(split[l], np.int32), np.asarray(new[l], np.int32)
+    s, n = jnp.asarray(split[l], jnp.int32), jnp.asarray(new[l], jnp.int32)
     layer = _get(params, path)
     kernel = layer['kernel']
     v = _pad_inputs(cand['split'], kernel.shape[-2])[..., s]
