@@ -6,6 +6,7 @@ Everything that reports a number (console, JSON lines, TensorBoard, analysis) re
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -52,8 +53,8 @@ def num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def cost_flops(jitted, *args) -> float | None:
-  """FLOPs of `jitted(*args)` (args may be abstract) by XLA's cost analysis.
+def cost_flops(fn, *args) -> float | None:
+  """FLOPs of `fn(*args)` (args may be abstract; `fn` jitted or not) by XLA's cost analysis.
 
   The count is of the program lowered for this process's CPU device, before optimization,
   whatever the backend that runs it: the same number on CPU, GPU and TPU, and a count of the
@@ -62,9 +63,11 @@ def cost_flops(jitted, *args) -> float | None:
   transformer). Where no CPU analysis can be had, the program compiled for this backend is
   analyzed. None when neither gives a count: callers record NaN, never 0. XLA counts a loop's
   body once, whatever its trip count: count programs without loops (one step, one forward);
-  models' scanned layers are traced unrolled here (`layers.unrolled_scans`), so `jitted` must be
-  traced afresh (not a function whose trace a running program shares).
+  models' scanned layers are traced unrolled here (`layers.unrolled_scans`), `fn`'s Python
+  function afresh (JAX's trace cache does not see that setting: a trace it shared with running
+  code would be stale either way).
   """
+  jitted = jax.jit(functools.partial(getattr(fn, '__wrapped__', fn)))  # a partial: a new key
   with layers.unrolled_scans():
     try:
       on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])

@@ -96,12 +96,12 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
   return stream_state, learner_state, history
 
 
-def _fingerprint(config, stream, dataset) -> int:
-  """A checksum of the protocol, the stream's mega-batches and the training labels."""
+def _fingerprint(config, stream, data_checksums: dict) -> int:
+  """A checksum of the protocol, the stream's mega-batches and the data."""
   crc = zlib.crc32(json.dumps(workdirs.config_dict(config), sort_keys=True).encode())
   for part in stream.train + stream.valid:
     crc = zlib.crc32(np.ascontiguousarray(part), crc)
-  return zlib.crc32(str(dataset.checksums()['train_labels']).encode(), crc)
+  return zlib.crc32(json.dumps(data_checksums, sort_keys=True).encode(), crc)
 
 
 def _say(text: str) -> None:
@@ -252,9 +252,10 @@ def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, floa
 
 def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
   mesh, dataset, stream, learner, where = _build(config)
-  workdirs.check_same_data(workdir, dataset, config.data)
+  data_checksums = dataset.checksums()
+  workdirs.check_same_data(workdir, dataset, config.data, data_checksums)
   sharding.check_hosts_agree('the config, the stream and the data',
-                             _fingerprint(config, stream, dataset))
+                             _fingerprint(config, stream, data_checksums))
   key = jax.random.key(config.seed)
   num_arrivals = stream.num_megabatches
 

@@ -186,17 +186,17 @@ def check_results_are_checkpointed(workdir: str, start: int) -> None:
         f'it from scratch. Move the workdir aside or use a new --workdir.')
 
 
-def check_same_data(workdir: str, dataset, data_config) -> None:
+def check_same_data(workdir: str, dataset, data_config, parts: dict) -> None:
   """Refuses to resume a run on data that changed since it started (at the same path, say),
-  naming the arrays that differ; a new run records checksums of its arrays."""
-  parts = dataset.checksums()
+  naming the arrays that differ; a new run records `parts`, its `dataset.checksums()`."""
   path = os.path.join(workdir, DATA_FILE)
   if _has_results(workdir) and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    # A corpus's cache identity and the crc32 that 0.6 saved for it are not comparable.
-    changed = [name for name in parts if name in saved
-               and type(saved[name]) is type(parts[name]) and saved[name] != parts[name]]
+    if any(isinstance(saved.get(name), int) and not isinstance(parts[name], int)
+           for name in parts):  # a corpus's crc32s saved by 0.6: read it through to compare
+      parts = dataset.checksums(read=True)
+    changed = [name for name in parts if name in saved and saved[name] != parts[name]]
     if changed:
       where = data_config.path or data_config.name
       raise WorkdirError(

@@ -9,7 +9,7 @@ abstract inputs (nothing is allocated or trained), and writes XLA's memory analy
 off and on, and the ratios, in four settings: as configured (gpt2_medium: blocks scanned and
 rematerialized, batch 16: 2 sequences a device); with 2 microbatches (of 8 sequences: one per
 device, the smallest a run allows); with the blocks unscanned (`model.scan_blocks=False`: every
-block's parameters gathered for the whole step, as before 0.7); and without remat.
+block's parameters gathered for the whole step); and without remat.
 """
 from __future__ import annotations
 

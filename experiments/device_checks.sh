@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (about 9 minutes of
-# its 15 on an H100/H200). Two steps:
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 520 s of
+# benchmarks, about 9 minutes with set-up, of the 15 an H100/H200 is lent for). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
@@ -31,12 +31,14 @@ case "${1:-}" in
     ;;
   run)
     out=${OUT:-experiments/results}
-    backend=$(python -c 'import jax; print(jax.default_backend())')
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-    timeout 400 python experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json"
-    timeout 60 python experiments/benchmark_streaming.py --repeats=3 \
+    # setup.sh hides pip's errors: say here what failed to install, if anything did.
+    python3 -c 'import grain, ml_collections, tensorboardX, alma_jax' || echo "MISSING PACKAGES" >&2
+    backend=$(python3 -c 'import jax; print(jax.default_backend())')
+    timeout 380 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json"
+    timeout 50 python3 experiments/benchmark_streaming.py --repeats=3 \
       --out="$out/streaming_$backend.json"
-    timeout 100 python experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
+    timeout 90 python3 experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
       --steps=48 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
     ;;
   *)

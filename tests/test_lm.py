@@ -3,6 +3,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,14 +149,15 @@ def test_scanned_blocks_compute_and_count_what_unscanned_blocks_do(corpus):
       jax.tree.map(jnp.shape, stacked)
   np.testing.assert_allclose(scanned.apply(stacked, tokens), unscanned.apply(variables, tokens),
                              atol=1e-5)
-  counts = []
-  for scan in (False, True):
-    c = lm_config(corpus)
-    c.model.update(depth=3, scan_blocks=scan)
-    counts.append(make_learner(c)[0].flops())
-  assert counts[0]['step'] > 0 and counts[0]['reference'] > 0
-  for name in ('step', 'forward', 'reference'):
-    assert counts[1][name] == pytest.approx(counts[0][name], rel=1e-3), name
+  for remat in (False, True):  # gpt2_medium scans rematerialized blocks
+    counts = []
+    for scan in (False, True):
+      c = lm_config(corpus)
+      c.model.update(depth=3, scan_blocks=scan, remat=remat)
+      counts.append(make_learner(c)[0].flops())
+    assert counts[0]['step'] > 0 and counts[0]['reference'] > 0
+    for name in ('step', 'forward', 'reference'):
+      assert counts[1][name] == pytest.approx(counts[0][name], rel=1e-3), (name, remat)
 
 
 def test_bytes_pack_into_sequences_with_targets_shifted_by_one():
@@ -220,7 +222,12 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   folders = os.listdir(tmp_path / 'cache')
   assert len(folders) == 1 and not folders[0].count('.tmp-')
   monkeypatch.setattr(text, '_build', lambda *args: pytest.fail('tokenized again'))
+  meta_path = tmp_path / 'cache' / folders[0] / 'tokens.json'
+  meta = json.loads(meta_path.read_text())
+  del meta['crc32']  # as 0.6 built it: checksummed once on load, and recorded
+  meta_path.write_text(json.dumps(meta))
   again = data.load(c.data)
+  assert again.content_id == first.content_id and 'crc32' in json.loads(meta_path.read_text())
   assert isinstance(again.train_images, np.memmap)
   np.testing.assert_array_equal(again.train_images, first.train_images)
   documents = {text.read(p) for p in text.document_paths(str(corpus))}
@@ -232,16 +239,37 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   monkeypatch.setattr(np, 'ascontiguousarray', lambda *a: pytest.fail('read to checksum'))
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  workdirs.check_same_data(str(workdir), again, c.data)
+  workdirs.check_same_data(str(workdir), again, c.data, again.checksums())
   (workdir / run.METRICS_FILE).write_text('{}\n')
-  workdirs.check_same_data(str(workdir), again, c.data)
+  workdirs.check_same_data(str(workdir), again, c.data, again.checksums())
   monkeypatch.undo()
+  # A run started by 0.6 saved the arrays' crc32s: those are compared by reading the arrays.
+  old = workdir / 'old'
+  old.mkdir()
+  (old / run.METRICS_FILE).write_text('{}\n')
+  (old / workdirs.DATA_FILE).write_text(json.dumps(again.checksums(read=True)))
+  workdirs.check_same_data(str(old), again, c.data, again.checksums())
+  (old / workdirs.DATA_FILE).write_text(json.dumps({**again.checksums(read=True),
+                                                    'test_labels': 1}))
+  with pytest.raises(workdirs.WorkdirError, match=r'\(test_labels changed\)'):
+    workdirs.check_same_data(str(old), again, c.data, again.checksums())
 
-  (corpus / 'doc0.txt').write_text('changed ' * 40)  # a changed file is a new corpus
-  changed = data.load(c.data)
+  # The identity is the tokens' checksum: a copy of the corpus (new modification times, so
+  # tokenized again) has it too; a changed file does not.
+  copy = tmp_path / 'copy'
+  shutil.copytree(corpus, copy)
+  for path in copy.rglob('*.txt'):
+    os.utime(path, ns=(1, 1))
+  c_copy = lm_config(str(copy))
+  c_copy.data.update(cache_dir=str(tmp_path / 'cache'), max_train_examples=0, max_test_examples=0)
+  copied = data.load(c_copy.data)
   assert len(os.listdir(tmp_path / 'cache')) == 2
+  workdirs.check_same_data(str(workdir), copied, c.data, copied.checksums())
+  (corpus / 'doc0.txt').write_text('changed ' * 40)
+  changed = data.load(c.data)
+  assert len(os.listdir(tmp_path / 'cache')) == 3
   with pytest.raises(workdirs.WorkdirError, match='train_images, train_labels, test_images'):
-    workdirs.check_same_data(str(workdir), changed, c.data)
+    workdirs.check_same_data(str(workdir), changed, c.data, changed.checksums())
 
 
 def test_a_corpus_four_times_the_device_budget_streams_from_the_cache(tmp_path):

@@ -29,7 +29,7 @@ class Dataset:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   augmentation: str = ''  # '' (none) or 'crop_flip'
-  content_id: str = ''  # names the arrays' contents without reading them (a token cache's)
+  content_id: str = ''  # a checksum of the contents known without reading them (a token cache's)
 
   ARRAYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
@@ -42,10 +42,10 @@ class Dataset:
     """1 for a classifier; the sequence length for a language model (a target per token)."""
     return int(np.prod(self.train_labels.shape[1:], dtype=np.int64))
 
-  def checksums(self) -> dict[str, int | str]:
-    """{array: a checksum of it}, or, where `content_id` is known, of its identity and shape
-    (a corpus larger than memory is then not read through at every start)."""
-    if self.content_id:
+  def checksums(self, read: bool = False) -> dict[str, int | str]:
+    """{array: its crc32}, or, where `content_id` is known (unless `read`), that and its shape:
+    a corpus larger than memory is then not read through at every start."""
+    if self.content_id and not read:
       return {name: f'{self.content_id}{getattr(self, name).shape}' for name in self.ARRAYS}
     return {name: zlib.crc32(np.ascontiguousarray(getattr(self, name))) for name in self.ARRAYS}
 

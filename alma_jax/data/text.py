@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import uuid
+import zlib
 
 import numpy as np
 import tqdm
@@ -87,8 +88,9 @@ def default_cache_dir() -> str:
 
 def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: str = ''
                   ) -> tuple[dict[str, np.ndarray], int, str]:
-  """({split: its documents' tokens joined, memory-mapped}, vocabulary size, the cache
-  folder's name: an identity of the tokens that later checks use instead of reading them).
+  """({split: its documents' tokens joined, memory-mapped}, vocabulary size, a checksum of the
+  tokens (crc32 per split, computed as they were written) that later checks use instead of
+  reading them).
 
   `splits` maps a split to (document count, a function that yields its documents as bytes);
   `description` names the corpus and its split (paths, sizes and modification times; a TFDS
@@ -109,7 +111,19 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
   tokens = {split: (np.memmap(os.path.join(folder, f'{split}.bin'), np.dtype(meta['dtype']), 'r',
                               shape=(count,)) if count else np.zeros(0, meta['dtype']))
             for split, count in meta['tokens'].items()}
-  return tokens, meta['vocabulary'], digest
+  if 'crc32' not in meta:  # a cache built by 0.6: checksummed once, then recorded
+    meta['crc32'] = {split: zlib.crc32(t) for split, t in tokens.items()}
+    _write_json_atomic(os.path.join(folder, 'tokens.json'), meta)
+  content = ','.join(f"{split}:{meta['tokens'][split]}:{meta['crc32'][split]}"
+                     for split in sorted(tokens))
+  return tokens, meta['vocabulary'], f"{meta['dtype']}/{content}"
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+  temporary = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
+  with open(temporary, 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(temporary, path)
 
 
 def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, description: dict) -> None:
@@ -118,19 +132,20 @@ def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, descriptio
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   building = f'{folder}.tmp-{uuid.uuid4().hex[:8]}'
   os.makedirs(building)
-  counts = {}
+  counts, crcs = {}, {}
   try:
     for split, (count, documents) in splits.items():
-      counts[split] = 0
+      counts[split], crcs[split] = 0, 0
       with open(os.path.join(building, f'{split}.bin'), 'wb') as out:
         for document in tqdm.tqdm(documents(), total=count, unit='doc', file=sys.stderr,
                                   desc=f'tokenizing {split}', disable=None, leave=False):
-          tokens = encode(document).astype(dtype, copy=False)
-          out.write(tokens.tobytes())
-          counts[split] += len(tokens)
+          tokens = encode(document).astype(dtype, copy=False).tobytes()
+          out.write(tokens)
+          crcs[split] = zlib.crc32(tokens, crcs[split])
+          counts[split] += len(tokens) // np.dtype(dtype).itemsize
     with open(os.path.join(building, 'tokens.json'), 'w') as f:
       json.dump({'dtype': np.dtype(dtype).name, 'vocabulary': vocabulary, 'tokens': counts,
-                 'corpus': description}, f, indent=2)
+                 'crc32': crcs, 'corpus': description}, f, indent=2)
     os.rename(building, folder)
   except OSError:
     if not os.path.isfile(os.path.join(folder, 'tokens.json')):

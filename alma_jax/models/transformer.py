@@ -125,7 +125,7 @@ class Transformer(nn.Module):
     x = embed(tokens) + positions[:tokens.shape[1]].astype(dtype)
     x = nn.with_logical_constraint(x, (sharding.BATCH, None, None))
     if self.scan_blocks:
-      block = nn.remat(ScannedBlock) if self.remat else ScannedBlock
+      block = nn.remat(ScannedBlock, prevent_cse=False) if self.remat else ScannedBlock
       blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                        length=self.depth, unroll=layers.scan_unroll())
       x, _ = blocks(self.heads, dtype, self.attention, name='blocks')(x, None)
