@@ -161,6 +161,44 @@ def test_sharded_parameters_take_an_eighth_of_the_memory_per_device(idx_dir):
   assert state(measured[True]) < 0.15 * state(measured[False])
 
 
+LM_MEMORY = '''
+import contextlib, json
+import jax, jax.numpy as jnp
+from alma_jax import config as alma_config, data, learners, placement, sharding
+config = alma_config.load({config!r})
+config.model.update(width=64, depth=2, context=128, scan_blocks=True)
+config.data.sequence_length = 128
+config.mesh.shard_params = True
+dataset = data.load(config.data)
+mesh = sharding.make_mesh()
+learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
+variables = learner.new_members(jax.random.key(0), 1)
+variables, opt_state = learner.trainer.place(variables, learner.init_optimizer(variables))
+n = 4 * config.train.batch_size
+temporaries = {{}}
+for split in (False, True):
+  with sharding.activations(mesh) if split else contextlib.nullcontext():
+    compiled = learner.trainer._epochs[False].lower(
+        variables, opt_state, learner.data.train_images, learner.data.train_labels,
+        jnp.zeros((1, n), jnp.int32), jnp.ones((1, n), jnp.float32), n,
+        jax.random.split(jax.random.key(1), 1), 0, None).compile()
+  temporaries[split] = compiled.memory_analysis().temp_size_in_bytes
+print(json.dumps(temporaries))
+'''
+
+
+def test_activations_split_over_the_batch_keep_a_sharded_step_small():
+  """With sharded parameters, the transformer's activations must be split over the batch
+  (`sharding.activations`, where the steps trace): left to itself, XLA:CPU splits them the way
+  the parameters are split and keeps every device's whole batch (measured: 4x the
+  temporaries)."""
+  script = LM_MEMORY.format(config=os.path.join(REPO, 'configs', 'lm.py:tiny'))
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+                       capture_output=True, text=True, timeout=300, check=True)
+  temporaries = json.loads(out.stdout.strip().splitlines()[-1])
+  assert temporaries['true'] < 0.5 * temporaries['false']
+
+
 def test_members_split_over_devices_match_one_device_and_restore_on_one(idx_dir, tmp_path):
   """4 members x 2 data devices; the 8-device checkpoint then restores here, on 1 device."""
   one = run_with_devices(1, idx_dir, tmp_path / 'one', learner='k_ensemble')
