@@ -14,7 +14,6 @@ import os
 import socket
 import time
 
-
 from alma_jax import config as alma_config, sharding
 
 CONFIG_FILE = 'config.json'

