@@ -6,10 +6,12 @@
 Builds the learner of the config over every device, lowers and compiles one member's epoch for
 abstract inputs (nothing is allocated or trained), and writes XLA's memory analysis per device
 (arguments: parameters, optimizer state and data; outputs; temporaries) with `mesh.shard_params`
-off and on, and the ratios, in four settings: as configured (gpt2_medium: blocks scanned and
+off and on, and the ratios, in five settings: as configured (gpt2_medium: blocks scanned and
 rematerialized, batch 16: 2 sequences a device); with 2 microbatches (of 8 sequences: one per
 device, the smallest a run allows); with the blocks unscanned (`model.scan_blocks=False`: every
-block's parameters gathered for the whole step); and without remat.
+block's parameters gathered for the whole step); without remat; and with the same model on
+sequences of 128 bytes, one a device, where the parameters and their optimizer state are most
+of the memory.
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ import jax.numpy as jnp
 from alma_jax import config as alma_config, data, learners, placement, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+SETTINGS = (('as_configured', {}), ('two_microbatches', {'train.microbatches': 2}),
+            ('unscanned', {'model.scan_blocks': False}), ('no_remat', {'model.remat': False}),
+            ('short_sequences', {'data.sequence_length': 128, 'train.batch_size': 8}))
 
 
 def epoch_memory(config) -> dict:
@@ -61,14 +68,11 @@ def main():
       ROOT, 'experiments', 'results', f'fsdp_{jax.default_backend()}.json'))
   args = parser.parse_args()
   results = {}
-  for setting, overrides in (('as_configured', {}), ('two_microbatches', {'microbatches': 2}),
-                             ('unscanned', {'scan_blocks': False}), ('no_remat', {'remat': False})):
+  for setting, overrides in SETTINGS:
     for shard in (False, True):
       config = alma_config.load(args.config)
       config.mesh.shard_params = shard
-      config.train.microbatches = overrides.get('microbatches', config.train.microbatches)
-      for key in ('remat', 'scan_blocks'):
-        config.model[key] = overrides.get(key, config.model[key])
+      config.update_from_flattened_dict(overrides)
       name = f"{setting}_{'sharded' if shard else 'replicated'}"
       results[name] = epoch_memory(config)
       print(name, results[name], flush=True)
