@@ -64,9 +64,9 @@ def base() -> ml_collections.ConfigDict:
       num_members=3,             # k: k-ensemble and agg-ensemble members; bagging's per round
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
       prediction='mean_logits',  # gEns, k-ensemble: 'vote' for a majority vote (else their mean)
-      grow_every=1,              # gMoE, Firefly: grow before rounds g, 2g, ... (not the first)
+      grow_every=1,              # gMoE, Firefly: grow after every g rounds trained
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
-      growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)) before round t
+      growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)), t rounds trained
       new_neurons=70))           # Firefly: brand-new neuron candidates per layer (reference: 70)
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adadelta', learning_rate=1.0, momentum=0.9, weight_decay=0.0, nesterov=False,

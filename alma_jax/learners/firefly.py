@@ -1,9 +1,9 @@
 """Firefly: one model whose layers grow wider by splitting neurons and adding new ones.
 
-Every `learner.grow_every` rounds (not the first), before round t (t: rounds trained so far),
-the model's current number of neurons n grows by int(n * ((1 + r t) / (1 + r (t - 1)) - 1)),
-r = `learner.growth_rate`: the reference's rule (crlapi/sl/clmodels/firefly.py:79-80, 241-246),
-which reaches 1 + r t times the start only when it grows every round.
+After every g = `learner.grow_every` rounds trained (before rounds g+1, 2g+1, ... counted from
+1), with t the rounds trained so far, the model's current number of neurons n grows by
+int(n * ((1 + r t) / (1 + r (t - 1)) - 1)), r = `learner.growth_rate`: the reference's rule
+(crlapi/sl/clmodels/firefly.py:79-80, 241-246), which reaches 1 + r t times the start only when it grows every round.
 The candidates (`models.firefly`) are scored as the reference does: all of them are added at
 once, their perturbations are optimized for one pass over the round's training data (RMSprop,
 with the reference's penalty), then each candidate's score is the gradient of the training loss
@@ -77,8 +77,9 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
 
 
 def neurons_to_add(neurons: int, rounds: int, growth_rate: float) -> int:
-  """How many neurons a model of `neurons` gains before round `rounds`: the reference's growth
-  ratio and truncation, in its order of operations (crlapi/sl/clmodels/firefly.py:79-80, 246)."""
+  """How many neurons a model of `neurons` gains after `rounds` rounds trained: the reference's
+  growth ratio and truncation, in its order of operations
+  (crlapi/sl/clmodels/firefly.py:79-80, 246)."""
   ratio = (growth_rate * rounds + 1) / (growth_rate * (rounds - 1) + 1) - 1
   return int(neurons * ratio)
 
@@ -92,7 +93,7 @@ _grown = jax.jit(firefly_model.grow, static_argnums=1)
 
 
 def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
-  """One member's `variables` grown before round `rounds`, and the FLOPs spent choosing."""
+  """One member's `variables` grown after `rounds` rounds trained, and the FLOPs spent choosing."""
   layers = learner.model.neuron_layers()
   count = neurons_to_add(firefly_model.neurons(variables, layers), rounds, config.growth_rate)
   if count <= 0:

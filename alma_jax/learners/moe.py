@@ -1,8 +1,8 @@
 """gMoE: growth of a mixture-of-experts model (`model.name` moe_mlp or moe_vgg, models/moe.py).
 
-A fixed MoE is any learner over a mixture model (e.g. finetune). gMoE is finetune that, before
-rounds g, 2g, ... (g = `learner.grow_every`; never before the first round, as the
-reference: crlapi/sl/clmodels/finetune_grow.py:47-53), each mixture
+A fixed MoE is any learner over a mixture model (e.g. finetune). gMoE is finetune that, after
+every g rounds trained (g = `learner.grow_every`: before rounds g+1, 2g+1, ... counted from 1;
+never before the first, as the reference: crlapi/sl/clmodels/finetune_grow.py:47-53), each mixture
 layer's most used leaf expert (usage: the product of the nested gate probabilities on the path
 to it, summed over the round's validation split) is split into a new mixture of two copies with
 a fresh gate (`learner.growth='random'`: a random leaf instead). Growth is function-preserving.
