@@ -79,7 +79,8 @@ class Run:
   @functools.cached_property
   def _checkpointer(self) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(os.path.join(self.directory, 'checkpoints'),
-                                   mesh=self._mesh)
+                                   mesh=self._mesh,
+                                   shard_params=self.config.mesh.shard_params)
 
   @functools.cached_property
   def _mesh(self):

@@ -2,9 +2,12 @@
 
 The run state is saved as a plain tree. It is restored to the tree the checkpoint's own metadata
 describes, so a tree whose shapes changed over the stream (a grown ensemble) restores as saved;
-the learner then rebuilds its own structure from it. Device arrays are restored replicated over
-the current mesh, whatever the devices that wrote them (a checkpoint written on 8 devices
-restores on 1); host arrays (stream, history) come back as numpy arrays.
+the learner then rebuilds its own structure from it. Device arrays (the learner's stacks of
+members) are restored onto the current mesh as a stack of members is placed there
+(`sharding.stacked`: split over the member axis, and over the data axis with FSDP), whatever
+the devices that wrote them (a checkpoint written on 8 devices restores on 1): each device reads
+only its shards, so a state that fits only sharded also resumes. Host arrays (stream, history)
+come back as numpy arrays.
 
 Every checkpoint holds a checksum of the tree it saved, checked on restore, so flipped bits are
 found. A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
@@ -73,16 +76,29 @@ def checksum(tree) -> int:
   return total
 
 
+def _check_directory(directory: str) -> None:
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise FileExistsError(f'{directory} is a file, not a checkpoint directory: move it away (a '
+                          f'run keeps its checkpoints there)')
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The finished checkpoints' steps under `directory`, read without creating anything."""
+  directory = os.path.abspath(directory)
+  _check_directory(directory)
+  return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, max_to_keep: int = 0, mesh=None):
+  def __init__(self, directory: str, max_to_keep: int = 0, mesh=None,
+               shard_params: bool = False):
     """Keeps the newest `max_to_keep` steps (0: all). `mesh`: where device arrays are restored
-    (default: a mesh of every device present)."""
+    (default: a mesh of every device present); `shard_params`: split over its data axis too."""
     self.directory = os.path.abspath(directory)
-    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-      raise FileExistsError(f'{self.directory} is a file, not a checkpoint directory: move it '
-                            f'away (a run keeps its checkpoints there)')
+    _check_directory(self.directory)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    self.shard_params = shard_params
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True),
@@ -99,8 +115,9 @@ class Checkpointer:
     def target(meta):
       if meta.sharding is None:  # saved from a host (numpy) array
         return np.empty(meta.shape, meta.dtype)
-      return jax.ShapeDtypeStruct(meta.shape, meta.dtype,
-                                  sharding=sharding.replicated(self.mesh))
+      return jax.ShapeDtypeStruct(
+          meta.shape, meta.dtype,
+          sharding=sharding.stacked_leaf(self.mesh, tuple(meta.shape), self.shard_params))
 
     abstract = jax.tree.map(target, self.manager.item_metadata(step).tree)
     tree = dict(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))

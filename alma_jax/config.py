@@ -63,7 +63,8 @@ def base() -> ml_collections.ConfigDict:
       reset_optimizer=True,      # a fresh optimizer every round, as the reference
       num_members=3,             # k: k-ensemble and agg-ensemble members; bagging's per round
       new_member='copy',         # gEns / boosting: a new member starts as a copy of the last, or 'fresh'
-      prediction='mean_logits',  # gEns, k-ensemble: 'vote' for a majority vote (else their mean)
+      prediction='mean_logits',  # gEns, k-ensemble: 'vote', a majority vote; else gEns averages
+                                 # logits, k-ensemble probabilities (as the reference)
       grow_every=1,              # gMoE, Firefly: grow after every g rounds trained
       growth='usage',            # gMoE: split the most used leaf expert, or a 'random' one
       growth_rate=0.6,           # Firefly: r; grow by (1 + r t) / (1 + r (t - 1)), t rounds trained
@@ -240,9 +241,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   models.check(c.model)
   optim.check(c.optimizer)
   base.check_train(c.train)
-  if language_model and c.learner.name == 'boosting':
-    fail('learner.name', c.learner.name, 'boosting (SAMME) weighs classification mistakes; '
-         'not for language models')
   if language_model and c.learner.prediction == 'vote':
     fail('learner.prediction', c.learner.prediction, 'a language model averages probabilities')
   if language_model and c.data.sequence_length > c.model.context:

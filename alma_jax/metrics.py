@@ -211,10 +211,6 @@ TABLE_HEADER = (f"{'t':>4s}  {'trained':>7s}  {'test_error':>10s}  {'test_loss':
                 f"{'cum_flops':>14s}  {'params':>10s}  {'seconds':>8s}")
 
 
-def format_table(history: dict) -> str:
-  return '\n'.join([TABLE_HEADER] + [format_row(r) for r in rows(history)])
-
-
 def _count(flops: float) -> str:
   return 'not counted (no cost analysis on this backend)' if math.isnan(flops) else f'{flops:.3e}'
 

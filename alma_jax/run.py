@@ -29,8 +29,8 @@ from alma_jax import placement
 from alma_jax import sharding, stream as alma_stream, workdir as workdirs
 from alma_jax.learners import base
 # The workdir's file names and refusals, as callers of the driver know them.
-from alma_jax.workdir import (CONFIG_FILE, DATA_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F401
-                              SUMMARY_FILE, WorkdirError, prepare as prepare_workdir)
+from alma_jax.workdir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F401
+                              SUMMARY_FILE, WorkdirError)
 
 
 class Interrupted(Exception):
@@ -190,10 +190,14 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
-def _build(config):
-  """The mesh, data set, stream and learner of a validated `config`, and where the data is
-  read from ('device' or 'host')."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+def _mesh(config):
+  """The (member, data) mesh of a validated `config`."""
+  return sharding.make_mesh(config.mesh.data, config.mesh.member)
+
+
+def _build(config, mesh):
+  """The data set, stream and learner of a validated `config` over `mesh`, and where the data
+  is read from ('device' or 'host')."""
   data_devices = mesh.shape[sharding.DATA]
   microbatch = config.train.batch_size // config.train.microbatches
   if microbatch % data_devices:
@@ -210,7 +214,7 @@ def _build(config):
                      f'from the hosts is evaluated in blocks that must divide evenly over the '
                      f'{data_devices} devices of the data axis')
   learner = learners.create(config, dataset, placement.place(dataset, mesh, where), mesh)
-  return mesh, dataset, stream, learner, where
+  return dataset, stream, learner, where
 
 
 def plan(config) -> dict:
@@ -218,7 +222,8 @@ def plan(config) -> dict:
   its stream, rounds, data sizes, the learner's parameters and FLOPs, the mesh."""
   config = learners.with_defaults(config)
   alma_config.validate(config)
-  mesh, dataset, stream, learner, where = _build(config)
+  mesh = _mesh(config)
+  dataset, stream, learner, where = _build(config, mesh)
   s = config.stream
   flops = learner.flops()
   return {
@@ -251,17 +256,21 @@ def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, floa
 
 
 def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
-  mesh, dataset, stream, learner, where = _build(config)
+  directory = os.path.join(workdir, 'checkpoints')
+  num_arrivals = config.stream.num_megabatches
+  steps = checkpoint.saved_steps(directory)  # the refusals that need no data come first
+  workdirs.check_checkpoints(steps, workdir, num_arrivals)
+  workdirs.check_results_are_checkpointed(workdir, max(steps, default=0))
+  mesh = _mesh(config)
+  dataset, stream, learner, where = _build(config, mesh)
   data_checksums = dataset.checksums()
   workdirs.check_same_data(workdir, dataset, config.data, data_checksums)
   sharding.check_hosts_agree('the config, the stream and the data',
                              _fingerprint(config, stream, data_checksums))
   key = jax.random.key(config.seed)
-  num_arrivals = stream.num_megabatches
 
-  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                               config.checkpoint.max_to_keep, mesh) as checkpointer:
-    workdirs.check_checkpoints(checkpointer.steps(), workdir, num_arrivals)
+  with checkpoint.Checkpointer(directory, config.checkpoint.max_to_keep, mesh,
+                               config.mesh.shard_params) as checkpointer:
     start, tree = checkpointer.restore_latest()
     workdirs.check_results_are_checkpointed(workdir, start)
     if tree is None:

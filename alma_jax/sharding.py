@@ -73,19 +73,21 @@ def stacked(mesh, tree, shard_params: bool = False):
   With `shard_params` (FSDP), each leaf's largest other dimension that the `data` axis divides
   is split over `data` as well: every device holds 1/data of the members' parameters and
   optimizer states, and XLA gathers them where a step needs them whole."""
-  def leaf(x):
-    shape = np.shape(x)
-    if not shape:
-      return NamedSharding(mesh, P())
-    spec = [MEMBER if shape[0] % mesh.shape[MEMBER] == 0 else None]
-    spec += [None] * (len(shape) - 1)
-    data = mesh.shape[DATA]
-    if shard_params and data > 1 and len(shape) > 1:
-      fits = [d for d in range(1, len(shape)) if shape[d] % data == 0]
-      if fits:
-        spec[max(fits, key=lambda d: (shape[d], d))] = DATA
-    return NamedSharding(mesh, P(*spec))
-  return jax.tree.map(leaf, tree)
+  return jax.tree.map(lambda x: stacked_leaf(mesh, np.shape(x), shard_params), tree)
+
+
+def stacked_leaf(mesh, shape: tuple[int, ...], shard_params: bool = False) -> NamedSharding:
+  """The sharding `stacked` gives one leaf of `shape`."""
+  if not shape:
+    return NamedSharding(mesh, P())
+  spec = [MEMBER if shape[0] % mesh.shape[MEMBER] == 0 else None]
+  spec += [None] * (len(shape) - 1)
+  data = mesh.shape[DATA]
+  if shard_params and data > 1 and len(shape) > 1:
+    fits = [d for d in range(1, len(shape)) if shape[d] % data == 0]
+    if fits:
+      spec[max(fits, key=lambda d: (shape[d], d))] = DATA
+  return NamedSharding(mesh, P(*spec))
 
 
 def global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

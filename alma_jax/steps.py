@@ -33,6 +33,9 @@ LossFn = Callable[..., jax.Array]
 MetricFn = Callable[..., dict]
 
 
+tree_add = jax.jit(functools.partial(jax.tree.map, jnp.add))  # one program for a whole tree
+
+
 def bucket_size(n: int, multiple: int, minimum: int = 1024) -> int:
   """The next power of two >= n (at least `minimum`), rounded up to a multiple of `multiple`."""
   size = max(minimum, 1 << max(n - 1, 0).bit_length())
@@ -78,7 +81,6 @@ class Evaluator:
         lambda model, images, labels, n, i: self.metric_fn(
             model, images, labels, _valid(n, i * self.batch_size, self.batch_size)),
         out_shardings=replicated))
-    object.__setattr__(self, '_add', jax.jit(functools.partial(jax.tree.map, jnp.add)))
 
   def _sums(self, model, images, labels, indices, n):
     def block_sums(i):
@@ -110,7 +112,7 @@ class Evaluator:
     total = None
     for i, (block_images, block_labels) in enumerate(fed):
       sums = self._fed_sums(model, block_images, block_labels, n, i)
-      total = sums if total is None else self._add(total, sums)
+      total = sums if total is None else tree_add(total, sums)
     return jax.device_get(total)
 
 
@@ -326,8 +328,7 @@ class Trainer:
     not a `penalty`'s few per parameter). Microbatches are counted as the one batch they make
     up: XLA's cost analysis counts a loop's body once, whatever its trip count; the adds that
     accumulate their gradients (parameters x microbatches) are left out."""
-    shape = lambda a, dtype=None: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:],
-                                                       dtype or a.dtype)
+    shape = lambda a: jax.ShapeDtypeStruct((self.batch_size,) + a.shape[1:], a.dtype)
     w = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
     step = jax.jit(functools.partial(
         dataclasses.replace(self, penalty=None, microbatches=1).train_step, anchor=None))

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import uuid
 
 from alma_jax import config as alma_config, sharding
 
@@ -119,8 +120,8 @@ def check(config, workdir: str) -> None:
           f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
           f'--workdir, or resume it with the command that started it (its config is in {path}).')
     return
-  ours = {CONFIG_FILE + '.tmp', LOCK_FILE}
-  if os.path.isdir(workdir) and set(os.listdir(workdir)) - ours:
+  ours = lambda name: name == LOCK_FILE or name.startswith(CONFIG_FILE + '.tmp')  # killed writes
+  if os.path.isdir(workdir) and not all(map(ours, os.listdir(workdir))):
     if _has_results(workdir):
       raise WorkdirError(f'workdir {workdir!r} holds checkpoints or results but no '
                          f'{CONFIG_FILE} (deleted?): put it back, or use a new --workdir.')
@@ -154,10 +155,11 @@ def _lookup(tree: dict, dotted: str):
 
 
 def write_atomic(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  """Writes `text` to `path` whole or not at all (a temporary file of its own, then renamed)."""
+  temporary = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
+  with open(temporary, 'w') as f:
     f.write(text)
-  os.replace(tmp, path)
+  os.replace(temporary, path)
 
 
 def check_checkpoints(steps: list[int], workdir: str, num_arrivals: int) -> None:

@@ -60,6 +60,23 @@ def test_bad_values_name_the_key(key, value, message):
     validate(c)
 
 
+@pytest.mark.parametrize('learner, kept', [('finetune', True), ('k_ensemble', True),
+                                           ('agg_ensemble', True), ('from_scratch', False),
+                                           ('gens', False), ('bagging', False),
+                                           ('boosting', False)])
+def test_only_warm_started_learners_may_keep_their_optimizer(learner, kept):
+  """`learner.reset_optimizer=False` is refused where every round trains new members (which
+  would store optimizer states that match no member), not silently ignored."""
+  c = load_config_file(os.path.join(REPO, 'configs', 'fashion_mnist.py'))
+  c.learner.update(name=learner, reset_optimizer=False)
+  if kept:
+    validate(c)
+  else:
+    with pytest.raises(ValueError, match=rf'config\.learner\.reset_optimizer=False: {learner} '
+                                         r'trains new members .* finetune'):
+      validate(c)
+
+
 def run_main(*args, timeout=120):
   return subprocess.run([sys.executable, '-m', 'alma_jax.main', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)

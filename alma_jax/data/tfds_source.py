@@ -32,8 +32,10 @@ def _split(name: str, split: str, data_dir: str | None):
     ) from failed
 
 
-def text_splits(name: str, data_dir: str | None = None, feature: str = 'text'
-                ) -> tuple[dict, dict]:
+TEXT_FEATURE = 'text'  # what TFDS text data sets (lm1b) name a record's text
+
+
+def text_splits(name: str, data_dir: str | None = None) -> tuple[dict, dict]:
   """({'train', 'test': (record count, a function yielding the records' text as bytes, each
   ended by a newline)}, what identifies the prepared data set) of a TFDS text data set (lm1b:
   one sentence a record), read one record at a time."""
@@ -41,10 +43,10 @@ def text_splits(name: str, data_dir: str | None = None, feature: str = 'text'
   splits = {}
   for split in ('train', 'test'):
     source = _split(name, split, data_dir)
-    splits[split] = (len(source), lambda source=source: (_as_bytes(source[i][feature]) + b'\n'
-                                                         for i in range(len(source))))
+    splits[split] = (len(source), lambda source=source: (
+        _as_bytes(source[i][TEXT_FEATURE]) + b'\n' for i in range(len(source))))
   builder = tfds.builder(name, data_dir=data_dir)
-  identity = {'source': 'tfds', 'name': name, 'feature': feature,
+  identity = {'source': 'tfds', 'name': name, 'feature': TEXT_FEATURE,
               'version': str(builder.info.version), 'data_dir': str(builder.data_dir),
               'records': {split: count for split, (count, _) in splits.items()}}
   return splits, identity

@@ -56,6 +56,11 @@ def check(c) -> None:
          "model.name='moe_mlp' (or 'moe_vgg') and learner.name='finetune' (or any learner)")
   if c.name not in _LEARNERS:
     fail('learner.name', c.name, f'must be one of {sorted(_LEARNERS)}')
+  if not c.reset_optimizer and not _LEARNERS[c.name].plan(c).warm_optimizer:
+    warm = sorted(n for n, r in _LEARNERS.items() if r.plan(c).warm_optimizer)
+    fail('learner.reset_optimizer', c.reset_optimizer,
+         f'{c.name} trains new members every round, each with a fresh optimizer; the learners '
+         f'that can continue an optimizer: {", ".join(warm)}')
   if c.num_members < 1:
     fail('learner.num_members', c.num_members, 'must be >= 1')
   if c.new_member not in ('copy', 'fresh'):
@@ -121,7 +126,8 @@ register('from_scratch', single.from_scratch)
 register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS)
 register('gens', gens.gens)
 register('bagging', bagging.bagging, train_defaults=ALL_EPOCHS)
-register('boosting', boosting.boosting)
+register('boosting', boosting.boosting, why='SAMME weighs classification mistakes',
+         refuses=('transformer',))
 register('agg_ensemble', agg_ensemble.agg_ensemble, None,
          'its members are copies of one Flax module, summed', ALL_EPOCHS,
          refuses=tuple(models.MIXTURES))

@@ -33,7 +33,6 @@ class RoundReport:
   epochs: int = 0
   steps: int = 0
   train_examples: int = 0
-  valid_examples: int = 0
   train_flops: float = 0.0
   valid_flops: float = 0.0
   reference_flops: float = 0.0
@@ -49,6 +48,7 @@ class Learner(Protocol):
   def evaluate(self, state, images=None, labels=None) -> dict[str, float]: ...
   def params(self, state) -> int: ...
   def inference_flops(self, state) -> float: ...
+  def flops(self) -> dict: ...
   def restore(self, tree) -> Any: ...
 
 
@@ -177,7 +177,6 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   forward = counted(flops['forward']) * members
   report = RoundReport(
       epochs=epochs, steps=epochs * steps_per_epoch, train_examples=epochs * n_train * members,
-      valid_examples=epochs * len(valid),
       train_flops=counted(flops['step']) * members * epochs * steps_per_epoch,
       valid_flops=forward * epochs * len(valid),
       reference_flops=flops['reference'] * epochs * n_train * members)

@@ -29,11 +29,12 @@ def _member_mistakes(apply_fn, variables, images, labels):
 
 def mistakes(learner, variables, indices: np.ndarray) -> np.ndarray:
   """(M, n) 1.0 where member m of `variables` misclassifies training example indices[i]."""
+  m = jax.tree.leaves(variables)[0].shape[0]
+  padded, _ = members.padded_members(variables, jnp.zeros(m, jnp.float32))
   blocks, n = steps.blocks(indices, learner.config.train.eval_batch_size)
-  miss = [sharding.to_host(_member_mistakes(learner.apply_fn, variables,
-                                            *learner.data.batch(b, learner.trainer.mesh)))
-          for b in blocks]
-  return np.concatenate(miss, axis=1)[:, :n]
+  miss = [_member_mistakes(learner.apply_fn, padded, *learner.data.batch(b, learner.trainer.mesh))
+          for b in blocks]  # all dispatched before the first is read back
+  return np.concatenate([sharding.to_host(x) for x in miss], axis=1)[:m, :n]
 
 
 def samme(miss: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alma_jax import metrics, placement, sharding
+from alma_jax import metrics, placement, sharding, steps
 from alma_jax.learners import base, members, single
 from alma_jax.models import firefly as firefly_model
 
@@ -67,7 +67,7 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
   totals = None
   for batch in batches():
     grads = gate_grads(cands, ones, batch)
-    totals = grads if totals is None else _add(totals, grads)
+    totals = grads if totals is None else steps.tree_add(totals, grads)
   scores = jax.tree.map(lambda t: sharding.to_host(t) / len(rows), totals)
   flops = len(rows) * sum(  # every batch is full: the last one stands for all
       base.counted(metrics.cost_flops(f, *args))
@@ -85,9 +85,6 @@ def neurons_to_add(neurons: int, rounds: int, growth_rate: float) -> int:
 
 
 # One compiled program for a whole tree (each eager op would compile once per leaf shape).
-_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-_first = jax.jit(lambda stack: jax.tree.map(lambda a: a[0], stack))
-_stacked = jax.jit(lambda one: jax.tree.map(lambda a: a[None], one))
 _candidates = jax.jit(firefly_model.candidates, static_argnums=(2, 3))
 _grown = jax.jit(firefly_model.grow, static_argnums=1)
 
@@ -112,12 +109,9 @@ def grow(learner, variables, indices: np.ndarray, rounds: int, key, config):
 
 
 def firefly(config) -> members.Plan:
-  def work(learner, state, round, key):
-    rounds = int(state.rounds)
-    if rounds == 0 or rounds % config.grow_every:
-      return single.warm_start(learner, state, round, key)
-    grown, flops = grow(learner, _first(state.variables), round.train, rounds, key, config)
-    return members.Work(start=_stacked(grown),
-                        train=members.same_data(round, 1), extra_flops=flops)
+  def grow_model(learner, state, round, key):
+    return grow(learner, members.first_member(state.variables), round.train, int(state.rounds),
+                key, config)
 
-  return members.Plan(1, work, members.replace, members.mean_logits)
+  return members.Plan(1, single.growing(config.grow_every, grow_model), members.replace,
+                      members.mean_logits, warm_optimizer=True)

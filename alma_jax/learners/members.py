@@ -64,6 +64,8 @@ class Plan:
   model(module) -> module: the member model built from the config's model (default: itself).
   penalty(params, anchor) -> scalar: added to the training loss of every batch, with the
     round's `Work.anchor` (one member's slice); for regularization-based continual learning.
+  warm_optimizer: its work continues the members' optimizer states (`Work.opt_state`) where
+    `learner.reset_optimizer=False` asks; a plan that trains new members refuses that setting.
   """
   initial_members: int
   work: Callable
@@ -71,6 +73,7 @@ class Plan:
   combine: Callable
   model: Callable = lambda module: module
   penalty: Callable | None = None
+  warm_optimizer: bool = False
 
 
 # How members combine. `weights` (M,) are the members' weights in the prediction; padding
@@ -161,7 +164,7 @@ class MemberLearner:
     self.ensemble = ensemble
     self.trainer = steps.Trainer(
         base.cross_entropy_loss(apply_train), self.optimizer, config.train.batch_size, mesh,
-        compile_epochs(config.train.compiled_epoch, apply_fn,
+        whole_epochs_compiled(config.train.compiled_epoch, apply_fn,
                                       jax.eval_shape(lambda k: self._init_members(k, 1),
                                                      jax.random.key(0)),
                                       self.example),
@@ -182,12 +185,11 @@ class MemberLearner:
 
   def member(self, variables, i: int, count: int = 1):
     """Members i .. i + count - 1 of a stack (negative i counts from the end)."""
-    i = i % jax.tree.leaves(variables)[0].shape[0]
-    return jax.tree.map(lambda p: p[i:i + count], variables)
+    return _members(variables, i % jax.tree.leaves(variables)[0].shape[0], count)
 
   def repeat(self, variables, count: int):
     """A stack of `count` copies of the first member of `variables`."""
-    return jax.tree.map(lambda p: jnp.repeat(p[:1], count, axis=0), variables)
+    return _repeated(variables, count)
 
   def num_members(self, state: MembersState) -> int:
     return int(state.member_weights.shape[0])
@@ -209,7 +211,7 @@ class MemberLearner:
       variables = jax.eval_shape(lambda key: self.new_members(key, 1), jax.random.key(0))
     signature = str(jax.tree.map(lambda a: a.shape[1:], variables))
     if signature not in self._flops:
-      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
+      one = jax.eval_shape(first_member, variables)
       opt_state = jax.eval_shape(self.optimizer.init, one['params'])
       x = jax.ShapeDtypeStruct((self.trainer.batch_size,) + self.example.shape[1:], jnp.uint8)
       forward = metrics.cost_flops(jax.jit(self.apply_fn), one, x)
@@ -252,9 +254,7 @@ class MemberLearner:
       images, labels, indices = self.data.test_images, self.data.test_labels, self.test_indices
     else:
       indices = np.arange(len(labels))
-    m = self.num_members(state)
-    padded = _pad_members(state.variables, state.member_weights,
-                          (1 << (m - 1).bit_length()))
+    padded = padded_members(state.variables, state.member_weights)
     return base.error_and_loss(self.tester(padded, images, labels, indices))
 
   def params(self, state) -> int:
@@ -323,20 +323,54 @@ class RoundProgress:
       self.bar.close()
 
 
-def compile_epochs(setting: str, apply_fn, variables, example) -> bool:
+def whole_epochs_compiled(setting: str, apply_fn, variables, example) -> bool:
   """Whether epochs run as one compiled loop: 'yes', 'no', or 'auto' (yes, unless on CPU with
   convolutions in the model, which XLA:CPU runs slowly inside loops)."""
   if setting != 'auto':
     return setting == 'yes'
-  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), variables)
+  one = jax.eval_shape(first_member, variables)
   convolutions = any(eqn.primitive.name == 'conv_general_dilated'
                      for eqn, _ in metrics.equations(apply_fn, one, example))
   return not (convolutions and jax.default_backend() == 'cpu')
 
 
+# Whole stacks in one compiled program each (an eager op per leaf compiles one per leaf).
+@jax.jit
+def first_member(stack):
+  """Member 0 of a stack, without the member axis."""
+  return jax.tree.map(lambda a: a[0], stack)
+
+
+@jax.jit
+def as_stack(one):
+  """One member's variables as a stack of one."""
+  return jax.tree.map(lambda a: a[None], one)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _members(variables, i, count: int):
+  return jax.tree.map(lambda p: jax.lax.dynamic_slice_in_dim(p, i, count), variables)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _repeated(variables, count: int):
+  return jax.tree.map(lambda p: jnp.repeat(p[:1], count, axis=0), variables)
+
+
+@jax.jit
+def _concatenated(stack, more):
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stack, more)
+
+
+def padded_members(variables, member_weights):
+  """(variables, member_weights) padded to a power of two members with copies of the first, of
+  weight 0: what compiled work over a growing stack takes, so it compiles once per doubling."""
+  m = member_weights.shape[0]
+  return _pad_members(variables, member_weights, 1 << (m - 1).bit_length())
+
+
 @functools.partial(jax.jit, static_argnums=2)
 def _pad_members(variables, member_weights, size: int):
-  """The stack padded to `size` members with copies of the first, of weight 0."""
   pad = size - member_weights.shape[0]
   variables = jax.tree.map(lambda p: jnp.concatenate([p, jnp.repeat(p[:1], pad, 0)]), variables)
   return variables, jnp.concatenate([member_weights, jnp.zeros(pad, member_weights.dtype)])
@@ -361,6 +395,6 @@ def append(learner, state, variables, work, round, weights=None):
   weights = jnp.ones(m, jnp.float32) if weights is None else weights
   if int(state.rounds) == 0:
     return state.replace(variables=variables, member_weights=weights)
-  return state.replace(
-      variables=jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state.variables, variables),
-      member_weights=jnp.concatenate([state.member_weights, weights]))
+  stacked, member_weights = _concatenated((state.variables, state.member_weights),
+                                           (variables, weights))
+  return state.replace(variables=stacked, member_weights=member_weights)

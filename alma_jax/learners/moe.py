@@ -46,17 +46,12 @@ def grow(learner, variables, indices: np.ndarray, key, by_usage: bool = True):
 def gmoe(config) -> members.Plan:
   plan = single.finetune(config)
 
-  def work(learner, state, round, key):
-    rounds = int(state.rounds)
-    if rounds == 0 or rounds % config.grow_every:
-      return single.warm_start(learner, state, round, key)
-    by_usage = config.growth == 'usage'
-    one = jax.tree.map(lambda p: p[0], state.variables)
-    grown = grow(learner, one, round.valid, key, by_usage=by_usage)
+  by_usage = config.growth == 'usage'
+
+  def grow_model(learner, state, round, key):
+    grown = grow(learner, members.first_member(state.variables), round.valid, key, by_usage)
     # Measuring usage is one forward pass over the validation split.
     measured = base.counted(learner.flops(state.variables)['forward']) * len(round.valid)
-    return members.Work(start=jax.tree.map(lambda p: p[None], grown),
-                        train=members.same_data(round, 1),
-                        extra_flops=measured if by_usage else 0.0)
+    return grown, measured if by_usage else 0.0
 
-  return dataclasses.replace(plan, work=work)
+  return dataclasses.replace(plan, work=single.growing(config.grow_every, grow_model))
