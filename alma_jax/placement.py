@@ -14,6 +14,7 @@ host path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -38,23 +39,23 @@ class DataArrays:
     return on_host(self.train_images)
 
   def batch(self, indices: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
-    """The training examples at `indices` (images, labels) on the mesh: from the hosts, split
-    over the `data` axis where their count divides it (each process reads its rows)."""
+    """The training examples at `indices` (images, labels) on the mesh, split over the `data`
+    axis where their count divides it (from the hosts, each process reads its rows)."""
+    where = (sharding.batch_sharded(mesh) if len(indices) % mesh.shape[sharding.DATA] == 0
+             else sharding.replicated(mesh))
     if self.on_host:
-      where = (sharding.batch_sharded(mesh) if len(indices) % mesh.shape[sharding.DATA] == 0
-               else sharding.replicated(mesh))
       return (global_batch(self.train_images, indices, where),
               global_batch(self.train_labels, indices, where))
-    return _gather(self.train_images, self.train_labels, indices)
+    return _gather(self.train_images, self.train_labels, indices, where)
 
 
 def on_host(array) -> bool:
   return isinstance(array, np.ndarray)
 
 
-@jax.jit
-def _gather(images, labels, indices):
-  return images[indices], labels[indices]
+@functools.partial(jax.jit, static_argnums=3)
+def _gather(images, labels, indices, where):
+  return jax.lax.with_sharding_constraint((images[indices], labels[indices]), where)
 
 
 def data_bytes(dataset) -> int:
