@@ -44,8 +44,7 @@ class DataArrays:
     where = (sharding.batch_sharded(mesh) if len(indices) % mesh.shape[sharding.DATA] == 0
              else sharding.replicated(mesh))
     if self.on_host:
-      return (global_batch(self.train_images, indices, where),
-              global_batch(self.train_labels, indices, where))
+      return global_examples(self.train_images, self.train_labels, indices, where)
     return _gather(self.train_images, self.train_labels, indices, where)
 
 
@@ -106,6 +105,11 @@ def global_batch(array: np.ndarray, indices: np.ndarray, where) -> jax.Array:
     return np.asarray(array[np.asarray(indices[index[:k]])][(slice(None),) * k + index[k:]])
 
   return jax.make_array_from_callback(indices.shape + array.shape[1:], where, rows)
+
+
+def global_examples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, where):
+  """(images, labels) at `indices`, each a `global_batch`."""
+  return global_batch(images, indices, where), global_batch(labels, indices, where)
 
 
 def prefetched(make, count: int, ahead: int):

@@ -106,8 +106,7 @@ class Evaluator:
     fed_blocks, n = blocks(indices, self.batch_size)
     where = sharding.batch_sharded(self.mesh)
     fed = placement.prefetched(
-        lambda i: (placement.global_batch(images, fed_blocks[i], where),
-                   placement.global_batch(labels, fed_blocks[i], where)),
+        lambda i: placement.global_examples(images, labels, fed_blocks[i], where),
         len(fed_blocks), self.prefetch)
     total = None
     for i, (block_images, block_labels) in enumerate(fed):
@@ -163,8 +162,8 @@ class Trainer:
     object.__setattr__(self, '_orders', {resample: jax.jit(
         members(functools.partial(self._member_order, resample=resample), 0, 0, None, 0, None),
         out_shardings=sharding.replicated(self.mesh)) for resample in (False, True)})
-    # Fresh buffers for a whole stack in one program (device_put copies one leaf at a time).
-    object.__setattr__(self, '_copy', jax.jit(lambda tree: jax.tree.map(jnp.copy, tree)))
+    # copy(tree): fresh buffers for a whole tree in one program (not a program per leaf).
+    object.__setattr__(self, 'copy', jax.jit(lambda tree: jax.tree.map(jnp.copy, tree)))
     object.__setattr__(self, '_step', jax.jit(
         self._stacked(members(self._member_step, *epoch_axes)), donate_argnums=(0, 1)))
     object.__setattr__(self, '_fed_steps', {several: jax.jit(
@@ -187,7 +186,7 @@ class Trainer:
     fresh buffers, for a caller that still holds the ones training will donate)."""
     placed = jax.device_put((variables, opt_state),
                             sharding.stacked(self.mesh, (variables, opt_state), self.shard_params))
-    return self._copy(placed) if copy else placed
+    return self.copy(placed) if copy else placed
 
   def place_members(self, variables):
     """A stack of members' variables where the compiled epochs take them (see `place`)."""
@@ -227,8 +226,7 @@ class Trainer:
       first, count = feeds[i]
       rows = order[:, first * b:(first + count) * b]
       rows, where = (rows, one) if count == 1 else (rows.reshape(members, count, b), several)
-      return (placement.global_batch(images, rows, where),
-              placement.global_batch(labels, rows, where))
+      return placement.global_examples(images, labels, rows, where)
 
     for i, (batch_images, batch_labels) in enumerate(
         placement.prefetched(feed, len(feeds), self.prefetch)):

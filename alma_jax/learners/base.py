@@ -168,7 +168,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
     improved = score > best_score + train_config.patience_delta
     best_score = np.where(improved, score, best_score)
     bad_epochs = np.where(improved, 0, bad_epochs + 1)
-    best = (jax.tree.map(jnp.copy, (variables, opt_state)) if best is None
+    best = (trainer.copy((variables, opt_state)) if best is None
             else _keep_improved(jnp.asarray(improved), (variables, opt_state), best))
     epochs = epoch + 1
     if np.all(bad_epochs >= train_config.patience):
