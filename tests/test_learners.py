@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alma_jax import config as alma_config, data as alma_data, learners, run, sharding, steps, stream as alma_stream
-from alma_jax.learners import boosting, moe as moe_learner
+from alma_jax import backend, config as alma_config, data as alma_data, learners, run, sharding
+from alma_jax import steps, stream as alma_stream
+from alma_jax.learners import boosting, members, moe as moe_learner
 from alma_jax.models import moe as moe_model
 from alma_jax.placement import device_data
 
@@ -77,6 +78,21 @@ def test_gens_grows_one_member_per_round_and_params_count_all_members(config):
     assert learner.params(state) == members * per_member
     assert learner.inference_flops(state) == pytest.approx(members * learner.flops()['forward'])
   assert counts == [1, 2, 3]
+
+
+def test_a_stack_of_members_is_taken_repeated_padded_and_appended_in_one_program_each(config):
+  """What growing ensembles do to their stacks every round compiles one program per stack, not
+  one per leaf shape (as eager ops would): 6 leaves of shapes that no other test uses."""
+  learner, _ = make_learner(config, 'gens')
+  stack = {f'w{i}': jnp.ones((3, 41 + i, 3)) for i in range(6)}
+  one = {f'w{i}': jnp.ones((1, 41 + i, 3)) for i in range(6)}
+  state, new_weight = members.MembersState(stack, jnp.ones(3), np.int64(1)), jnp.ones(1)
+  for operation in (lambda: learner.member(stack, -1), lambda: learner.repeat(one, 2),
+                    lambda: members.padded_members(stack, state.member_weights),
+                    lambda: members.append(learner, state, one, None, None, new_weight)):
+    with backend.Compilations() as compiled:
+      jax.block_until_ready(jax.tree.leaves(operation()))
+    assert compiled.count == 1
 
 
 def test_a_copied_gens_member_starts_as_the_function_of_the_last(config):
