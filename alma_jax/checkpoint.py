@@ -2,12 +2,12 @@
 
 The run state is saved as a plain tree. It is restored to the tree the checkpoint's own metadata
 describes, so a tree whose shapes changed over the stream (a grown ensemble) restores as saved;
-the learner then rebuilds its own structure from it. Device arrays (the learner's stacks of
-members) are restored onto the current mesh as a stack of members is placed there
-(`sharding.stacked`: split over the member axis, and over the data axis with FSDP), whatever
-the devices that wrote them (a checkpoint written on 8 devices restores on 1): each device reads
-only its shards, so a state that fits only sharded also resumes. Host arrays (stream, history)
-come back as numpy arrays.
+the learner then rebuilds its own structure from it. The learner's stacks of members (its
+`variables` and `opt_state`) are restored onto the current mesh as a stack of members is placed
+there (`sharding.stacked`: split over the member axis, and over the data axis with FSDP),
+whatever the devices that wrote them (a checkpoint written on 8 devices restores on 1): each
+device reads only its shards, so a state that fits only sharded also resumes. Other device
+arrays are restored replicated; host arrays (stream, history) come back as numpy arrays.
 
 Every checkpoint holds a checksum of the tree it saved, checked on restore, so flipped bits are
 found. A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
@@ -30,6 +30,7 @@ from alma_jax import sharding
 
 
 CHECKSUM = 'checksum'
+MEMBER_STACKS = ('variables', 'opt_state')  # of the run state's 'learner'
 
 
 class CorruptCheckpointError(ValueError):
@@ -86,7 +87,9 @@ def saved_steps(directory: str) -> list[int]:
   """The finished checkpoints' steps under `directory`, read without creating anything."""
   directory = os.path.abspath(directory)
   _check_directory(directory)
-  return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+  if not os.path.isdir(directory):
+    return []
+  return sorted(m.step for m in ocp.path.step.standard_name_format().find_all(directory))
 
 
 class Checkpointer:
@@ -112,14 +115,16 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.StandardSave(tree))
 
   def restore(self, step: int):
-    def target(meta):
+    def target(path, meta):
       if meta.sharding is None:  # saved from a host (numpy) array
         return np.empty(meta.shape, meta.dtype)
-      return jax.ShapeDtypeStruct(
-          meta.shape, meta.dtype,
-          sharding=sharding.stacked_leaf(self.mesh, tuple(meta.shape), self.shard_params))
+      keys = [getattr(k, 'key', None) for k in path[:2]]
+      where = (sharding.stacked_leaf(self.mesh, tuple(meta.shape), self.shard_params)
+               if keys[0] == 'learner' and keys[-1] in MEMBER_STACKS
+               else sharding.replicated(self.mesh))
+      return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=where)
 
-    abstract = jax.tree.map(target, self.manager.item_metadata(step).tree)
+    abstract = jax.tree_util.tree_map_with_path(target, self.manager.item_metadata(step).tree)
     tree = dict(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
     if CHECKSUM in tree:  # (checkpoints of earlier versions have none)
       saved = int(tree.pop(CHECKSUM))

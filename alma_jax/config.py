@@ -275,8 +275,12 @@ def protocol_differences(saved: dict, current: dict) -> list[str]:
   def same(a, b):
     return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
+  from alma_jax import learners
   complete = lambda d: flatten(from_saved(d).to_dict())
   a, b = complete(saved), complete(current)
+  # The optimizer's reset changes nothing for a learner that trains new members every round
+  # (0.7 accepted either setting for them; 0.8 requires a reset).
+  ignored = () if learners.warm_optimizer(b.get('learner.name')) else ('learner.reset_optimizer',)
   return sorted(k for k in set(a) | set(b)
-                if k.split('.')[0] not in RESUMABLE and k not in RESUMABLE
+                if k.split('.')[0] not in RESUMABLE and k not in RESUMABLE + ignored
                 and not same(a.get(k), b.get(k)))

@@ -143,8 +143,8 @@ def test_firefly_split_copies_weights_and_halves_outgoing_ones():
 
 
 # Neurons of an MLP with two hidden layers of 64 after each round, growth_rate 0.6, T=10, as the
-# reference's Firefly grows it (crlapi/sl/clmodels/firefly.py:76-82, 241-246: before round t,
-# n += int(n * ((0.6 t + 1) / (0.6 (t - 1) + 1) - 1)), for t = g, 2g, ...).
+# reference's Firefly grows it (crlapi/sl/clmodels/firefly.py:76-82, 241-246: after t rounds
+# trained, n += int(n * ((0.6 t + 1) / (0.6 (t - 1) + 1) - 1)), for t = g, 2g, ...).
 REFERENCE_WIDTHS = {
     1: [128, 204, 280, 356, 432, 508, 584, 660, 736, 812],
     2: [128, 128, 176, 176, 213, 213, 244, 244, 272, 272],

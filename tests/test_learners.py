@@ -150,7 +150,7 @@ def test_vmapped_members_train_exactly_like_members_alone(config):
 
 @pytest.mark.parametrize('growth, grow_every', [('usage', 1), ('random', 2)])
 def test_gmoe_adds_one_expert_per_mixture_layer_per_growth(config, growth, grow_every):
-  """Growth before rounds g, 2g, ..., never before the first (the reference's
+  """Growth after every g rounds trained, never before the first (the reference's
   crlapi/sl/clmodels/finetune_grow.py:47-53: MNIST h=64, T=10, g=1 ends with 616,050
   parameters, 111,150 + 9 growths of 56,100)."""
   learner, dataset = make_learner(config, 'gmoe', grow_every=grow_every, growth=growth)

@@ -74,6 +74,26 @@ def no_data_loaded(monkeypatch):
   monkeypatch.setattr(run.data, 'load', load)
 
 
+@pytest.mark.parametrize('learner', ['gens', 'finetune'])
+def test_a_run_saved_keeping_its_optimizer_resumes_where_that_changed_nothing(config, tmp_path,
+                                                                             learner):
+  """0.7 accepted learner.reset_optimizer=False for learners that train new members every
+  round, where it changed nothing: such a run resumes with the reset that 0.8 requires. For a
+  learner that does keep its optimizer, the setting is part of the protocol."""
+  config.learner.name = learner
+  config.stream.num_megabatches = 2
+  first = run.run(config, str(tmp_path))
+  path = tmp_path / run.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  saved['learner']['reset_optimizer'] = False
+  path.write_text(json.dumps(saved))
+  if learner == 'gens':
+    assert run.run(config, str(tmp_path))['cer'] == first['cer']
+  else:
+    with pytest.raises(run.WorkdirError, match='learner.reset_optimizer'):
+      run.run(config, str(tmp_path))
+
+
 def test_checkpoints_beyond_the_stream_are_refused(config, tmp_path, monkeypatch):
   config.stream.num_megabatches = 2
   run.run(config, str(tmp_path))

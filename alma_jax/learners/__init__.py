@@ -21,12 +21,14 @@ class Registration:
   """plan(learner config) -> members.Plan.
   models: the member models it can train (None: any); refuses: models it cannot; why: said
   when a pair is refused. train_defaults(model name) -> {train key: value} for the keys a
-  config leaves None."""
+  config leaves None. warm_optimizer: its plan's work continues the members' optimizer states
+  (`Work.opt_state`) where `learner.reset_optimizer=False` asks (others refuse that setting)."""
   plan: Callable[..., members.Plan]
   models: tuple[str, ...] | None = None
   why: str = ''
   train_defaults: Callable[[str], dict] = lambda model: {}
   refuses: tuple[str, ...] = ()
+  warm_optimizer: bool = False
 
 
 _LEARNERS: dict[str, Registration] = {}
@@ -36,16 +38,22 @@ TRAIN_DEFAULTS = {'patience': 25, 'patience_delta': 0.001}
 
 
 def register(name: str, plan, models=None, why: str = '', train_defaults=None,
-             refuses=()) -> None:
+             refuses=(), warm_optimizer: bool = False) -> None:
   """Makes `config.learner.name=name` train with `plan` (see Registration)."""
   defaults = train_defaults if callable(train_defaults) else (
       lambda model, d=dict(train_defaults or {}): d)
   _LEARNERS[name] = Registration(plan, tuple(models) if models else None, why, defaults,
-                                 tuple(refuses))
+                                 tuple(refuses), warm_optimizer)
 
 
 def names() -> tuple[str, ...]:
   return tuple(_LEARNERS)
+
+
+def warm_optimizer(name: str) -> bool:
+  """Whether learner `name` can continue its members' optimizer states across rounds."""
+  entry = _LEARNERS.get(name)
+  return bool(entry and entry.warm_optimizer)
 
 
 def check(c) -> None:
@@ -56,8 +64,8 @@ def check(c) -> None:
          "model.name='moe_mlp' (or 'moe_vgg') and learner.name='finetune' (or any learner)")
   if c.name not in _LEARNERS:
     fail('learner.name', c.name, f'must be one of {sorted(_LEARNERS)}')
-  if not c.reset_optimizer and not _LEARNERS[c.name].plan(c).warm_optimizer:
-    warm = sorted(n for n, r in _LEARNERS.items() if r.plan(c).warm_optimizer)
+  if not c.reset_optimizer and not _LEARNERS[c.name].warm_optimizer:
+    warm = sorted(n for n, r in _LEARNERS.items() if r.warm_optimizer)
     fail('learner.reset_optimizer', c.reset_optimizer,
          f'{c.name} trains new members every round, each with a fresh optimizer; the learners '
          f'that can continue an optimizer: {", ".join(warm)}')
@@ -121,15 +129,18 @@ def create(config, dataset, data, mesh):
 # (configs/mnist/test_finetune_moe.yaml) trains with patience 100.
 ALL_EPOCHS = {'patience': 100, 'patience_delta': 0.0}
 register('finetune', single.finetune,
-         train_defaults=lambda model: {'patience': 100} if model == 'moe_mlp' else {})
+         train_defaults=lambda model: {'patience': 100} if model == 'moe_mlp' else {},
+         warm_optimizer=True)
 register('from_scratch', single.from_scratch)
-register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS)
+register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS, warm_optimizer=True)
 register('gens', gens.gens)
 register('bagging', bagging.bagging, train_defaults=ALL_EPOCHS)
 register('boosting', boosting.boosting, why='SAMME weighs classification mistakes',
          refuses=('transformer',))
 register('agg_ensemble', agg_ensemble.agg_ensemble, None,
          'its members are copies of one Flax module, summed', ALL_EPOCHS,
-         refuses=tuple(models.MIXTURES))
-register('gmoe', moe.gmoe, tuple(models.MIXTURES), 'it grows the experts of a mixture model')
-register('firefly', firefly.firefly, ('mlp', 'vgg'), 'it grows the neurons of a chain of layers')
+         refuses=tuple(models.MIXTURES), warm_optimizer=True)
+register('gmoe', moe.gmoe, tuple(models.MIXTURES), 'it grows the experts of a mixture model',
+         warm_optimizer=True)
+register('firefly', firefly.firefly, ('mlp', 'vgg'), 'it grows the neurons of a chain of layers',
+         warm_optimizer=True)

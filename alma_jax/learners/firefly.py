@@ -3,13 +3,13 @@
 After every g = `learner.grow_every` rounds trained (before rounds g+1, 2g+1, ... counted from
 1), with t the rounds trained so far, the model's current number of neurons n grows by
 int(n * ((1 + r t) / (1 + r (t - 1)) - 1)), r = `learner.growth_rate`: the reference's rule
-(crlapi/sl/clmodels/firefly.py:79-80, 241-246), which reaches 1 + r t times the start only when it grows every round.
-The candidates (`models.firefly`) are scored as the reference does: all of them are added at
-once, their perturbations are optimized for one pass over the round's training data (RMSprop,
-with the reference's penalty), then each candidate's score is the gradient of the training loss
-with respect to a scale on its perturbation, averaged over a second pass. The lowest-scoring
-candidates (those whose growth lowers the loss most), over all layers together, are grown.
-Between growths the model is fine-tuned like `finetune`.
+(crlapi/sl/clmodels/firefly.py:79-80, 241-246), which reaches 1 + r t times the start only when
+it grows every round. The candidates (`models.firefly`) are scored as the reference does: all of
+them are added at once, their perturbations are optimized for one pass over the round's training
+data (RMSprop, with the reference's penalty), then each candidate's score is the gradient of the
+training loss with respect to a scale on its perturbation, averaged over a second pass. The
+lowest-scoring candidates (those whose growth lowers the loss most), over all layers together,
+are grown. Between growths the model is fine-tuned like `finetune`.
 """
 from __future__ import annotations
 
@@ -114,4 +114,4 @@ def firefly(config) -> members.Plan:
                 key, config)
 
   return members.Plan(1, single.growing(config.grow_every, grow_model), members.replace,
-                      members.mean_logits, warm_optimizer=True)
+                      members.mean_logits)

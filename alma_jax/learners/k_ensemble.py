@@ -13,5 +13,4 @@ from alma_jax.learners import members, single
 
 def k_ensemble(config) -> members.Plan:
   combine = members.majority_vote if config.prediction == 'vote' else members.mean_probs
-  return members.Plan(config.num_members, single.warm_start, members.replace, combine,
-                      warm_optimizer=True)
+  return members.Plan(config.num_members, single.warm_start, members.replace, combine)

@@ -64,8 +64,6 @@ class Plan:
   model(module) -> module: the member model built from the config's model (default: itself).
   penalty(params, anchor) -> scalar: added to the training loss of every batch, with the
     round's `Work.anchor` (one member's slice); for regularization-based continual learning.
-  warm_optimizer: its work continues the members' optimizer states (`Work.opt_state`) where
-    `learner.reset_optimizer=False` asks; a plan that trains new members refuses that setting.
   """
   initial_members: int
   work: Callable
@@ -73,7 +71,6 @@ class Plan:
   combine: Callable
   model: Callable = lambda module: module
   penalty: Callable | None = None
-  warm_optimizer: bool = False
 
 
 # How members combine. `weights` (M,) are the members' weights in the prediction; padding
@@ -165,9 +162,9 @@ class MemberLearner:
     self.trainer = steps.Trainer(
         base.cross_entropy_loss(apply_train), self.optimizer, config.train.batch_size, mesh,
         whole_epochs_compiled(config.train.compiled_epoch, apply_fn,
-                                      jax.eval_shape(lambda k: self._init_members(k, 1),
-                                                     jax.random.key(0)),
-                                      self.example),
+                              jax.eval_shape(lambda k: self._init_members(k, 1),
+                                             jax.random.key(0)),
+                              self.example),
         config.train.microbatches, plan.penalty, config.mesh.get('shard_params', False),
         config.data.prefetch, config.data.feed_steps)
     self.validator = steps.Evaluator(jax.vmap(member_metric, (0, None, None, None),
@@ -347,9 +344,9 @@ def as_stack(one):
   return jax.tree.map(lambda a: a[None], one)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _members(variables, i, count: int):
-  return jax.tree.map(lambda p: jax.lax.dynamic_slice_in_dim(p, i, count), variables)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _members(variables, i: int, count: int):
+  return jax.tree.map(lambda p: p[i:i + count], variables)  # static: moves only these members
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -36,7 +36,7 @@ def growing(grow_every: int, grow):
 
 def finetune(config) -> members.Plan:
   del config
-  return members.Plan(1, warm_start, members.replace, members.mean_logits, warm_optimizer=True)
+  return members.Plan(1, warm_start, members.replace, members.mean_logits)
 
 
 def from_scratch(config) -> members.Plan:
