@@ -34,10 +34,16 @@ def config_dict(config) -> dict:
 
 def prepare(config, workdir: str) -> None:
   """Checks that `workdir` is new, holds a run of the same protocol (a resume) or a start that
-  got no results, on every process; then process 0 writes the config there."""
+  got no results, on every process; then process 0 removes what killed writes left and writes
+  the config there."""
   check(config, workdir)
   sharding.barrier('alma_jax.workdir.checked')
   path = os.path.join(workdir, CONFIG_FILE)
+  if sharding.is_main_process():
+    for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
+      written, temporary, _ = name.partition('.tmp-')  # a temporary file of `write_atomic`
+      if temporary and written in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, DATA_FILE):
+        os.remove(os.path.join(workdir, name))
   if sharding.is_main_process() and not _has_results(workdir):  # new, or a start that failed
     os.makedirs(workdir, exist_ok=True)
     write_atomic(path, json.dumps(config_dict(config), indent=2, sort_keys=True))

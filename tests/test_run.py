@@ -195,6 +195,13 @@ def test_a_start_that_got_no_results_does_not_claim_the_workdir(config, tmp_path
   (tmp_path / 'v').mkdir()
   (tmp_path / 'v' / (run.CONFIG_FILE + '.tmp-0123abcd')).write_text('{"half": ')  # killed
   assert run.run(config, str(tmp_path / 'v'))['arrivals'] == 2
+  assert not os.path.exists(tmp_path / 'v' / (run.CONFIG_FILE + '.tmp-0123abcd'))
+  # What killed writes leave is removed when the run is taken up again; nothing else is.
+  (tmp_path / 'w' / (run.METRICS_FILE + '.tmp-0123abcd')).write_text('{"t": ')
+  (tmp_path / 'w' / 'notes.tmp-0123abcd').write_text('mine')
+  run.run(config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / (run.METRICS_FILE + '.tmp-0123abcd'))
+  assert (tmp_path / 'w' / 'notes.tmp-0123abcd').read_text() == 'mine'
 
 
 @pytest.mark.parametrize('damage,message', [
