@@ -28,15 +28,16 @@ except ImportError:
            'Install it with: pip install torch==2.13.0')
 import numpy as np
 
-from alma_jax import config as alma_config, data, stream as alma_stream
+from alma_jax import config as alma_config, data, learners, stream as alma_stream
 from alma_jax import run as alma_run
 
 
 def load_config(variant: str):
-  """The config of configs/fashion_mnist.py (with `variant`), TensorBoard off."""
+  """The config of configs/fashion_mnist.py (with `variant`), TensorBoard off, the keys it
+  leaves to the learner (early stopping) at the learner's defaults, as a run reads them."""
   config = alma_config.load(os.path.join(ROOT, 'configs', f'fashion_mnist.py:{variant}'))
   config.log.tensorboard = False
-  return config
+  return learners.with_defaults(config)
 
 
 def bench_alma_jax(config) -> dict:
