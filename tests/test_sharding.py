@@ -77,13 +77,20 @@ def test_eight_devices_of_data_parallelism_match_one(idx_dir, tmp_path, placemen
 
 def test_parameters_sharded_over_eight_devices_match_one_and_restore_on_one(idx_dir, tmp_path):
   """FSDP: 2 members x 4 data devices, each member's parameters and optimizer state split over
-  the data axis; the checkpoint restores here, on 1 device, and evaluates as logged."""
+  the data axis; the checkpoint restores here, on 1 device, and on 2 (split over their data
+  axis), and evaluates as logged."""
   one = run_with_devices(1, idx_dir, tmp_path / 'one', learner='k_ensemble')
   eight = run_with_devices(8, idx_dir, tmp_path / 'eight', learner='k_ensemble', member=2,
                            shard_params=True)
   assert_same_run(one, eight)
   written = analyze.Run(str(tmp_path / 'eight'))
   assert written.evaluate(3)['error'] == eight['errors'][-1]
+  script = (f'import jax; from alma_jax import analyze; '
+            f'print(jax.device_count(), analyze.Run({str(tmp_path / "eight")!r}).evaluate(3))')
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(2),
+                       capture_output=True, text=True, timeout=300, check=True)
+  devices, evaluated = out.stdout.strip().splitlines()[-1].split(' ', 1)
+  assert devices == '2' and f"'error': {eight['errors'][-1]}" in evaluated
 
 
 def tiny_lm_run(workdir: str, shard_params: bool) -> dict:
