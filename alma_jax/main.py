@@ -61,6 +61,9 @@ def _flat_keys(tree: dict, prefix: str = '') -> list[str]:
 # `--config.model.KEY=VALUE` overrides of keys the config file leaves to the model's defaults
 # (e.g. `num_experts` after `--config.model.name=moe_mlp`): set after the flags are parsed.
 _MODEL_KEYS: dict[str, object] = {}
+# With `--config.model.name` naming another model than the file's: the file's model keys that
+# the named model does not have and the command line does not set, removed after parsing.
+_OTHER_MODEL_KEYS: list[str] = []
 
 
 def _model_value(text: str, default):
@@ -77,7 +80,8 @@ def check_arguments(argv: list[str]) -> list[str]:
   """Before absl parses the flags: the config file exists (as given, or in the repository) and
   loads, and every `--config.KEY` override names a key of it or of the model it names (else
   one line, with the closest key). Returns `argv` with the config file's path resolved and the
-  model keys the file leaves out taken aside (`_MODEL_KEYS`)."""
+  model keys the file leaves out taken aside (`_MODEL_KEYS`); a model named instead of the
+  file's leaves out the file's model keys it does not have (`_OTHER_MODEL_KEYS`)."""
   specs = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
   if not specs:
     return argv
@@ -92,6 +96,11 @@ def check_arguments(argv: list[str]) -> list[str]:
   keys = _flat_keys(loaded.to_dict())
   names = [a.split('=', 1)[1] for a in argv if a.startswith('--config.model.name=')]
   model_defaults = models.defaults(names[-1] if names else loaded.model.get('name', ''))
+  if names and names[-1] != loaded.model.get('name'):
+    given = {a[len('--config.model.'):].partition('=')[0] for a in argv
+             if a.startswith('--config.model.')}
+    _OTHER_MODEL_KEYS[:] = [k for k in loaded.model if k != 'name' and k not in model_defaults
+                            and k not in given]
   kept = []
   for arg in argv:
     if arg.startswith('--config.'):
@@ -129,10 +138,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
   try:
     config = _CONFIG.value
-    if _MODEL_KEYS:
-      with config.unlocked():
-        for key, value in _MODEL_KEYS.items():
-          config.model[key] = value
+    with config.unlocked():
+      for key in _OTHER_MODEL_KEYS:
+        del config.model[key]
+      for key, value in _MODEL_KEYS.items():
+        config.model[key] = value
     config = learners.with_defaults(config)
     backend.configure(config.backend)  # XLA flags are read when the backend starts
     if _DRY_RUN.value:

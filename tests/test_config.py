@@ -141,6 +141,25 @@ def test_a_key_of_the_named_model_can_be_set_though_the_config_file_lacks_it():
   assert printed['plan']['params_at_start'] == experts
 
 
+def test_a_config_files_model_can_be_replaced_on_the_command_line():
+  """The tiny VGG config with a ResNet-18: the file's VGG keys go, the ResNet's own can be set;
+  a key of the file's model that the command line sets again is still refused, naming it. The
+  MLP config's 28x28 images are too small for a VGG: one line says how to pad them."""
+  out = run_main('--config=configs/fashion_mnist_conv.py:tiny', '--config.model.name=resnet18',
+                 '--config.model.width=4', '--dry_run')
+  assert out.returncode == 0, out.stderr
+  printed = json.loads(out.stdout)
+  assert printed['config']['model'] == {'name': 'resnet18', 'width': 4}
+  assert printed['plan']['params_at_start'] > 0
+  out = run_main('--config=configs/fashion_mnist_conv.py:tiny', '--config.model.name=resnet18',
+                 '--config.model.blocks=(1,)', '--dry_run')
+  assert out.returncode == 2
+  assert "config.model.blocks=(1,): model 'resnet18' has no key" in out.stderr
+  out = run_main('--config=configs/fashion_mnist.py:tiny', '--config.model.name=vgg', '--dry_run')
+  assert out.returncode == 2 and out.stderr.count('\n') == 1
+  assert 'images of 28x28 are too small (set config.data.pad_to=32' in out.stderr
+
+
 def test_a_nan_saved_and_given_again_is_no_protocol_change():
   nan = float('nan')
   given = lambda rate: {'optimizer': {'learning_rate': rate}}

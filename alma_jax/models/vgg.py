@@ -35,6 +35,11 @@ class VGG(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
     """`mask` (B, 1, 1, 1): the examples whose statistics BatchNorm uses in training."""
+    smallest = 2 ** len(self.blocks)
+    if min(x.shape[1:3]) < smallest:
+      raise ValueError(f"model 'vgg' halves its inputs {len(self.blocks)} times: images of "
+                       f"{x.shape[1]}x{x.shape[2]} are too small (set config.data.pad_to="
+                       f"{smallest}, or fewer model.blocks)")
     for convs in self.blocks:
       x = ConvBlock(self.width, convs)(x, train, mask)
     return Linear(self.num_classes)(x.reshape((x.shape[0], -1)))
