@@ -19,6 +19,7 @@ import csv
 import functools
 import json
 import os
+import sys
 
 from absl import logging
 import numpy as np
@@ -37,6 +38,8 @@ class Run:
   def __init__(self, directory: str):
     self.directory = directory
     path = os.path.join(directory, alma_run.CONFIG_FILE)
+    if not os.path.isdir(directory):
+      raise NotARunError(f'{directory!r}: no such directory')
     if not os.path.isfile(path):
       raise NotARunError(f'{directory!r} is not an alma_jax run: it holds no '
                          f'{alma_run.CONFIG_FILE}')
@@ -115,8 +118,8 @@ class Run:
     return self.learner.evaluate(self.predictor(t), images, labels)
 
 
-COLUMNS = ('run', 'learner', 'arrivals', 'final error', 'CER/T', 'final loss', 'params',
-           'training FLOPs', 'seconds')
+COLUMNS = ('run', 'learner', 'arrivals', 'final error', 'CER/T', 'final loss', 'loss area/T',
+           'params', 'training FLOPs', 'seconds')
 
 
 def table_rows(runs: list[Run], labels: list[str]) -> list[tuple]:
@@ -127,16 +130,18 @@ def table_rows(runs: list[Run], labels: list[str]) -> list[tuple]:
     s = r.summary()
     done = f"{s['arrivals']}/{s['num_megabatches']}" + ('' if r.finished else ' (partial)')
     out.append((label, r.config.learner.name, done, s['final_error'], s['cer_per_t'],
-                s['final_test_loss'], int(s['params']), s['train_flops'], s['seconds']))
+                s['final_test_loss'], s['cumulative_loss_per_t'], int(s['params']),
+                s['train_flops'], s['seconds']))
   return out
 
 
 def table(runs: list[Run], labels: list[str]) -> str:
   """A markdown comparison table of finished (and partial, marked) runs."""
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|---|---|---|---:|---:|---:|---:|---:|---:|']
-  for label, learner, done, error, cer, loss, params, flops, seconds in table_rows(runs, labels):
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|---|---|---' + '|---:' * 7 + '|']
+  for (label, learner, done, error, cer, loss, loss_area, params, flops,
+       seconds) in table_rows(runs, labels):
     lines.append(f'| {label} | {learner} | {done} | {error:.4f} | {cer:.4f} | {loss:.4f} | '
-                 f'{params:,d} | {flops:.3g} | {seconds:.0f} |')
+                 f'{loss_area:.4f} | {params:,d} | {flops:.3g} | {seconds:.0f} |')
   return '\n'.join(lines)
 
 
@@ -190,6 +195,9 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
   os.makedirs(out, exist_ok=True)
   groups = [list(r) if isinstance(r, (list, tuple)) else [r] for r in runs]
   lm = all(r.language_model for g in groups for r in g)
+  if not lm and any(r.language_model for g in groups for r in g):
+    raise ValueError('runs of a language model and of a classifier measure different things: '
+                     'plot them apart')
   metric, axis_label, title = (
       ('test_bits', 'test bits per byte', 'Anytime test bits per byte') if lm else
       ('test_error', 'test error (1 - accuracy)', 'Anytime test error'))
@@ -286,19 +294,27 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
 
 def cli(argv: list[str] | None = None) -> None:
   """The command line (`alma-jax-analyze`): the table on stdout, the plots in --out."""
-  parser = argparse.ArgumentParser(prog='alma-jax-analyze', description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(
+      prog='alma-jax-analyze', description='Compares alma_jax runs: a table on stdout, plots and '
+      'table.csv in --out. (Predictors at any arrival: the alma_jax.analyze.Run API.)')
   parser.add_argument('runs', nargs='+', help='run directories (workdirs)')
-  parser.add_argument('--out', default='analysis', help='folder for the PNG plots')
+  parser.add_argument('--out', default='analysis', help='folder for the PNG plots and '
+                      'table.csv (default: ./analysis)')
   parser.add_argument('--labels', default='', help='comma-separated names of the runs in the '
                       'table and plots (default: the directory names)')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-  runs = [Run(d) for d in args.runs]
-  labels = args.labels.split(',') if args.labels else [r.name for r in runs]
-  if len(labels) != len(runs):
-    parser.error(f'--labels names {len(labels)} runs, but {len(runs)} were given')
+  try:
+    runs = [Run(d) for d in args.runs]
+    labels = args.labels.split(',') if args.labels else [r.name for r in runs]
+    if len(labels) != len(runs):
+      raise ValueError(f'--labels names {len(labels)} runs, but {len(runs)} were given')
+    paths = plot(runs, labels, args.out)
+  except (NotARunError, ValueError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
   print(table(runs, labels))
-  for path in plot(runs, labels, args.out):
+  for path in paths:
     print(f'wrote {path}')
   write_csv(runs, labels, os.path.join(args.out, 'table.csv'))
   print(f"wrote {os.path.join(args.out, 'table.csv')}")

@@ -51,11 +51,23 @@ def test_evaluate_on_other_data(runs):
   _, predicted = r.learner.ensemble(state.variables, state.member_weights,
                                     dataset.test_images[:100])
   assert part['error'] == pytest.approx(np.mean(np.asarray(predicted) != dataset.test_labels[:100]))
+  images, labels = dataset.test_images[:100], dataset.test_labels[:100]
+  for given, message in (((images / 255.0, labels), 'give them raw'),
+                         ((images, labels[:50]), '100 images but 50 labels'),
+                         ((images, labels + 10), 'labels from 10 to')):
+    with pytest.raises(ValueError, match=message):
+      r.evaluate(4, *given)
 
 
-def test_a_directory_that_is_not_a_run_is_named(tmp_path):
+def test_a_directory_that_is_not_a_run_is_named(tmp_path, capsys):
   with pytest.raises(analyze.NotARunError, match='not an alma_jax run'):
     analyze.Run(str(tmp_path))
+  for directory, message in ((tmp_path, 'not an alma_jax run'),
+                             (tmp_path / 'missing', 'no such directory')):
+    with pytest.raises(SystemExit) as exit_:
+      analyze.cli([str(directory)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count('\n') == 1 and message in err
 
 
 def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_path):
@@ -105,6 +117,7 @@ def test_cli_prints_a_table_and_writes_plots(runs, tmp_path):
   assert len(rows) == 2 and '| gens |' in rows[1]
   summary = json.load(open(os.path.join(runs['gens'], run.SUMMARY_FILE)))
   assert f"{summary['final_error']:.4f}" in rows[1]
+  assert f"| {summary['cumulative_loss_per_t']:.4f} |" in rows[1]  # the loss area's column
   with open(tmp_path / 'table.csv') as f:
     assert list(csv.reader(f))[2][:3] == ['gEns', 'gens', f"{summary['arrivals']}/{summary['arrivals']}"]
   import matplotlib.image

@@ -250,9 +250,24 @@ class MemberLearner:
     if images is None:
       images, labels, indices = self.data.test_images, self.data.test_labels, self.test_indices
     else:
+      self._check_examples(images, labels)
       indices = np.arange(len(labels))
     padded = padded_members(state.variables, state.member_weights)
     return base.error_and_loss(self.tester(padded, images, labels, indices))
+
+  def _check_examples(self, images, labels) -> None:
+    """Raises ValueError unless `images` and `labels` are examples as the data set holds them."""
+    held = self.data.test_images
+    if images.dtype != held.dtype or images.shape[1:] != held.shape[1:]:
+      raise ValueError(f'images of {images.dtype} {tuple(images.shape[1:])}: give them raw, as '
+                       f'the data set holds them ({held.dtype} {tuple(held.shape[1:])}); the '
+                       f'model normalizes them itself')
+    if len(images) != len(labels):
+      raise ValueError(f'{len(images)} images but {len(labels)} labels')
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= self.num_classes:
+      raise ValueError(f'labels from {low} to {high}: this data set has classes 0 to '
+                       f'{self.num_classes - 1}')
 
   def params(self, state) -> int:
     """Parameters of the predictor (all members; BatchNorm statistics are not parameters)."""
