@@ -175,12 +175,19 @@ def run(config, workdir: str) -> dict:
   backend.configure(config.backend)
   try:
     with backend.Compilations() as compiled, _interruptible() as stop_requested:
-      history, startup, data_placement = _run(config, workdir, began, stop_requested)
+      history, startup, data_placement, resumed_after = _run(config, workdir, began,
+                                                             stop_requested)
   except Interrupted as stop:
     where = ('before its first arrival' if stop.arrival is None else
              f'after arrival {stop.arrival}, its checkpoint written')
     _say(f'{stop.signal_name}: interrupted {where}; run the same command to resume.')
     raise
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if resumed_after == config.stream.num_megabatches and os.path.exists(path):
+    with open(path) as f:  # a finished run: its summary stays that of the run that finished it
+      summary = json.load(f)
+    _say(metrics.format_summary(summary))
+    return summary
   timings = {'startup_seconds': startup, 'compile_seconds': compiled.seconds,
              'compilations': compiled.count, 'compilations_from_cache': compiled.loaded}
   summary = {**metrics.summary(history), **timings, 'data_placement': data_placement}
@@ -243,9 +250,10 @@ def plan(config) -> dict:
   }
 
 
-def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
-  """The arrivals left; the history, the seconds from `began` to the first arrival, and where
-  the data was read from ('device' or 'host')."""
+def _run(config, workdir: str, began: float,
+         stop_requested) -> tuple[dict, float, str, int]:
+  """The arrivals left; the history, the seconds from `began` to the first arrival, where the
+  data was read from ('device' or 'host'), and the arrival the run was resumed after."""
   workdirs.check(config, workdir)  # before creating anything
   if sharding.is_main_process():
     os.makedirs(workdir, exist_ok=True)
@@ -255,7 +263,8 @@ def _run(config, workdir: str, began: float, stop_requested) -> tuple[dict, floa
     return _run_locked(config, workdir, began, stop_requested)
 
 
-def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dict, float, str]:
+def _run_locked(config, workdir: str, began: float,
+                stop_requested) -> tuple[dict, float, str, int]:
   directory = os.path.join(workdir, 'checkpoints')
   num_arrivals = config.stream.num_megabatches
   steps = checkpoint.saved_steps(directory)  # the refusals that need no data come first
@@ -281,7 +290,8 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
       stream_state = alma_stream.StreamState.from_tree(tree['stream'])
       history = tree['history']
       learner_state = learner.restore(tree['learner'])
-      _say(f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
+      _say(f'{workdir} is finished: its {num_arrivals} arrivals are done.' if start == num_arrivals
+           else f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
     startup = time.perf_counter() - began
     with _Writers(workdir, config.log.tensorboard, history) as writers:
@@ -301,4 +311,4 @@ def _run_locked(config, workdir: str, began: float, stop_requested) -> tuple[dic
       except Interrupted as stop:
         stop.arrival = done if stop.arrival is None else stop.arrival
         raise
-  return history, startup, where
+  return history, startup, where, start

@@ -122,6 +122,7 @@ def check(config, workdir: str) -> None:
       now = config_dict(config)
       shown = ', '.join(f'{k} (saved {_lookup(saved, k)!r}, now {_lookup(now, k)!r})'
                         for k in differences[:5])
+      shown += f' and {len(differences) - 5} more' if len(differences) > 5 else ''
       raise WorkdirError(
           f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
           f'--workdir, or resume it with the command that started it (its config is in {path}).')

@@ -40,15 +40,19 @@ def test_finished_run_is_not_recomputed(config, tmp_path, capsys):
   first = run.run(config, str(tmp_path))
   mtime = os.path.getmtime(tmp_path / 'checkpoints' / '5')
   again = run.run(config, str(tmp_path))
-  assert again['cer'] == first['cer']
+  assert again == first  # its summary too, start-up and compilation included
   assert os.path.getmtime(tmp_path / 'checkpoints' / '5') == mtime
-  assert 'Resuming' in capsys.readouterr().out
+  assert 'is finished: its 5 arrivals are done' in capsys.readouterr().out
 
 
 def test_resume_with_a_different_protocol_is_refused(config, tmp_path):
   run.run(config, str(tmp_path))
   config.stream.waiting_time = 2
   with pytest.raises(run.WorkdirError, match='stream.waiting_time'):
+    run.run(config, str(tmp_path))
+  config.seed, config.model.hidden, config.train.batch_size = 5, 8, 32
+  config.optimizer.learning_rate, config.stream.permutation_seed = 0.5, 3
+  with pytest.raises(run.WorkdirError, match=r'\) and 1 more\. Use a new --workdir'):
     run.run(config, str(tmp_path))
 
 

@@ -47,7 +47,8 @@ def document_paths(pattern: str) -> list[str]:
   else:
     paths = [p for p in glob.glob(pattern) if os.path.isfile(p)]
   if not paths:
-    raise DataNotFoundError(f'config.data.path={pattern!r}: no files match')
+    raise DataNotFoundError(f'config.data.path={pattern!r}: no files match (give a directory of '
+                            f'UTF-8 text files, read recursively, or a glob such as DIR/*.txt)')
   return sorted(paths)
 
 
