@@ -185,7 +185,7 @@ def run(config, workdir: str) -> dict:
   path = os.path.join(workdir, SUMMARY_FILE)
   if resumed_after == config.stream.num_megabatches and os.path.exists(path):
     with open(path) as f:  # a finished run: its summary stays that of the run that finished it
-      summary = json.load(f)
+      summary = {**metrics.summary(history), **json.load(f)}  # (keys added since: from history)
     _say(metrics.format_summary(summary))
     return summary
   timings = {'startup_seconds': startup, 'compile_seconds': compiled.seconds,

@@ -43,6 +43,9 @@ def test_finished_run_is_not_recomputed(config, tmp_path, capsys):
   assert again == first  # its summary too, start-up and compilation included
   assert os.path.getmtime(tmp_path / 'checkpoints' / '5') == mtime
   assert 'is finished: its 5 arrivals are done' in capsys.readouterr().out
+  older = {k: v for k, v in first.items() if k != 'cumulative_loss_per_t'}  # an earlier version's
+  (tmp_path / run.SUMMARY_FILE).write_text(json.dumps(older))
+  assert run.run(config, str(tmp_path)) == first
 
 
 def test_resume_with_a_different_protocol_is_refused(config, tmp_path):
