@@ -158,6 +158,9 @@ def test_a_config_files_model_can_be_replaced_on_the_command_line():
   out = run_main('--config=configs/fashion_mnist.py:tiny', '--config.model.name=vgg', '--dry_run')
   assert out.returncode == 2 and out.stderr.count('\n') == 1
   assert 'images of 28x28 are too small (set config.data.pad_to=32' in out.stderr
+  out = run_main('--config=configs/fashion_mnist.py:tiny', '--config.model.name=moe_vgg',
+                 '--dry_run')
+  assert out.returncode == 2 and 'images of 28x28 are too small' in out.stderr
 
 
 def test_a_nan_saved_and_given_again_is_no_protocol_change():

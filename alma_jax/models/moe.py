@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from alma_jax.models.layers import AdaptiveAvgPool, Linear, torch_linear_params as _dense_init
 from alma_jax.models.mlp import MLP
-from alma_jax.models.vgg import VGG, ConvBlock
+from alma_jax.models.vgg import VGG, ConvBlock, check_image_size
 
 
 def _dense(params, x):
@@ -72,7 +72,8 @@ class Mixture:
 
   def init(self, key, x):
     params, stats = {}, {}
-    if self.stem is not None:
+    if self.stem is not None:  # a VGG's first block: the experts are the others
+      check_image_size(x, 1 + len(self.experts))
       key, stem_key = jax.random.split(key)
       params['stem'], stats['stem'], x = self._init_module(self.stem, stem_key, x)
     else:

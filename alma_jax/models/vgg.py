@@ -15,6 +15,15 @@ from alma_jax.models.layers import Conv, Linear, batch_norm
 VGG19_BLOCKS = (2, 2, 4, 4, 4)
 
 
+def check_image_size(x, blocks: int) -> None:
+  """Raises ValueError if images `x` (B, H, W, C) are too small for `blocks` 2x2 max-pools."""
+  smallest = 2 ** blocks
+  if min(x.shape[1:3]) < smallest:
+    raise ValueError(f'a VGG halves its inputs {blocks} times: images of {x.shape[1]}x'
+                     f'{x.shape[2]} are too small (set config.data.pad_to={smallest}, or fewer '
+                     f'model.blocks)')
+
+
 class ConvBlock(nn.Module):
   """`convs` x (3x3 convolution, BatchNorm, ReLU), then a 2x2 max-pool."""
   width: int
@@ -35,11 +44,7 @@ class VGG(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
     """`mask` (B, 1, 1, 1): the examples whose statistics BatchNorm uses in training."""
-    smallest = 2 ** len(self.blocks)
-    if min(x.shape[1:3]) < smallest:
-      raise ValueError(f"model 'vgg' halves its inputs {len(self.blocks)} times: images of "
-                       f"{x.shape[1]}x{x.shape[2]} are too small (set config.data.pad_to="
-                       f"{smallest}, or fewer model.blocks)")
+    check_image_size(x, len(self.blocks))
     for convs in self.blocks:
       x = ConvBlock(self.width, convs)(x, train, mask)
     return Linear(self.num_classes)(x.reshape((x.shape[0], -1)))
