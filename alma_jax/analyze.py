@@ -63,12 +63,16 @@ class Run:
       return [json.loads(line) for line in f if line.strip()]
 
   def summary(self) -> dict:
-    """summary.json of a finished run; for an unfinished one, the same numbers over the
-    arrivals done (`arrivals` < `num_megabatches`: its CER/T is not comparable)."""
+    """summary.json of a finished run (the keys added since an earlier version wrote it
+    computed from its history); for an unfinished one, the same numbers over the arrivals done
+    (`arrivals` < `num_megabatches`: its CER/T is not comparable)."""
     path = os.path.join(self.directory, alma_run.SUMMARY_FILE)
     if os.path.exists(path):
       with open(path) as f:
-        return json.load(f)
+        saved = json.load(f)
+      if set(metrics.summary(metrics.empty_history(1))) <= set(saved):
+        return saved
+      return {**metrics.summary(self.state(self.arrivals()[-1])['history']), **saved}
     if not self.arrivals():
       raise NotARunError(f'{self.directory!r} holds no checkpoint yet: the run has not '
                          f'finished its first arrival')
@@ -178,6 +182,15 @@ def _first_round(group: list[Run]) -> int:
   return 0 if 0 in firsts else max(firsts)
 
 
+def _language_models(runs: list[Run]) -> bool:
+  """Whether `runs` are all of language models (else all of classifiers, or ValueError)."""
+  lm = [r.language_model for r in runs]
+  if any(lm) and not all(lm):
+    raise ValueError('runs of a language model and of a classifier measure different things: '
+                     'compare them apart')
+  return all(lm)
+
+
 def plot(runs: list, labels: list[str], out: str) -> list[str]:
   """Anytime curves, CER against training FLOPs (Pareto front marked), parameters over time:
   PNG files in `out`; returns their paths. An item of `runs` is a run or a list of runs (the
@@ -194,10 +207,7 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
 
   os.makedirs(out, exist_ok=True)
   groups = [list(r) if isinstance(r, (list, tuple)) else [r] for r in runs]
-  lm = all(r.language_model for g in groups for r in g)
-  if not lm and any(r.language_model for g in groups for r in g):
-    raise ValueError('runs of a language model and of a classifier measure different things: '
-                     'plot them apart')
+  lm = _language_models(sum(groups, []))
   metric, axis_label, title = (
       ('test_bits', 'test bits per byte', 'Anytime test bits per byte') if lm else
       ('test_error', 'test error (1 - accuracy)', 'Anytime test error'))
@@ -309,12 +319,12 @@ def cli(argv: list[str] | None = None) -> None:
     labels = args.labels.split(',') if args.labels else [r.name for r in runs]
     if len(labels) != len(runs):
       raise ValueError(f'--labels names {len(labels)} runs, but {len(runs)} were given')
-    paths = plot(runs, labels, args.out)
+    _language_models(runs)
   except (NotARunError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
   print(table(runs, labels))
-  for path in paths:
+  for path in plot(runs, labels, args.out):
     print(f'wrote {path}')
   write_csv(runs, labels, os.path.join(args.out, 'table.csv'))
   print(f"wrote {os.path.join(args.out, 'table.csv')}")

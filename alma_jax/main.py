@@ -62,7 +62,8 @@ def _flat_keys(tree: dict, prefix: str = '') -> list[str]:
 # (e.g. `num_experts` after `--config.model.name=moe_mlp`): set after the flags are parsed.
 _MODEL_KEYS: dict[str, object] = {}
 # With `--config.model.name` naming another model than the file's: the file's model keys that
-# the named model does not have and the command line does not set, removed after parsing.
+# the command line does not set, removed after parsing (the named model's defaults apply), but
+# for a mixture of the file's model or the reverse (moe_mlp and mlp) only those it lacks.
 _OTHER_MODEL_KEYS: list[str] = []
 
 
@@ -81,7 +82,9 @@ def check_arguments(argv: list[str]) -> list[str]:
   loads, and every `--config.KEY` override names a key of it or of the model it names (else
   one line, with the closest key). Returns `argv` with the config file's path resolved and the
   model keys the file leaves out taken aside (`_MODEL_KEYS`); a model named instead of the
-  file's leaves out the file's model keys it does not have (`_OTHER_MODEL_KEYS`)."""
+  file's leaves out the file's model keys (`_OTHER_MODEL_KEYS`)."""
+  _MODEL_KEYS.clear()
+  _OTHER_MODEL_KEYS.clear()
   specs = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
   if not specs:
     return argv
@@ -99,8 +102,10 @@ def check_arguments(argv: list[str]) -> list[str]:
   if names and names[-1] != loaded.model.get('name'):
     given = {a[len('--config.model.'):].partition('=')[0] for a in argv
              if a.startswith('--config.model.')}
-    _OTHER_MODEL_KEYS[:] = [k for k in loaded.model if k != 'name' and k not in model_defaults
-                            and k not in given]
+    family = lambda name: models.MIXTURES.get(name, name)
+    related = family(names[-1]) == family(loaded.model.get('name'))
+    _OTHER_MODEL_KEYS[:] = [k for k in loaded.model if k != 'name' and k not in given
+                            and (k not in model_defaults or not related)]
   kept = []
   for arg in argv:
     if arg.startswith('--config.'):

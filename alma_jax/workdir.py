@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import string
 import time
 import uuid
 
@@ -41,8 +42,9 @@ def prepare(config, workdir: str) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if sharding.is_main_process():
     for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
-      written, temporary, _ = name.partition('.tmp-')  # a temporary file of `write_atomic`
-      if temporary and written in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, DATA_FILE):
+      written, _, suffix = name.partition('.tmp-')  # a temporary file of `write_atomic`
+      if (written in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, DATA_FILE) and len(suffix) == 8
+          and all(c in string.hexdigits for c in suffix)):
         os.remove(os.path.join(workdir, name))
   if sharding.is_main_process() and not _has_results(workdir):  # new, or a start that failed
     os.makedirs(workdir, exist_ok=True)

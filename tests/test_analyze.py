@@ -52,9 +52,11 @@ def test_evaluate_on_other_data(runs):
                                     dataset.test_images[:100])
   assert part['error'] == pytest.approx(np.mean(np.asarray(predicted) != dataset.test_labels[:100]))
   images, labels = dataset.test_images[:100], dataset.test_labels[:100]
+  assert r.evaluate(4, images.astype(np.int64), labels) == part  # integers of another type
   for given, message in (((images / 255.0, labels), 'give them raw'),
-                         ((images, labels[:50]), '100 images but 50 labels'),
-                         ((images, labels + 10), 'labels from 10 to')):
+                         ((images, labels[:50]), '100 examples and 50 labels'),
+                         ((images, labels + 10), 'labels from 10 to'),
+                         ((images.astype(np.int64) + 200, labels), 'values from 200 to')):
     with pytest.raises(ValueError, match=message):
       r.evaluate(4, *given)
 
@@ -177,3 +179,6 @@ def test_a_grown_run_written_by_an_earlier_version_is_read_back(tmp_path):
   assert [r.evaluate(t)['error'] for t in r.arrivals()] == logged
   assert r.summary()['params'] == 7482
   assert r.learner.params(r.predictor(3)) == 7482  # the grown expert trees restored
+  # Its summary.json has no loss area (added since): the table computes it from the history.
+  area = sum(row['test_loss'] for row in r.rows()) / 3
+  assert f'| {area:.4f} |' in analyze.table([r], ['old'])

@@ -141,10 +141,18 @@ def test_a_key_of_the_named_model_can_be_set_though_the_config_file_lacks_it():
   assert printed['plan']['params_at_start'] == experts
 
 
-def test_a_config_files_model_can_be_replaced_on_the_command_line():
-  """The tiny VGG config with a ResNet-18: the file's VGG keys go, the ResNet's own can be set;
+def test_a_config_files_model_can_be_replaced_on_the_command_line(monkeypatch):
+  """The tiny VGG config with a ResNet-18: the file's VGG keys go (its `width` too: a ResNet's
+  default is not a VGG's), the ResNet's own can be set; a mixture of the file's model keeps the
+  file's keys it shares;
   a key of the file's model that the command line sets again is still refused, naming it. The
   MLP config's 28x28 images are too small for a VGG: one line says how to pad them."""
+  monkeypatch.chdir(REPO)
+  for config, model, dropped in (('fashion_mnist_conv.py:tiny', 'resnet18', {'width', 'blocks'}),
+                                 ('fashion_mnist.py', 'moe_mlp', set()),
+                                 ('fashion_mnist.py', 'vgg', {'hidden', 'num_layers'})):
+    main.check_arguments([f'--config=configs/{config}', f'--config.model.name={model}'])
+    assert set(main._OTHER_MODEL_KEYS) == dropped, model
   out = run_main('--config=configs/fashion_mnist_conv.py:tiny', '--config.model.name=resnet18',
                  '--config.model.width=4', '--dry_run')
   assert out.returncode == 0, out.stderr

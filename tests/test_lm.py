@@ -339,6 +339,12 @@ def test_loss_is_the_mean_over_tokens(corpus):
                              dataset.test_labels[..., None].astype(jnp.int32), -1)
   assert got['loss'] == pytest.approx(float(nll.mean()), rel=1e-5)
   assert got['loss'] == pytest.approx(math.log(256), rel=0.05)  # untrained: about uniform
+  # Given tokens as a user builds them (int64) are examples too; tokens beyond the vocabulary
+  # are refused.
+  tokens, labels = np.asarray(dataset.test_images).astype(np.int64), dataset.test_labels
+  assert learner.evaluate(state, tokens, labels)['loss'] == pytest.approx(got['loss'], rel=1e-6)
+  with pytest.raises(ValueError, match='tokens from [0-9]+ to 300: this data set has 0 to 255'):
+    learner.evaluate(state, np.where(tokens == tokens.max(), 300, tokens), labels)
 
 
 def test_warmup_then_cosine_decay_within_a_round():

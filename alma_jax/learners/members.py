@@ -250,24 +250,38 @@ class MemberLearner:
     if images is None:
       images, labels, indices = self.data.test_images, self.data.test_labels, self.test_indices
     else:
-      self._check_examples(images, labels)
+      images = self._as_held(images, labels)
       indices = np.arange(len(labels))
     padded = padded_members(state.variables, state.member_weights)
     return base.error_and_loss(self.tester(padded, images, labels, indices))
 
-  def _check_examples(self, images, labels) -> None:
-    """Raises ValueError unless `images` and `labels` are examples as the data set holds them."""
+  def _as_held(self, images, labels):
+    """`images` as the data set holds its own (integers cast to its dtype), or ValueError if
+    they, or `labels`, are not examples of it."""
     held = self.data.test_images
-    if images.dtype != held.dtype or images.shape[1:] != held.shape[1:]:
-      raise ValueError(f'images of {images.dtype} {tuple(images.shape[1:])}: give them raw, as '
-                       f'the data set holds them ({held.dtype} {tuple(held.shape[1:])}); the '
-                       f'model normalizes them itself')
-    if len(images) != len(labels):
-      raise ValueError(f'{len(images)} images but {len(labels)} labels')
-    low, high = int(np.min(labels)), int(np.max(labels))
-    if low < 0 or high >= self.num_classes:
-      raise ValueError(f'labels from {low} to {high}: this data set has classes 0 to '
-                       f'{self.num_classes - 1}')
+    integers = lambda a: np.issubdtype(a.dtype, np.integer)
+    if images.shape[1:] != held.shape[1:] or (
+        images.dtype != held.dtype and not (integers(images) and integers(held))):
+      pad = self.config.data.get('pad_to', 0)
+      raise ValueError(f'examples of {images.dtype} {tuple(images.shape[1:])}: give them raw, as '
+                       f'the data set holds them ({held.dtype} {tuple(held.shape[1:])}'
+                       + (f', images padded by data.pad_images(images, {pad})' if pad else '')
+                       + '); the model normalizes them itself')
+    if not len(labels) or len(images) != len(labels):
+      raise ValueError(f'{len(images)} examples and {len(labels)} labels: give as many of each, '
+                       f'at least one')
+
+    def within(values, name, low, high):
+      if int(np.min(values)) < low or int(np.max(values)) > high:
+        raise ValueError(f'{name} from {int(np.min(values))} to {int(np.max(values))}: this '
+                         f'data set has {low} to {high}')
+
+    within(labels, 'labels', 0, self.num_classes - 1)
+    if self.config.data.task == 'language_model':
+      within(images, 'tokens', 0, self.num_classes - 1)
+    elif images.dtype != held.dtype:  # integers of another type
+      within(images, 'values', np.iinfo(held.dtype).min, np.iinfo(held.dtype).max)
+    return images if images.dtype == held.dtype else images.astype(held.dtype)
 
   def params(self, state) -> int:
     """Parameters of the predictor (all members; BatchNorm statistics are not parameters)."""
