@@ -13,7 +13,7 @@
 # experiments/results): accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical
 # rows of repeated and resumed runs, start-up, the LM's MFU, the PyTorch demo),
 # streaming_<backend>.json (default LM) and streaming_gpt2_small_<backend>.json (streamed vs
-# device-resident throughput). Each step has its own time limit, so one that hangs leaves the
+# device-resident throughput), then prints the targets read off them (device_summary.py). Each step has its own time limit, so one that hangs leaves the
 # others their time. (`run` also runs on a CPU, as a check of the script: there the streamed
 # GPT-2-small epoch asks for ~45 GB, XLA:CPU's attention scores, and stops with an error.)
 set -uo pipefail
@@ -41,6 +41,7 @@ case "${1:-}" in
       --out="$out/streaming_$backend.json"
     timeout 90 python3 experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
       --steps=48 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
+    python3 experiments/device_summary.py "$out"  # the targets, in the call's output
     ;;
   *)
     echo "usage: bash experiments/device_checks.sh prepare|run" >&2

@@ -1,0 +1,63 @@
+"""The targets of #12 and #13, read off the JSONs that `device_checks.sh run` wrote:
+
+    python experiments/device_summary.py DIR [--cpu=experiments/results/accelerator_cpu.json]
+
+One line per target (a missing file or section says so), so that the device call's output
+alone says how the run went. The training FLOPs are compared with the CPU run's in `--cpu`.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def targets(sections: dict, cpu_sections: dict) -> list[tuple[str, object]]:
+  """(what, value) of each target; a value is computed lazily, so one that fails says why."""
+  demo, torch, peak = sections.get('demo', {}), sections.get('torch', {}), sections.get('peak', {})
+  return [
+      ('matmul peak, TFLOP/s', lambda: f"{peak['flops'] / 1e12:.3g} ({peak['dtype']})"),
+      *[(f'GPT-2-small MFU, {name} attention (target >= 0.40)',
+         lambda r=r: f"{r['mfu_xla']:.3f} ({r['step_ms']:.1f} ms a step)")
+        for name, r in sections.get('lm_gpt2', {}).items() if isinstance(r, dict)],
+      ('demo rounds, PyTorch / alma_jax (target >= 5): empty, filled cache',
+       lambda: ', '.join(f"{torch['rounds_s'] / demo[k]['rounds_s']:.1f}"
+                         for k in ('first', 'again'))),
+      ('demo rows identical: again, resumed',
+       lambda: f"{demo['identical_rows']['again']}, {demo['identical_rows']['resumed']}"),
+      ('LM rows identical: again, resumed',
+       lambda: ', '.join(str(v) for v in sections['lm_runs']['identical_rows'].values())),
+      ('demo training FLOPs / CPU run (target within 0.01 of 1)',
+       lambda: f"{demo['first']['train_flops'] / cpu_sections['demo']['first']['train_flops']:.6f}"),
+      ('demo first arrival, empty / filled cache', lambda: (
+          f"{demo['first']['first_arrival_s']:.1f} s / {demo['again']['first_arrival_s']:.1f} s")),
+  ]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('folder')
+  parser.add_argument('--cpu', default=os.path.join(ROOT, 'experiments', 'results',
+                                                    'accelerator_cpu.json'))
+  args = parser.parse_args()
+  read = lambda path: json.load(open(path)) if os.path.exists(path) else {}
+  accelerators = sorted(glob.glob(os.path.join(args.folder, 'accelerator_*.json')))
+  result = read(accelerators[-1]) if accelerators else {}
+  print(f"device: {result.get('device', 'no accelerator_*.json')}")
+  for what, value in targets(result.get('sections', {}), read(args.cpu).get('sections', {})):
+    try:
+      shown = value()
+    except (KeyError, TypeError, ZeroDivisionError) as missing:
+      shown = f'not measured ({type(missing).__name__}: {missing})'
+    print(f'{what}: {shown}')
+  for path in sorted(glob.glob(os.path.join(args.folder, 'streaming_*.json'))):
+    ratio = read(path).get('host_over_device')
+    print(f'{os.path.basename(path)}: streamed / resident throughput (target >= 0.90): '
+          + (f'{ratio:.3f}' if ratio else 'not measured'))
+
+
+if __name__ == '__main__':
+  main()
