@@ -42,13 +42,11 @@ def prepare(config, workdir: str) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if sharding.is_main_process():
     for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
-      written, _, suffix = name.partition('.tmp-')  # a temporary file of `write_atomic`
-      if (written in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, DATA_FILE) and len(suffix) == 8
-          and all(c in string.hexdigits for c in suffix)):
+      if _killed_write(name):
         os.remove(os.path.join(workdir, name))
-  if sharding.is_main_process() and not _has_results(workdir):  # new, or a start that failed
-    os.makedirs(workdir, exist_ok=True)
-    write_atomic(path, json.dumps(config_dict(config), indent=2, sort_keys=True))
+    if not _has_results(workdir):  # new, or a start that failed
+      os.makedirs(workdir, exist_ok=True)
+      write_atomic(path, json.dumps(config_dict(config), indent=2, sort_keys=True))
   sharding.barrier('alma_jax.workdir.created')
 
 
@@ -129,7 +127,7 @@ def check(config, workdir: str) -> None:
           f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
           f'--workdir, or resume it with the command that started it (its config is in {path}).')
     return
-  ours = lambda name: name == LOCK_FILE or name.startswith(CONFIG_FILE + '.tmp')  # killed writes
+  ours = lambda name: name == LOCK_FILE or _killed_write(name)
   if os.path.isdir(workdir) and not all(map(ours, os.listdir(workdir))):
     if _has_results(workdir):
       raise WorkdirError(f'workdir {workdir!r} holds checkpoints or results but no '
@@ -161,6 +159,15 @@ def _lookup(tree: dict, dotted: str):
       return None
     tree = tree[part]
   return tree
+
+
+def _killed_write(name: str) -> bool:
+  """Whether `name` is a temporary file that a killed `write_atomic` left in a workdir (or one
+  of 0.7, named `FILE.tmp`)."""
+  written, dot_tmp, suffix = name.partition('.tmp')
+  return (written in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, DATA_FILE) and bool(dot_tmp)
+          and (suffix == '' or (len(suffix) == 9 and suffix[0] == '-'
+                                and all(c in string.hexdigits for c in suffix[1:]))))
 
 
 def write_atomic(path: str, text: str) -> None:
