@@ -22,7 +22,7 @@ section that fails records its error and the others still run):
   nondeterministic  (GPUs) the demo again with config.backend.deterministic=False: the cost of
               determinism.
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
-checked to compile nothing. Writes
+checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
 experiments/results/accelerator_<backend>.json by default.
 """
 from __future__ import annotations
@@ -156,11 +156,13 @@ def main():
     if name not in args.only.split(','):
       return None
     print(f'== {name} ({time.perf_counter() - began:.0f} s so far)', flush=True)
+    started = time.perf_counter()
     try:
       result['sections'][name] = fn()
     except Exception as error:  # a failed section is reported, the rest still runs
       traceback.print_exc()
       result['sections'][name] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+    result.setdefault('section_seconds', {})[name] = time.perf_counter() - started
     result['total_seconds'] = time.perf_counter() - began
     common.write_result(result, out_path)
     return result['sections'][name]

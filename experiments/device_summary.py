@@ -53,6 +53,9 @@ def main():
     except (KeyError, TypeError, ZeroDivisionError) as missing:
       shown = f'not measured ({type(missing).__name__}: {missing})'
     print(f'{what}: {shown}')
+  seconds = result.get('section_seconds', {})
+  print('seconds a section: ' + (', '.join(f'{k} {v:.0f}' for k, v in seconds.items())
+                                 or 'not recorded'))
   for path in sorted(glob.glob(os.path.join(args.folder, 'streaming_*.json'))):
     ratio = read(path).get('host_over_device')
     print(f'{os.path.basename(path)}: streamed / resident throughput (target >= 0.90): '
