@@ -8,7 +8,8 @@ section that fails records its error and the others still run):
               on CPUs), measured here;
   lm_gpt2     the GPT-2-small shape (width 768, 12 blocks, 12 heads, 1024 tokens, batch 16;
               bfloat16 on accelerators) inside a compiled ALMA epoch: tokens/s and MFU, with
-              the attention the config picks and with XLA's (on CPUs: batch 1, a few steps);
+              the attention the config picks (on CPUs: batch 1, a few steps; on the H200,
+              cuDNN's attention measured 2.05x XLA's: docs/performance.md);
   demo        the demo protocol (configs/fashion_mnist.py) end to end, three processes: with an
               empty compilation cache, again with it filled, and killed after arrival 2 and
               resumed; time to the first arrival, start-up, compilation and time in rounds
@@ -19,8 +20,9 @@ section that fails records its error and the others still run):
   lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU;
   lm_runs     the LM config end to end, twice and once killed after arrival 2 and resumed:
               identical rows (configs/lm.py on accelerators, its :tiny variant on CPUs);
-  nondeterministic  (GPUs) the demo again with config.backend.deterministic=False: the cost of
-              determinism.
+  nondeterministic  (GPUs) the demo and the GPT-2-small step again with
+              config.backend.deterministic=False (kernels XLA autotunes, some accumulating in
+              a varying order): the cost of determinism.
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
 checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
 experiments/results/accelerator_<backend>.json by default.
@@ -118,13 +120,24 @@ def gpt2_small(cpu: bool):
 
 def lm_gpt2(cpu: bool, peak: float) -> dict:
   c = gpt2_small(cpu)
-  dataset = data.load(c.data)
-  out = {}
-  for attention in ('auto', 'xla'):
-    c.model.attention = attention
-    out[attention] = benchmark_lm.throughput(c, dataset, 2 if cpu else 60, peak)
-    if cpu:
-      break  # 'auto' is XLA's attention on a CPU
+  return {c.model.attention: benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60,
+                                                     peak)}
+
+
+def nondeterministic(demo: str, tmp: str, lm: str = 'configs/lm.py:gpt2_small') -> dict:
+  """The demo run and the `lm` config's step (benchmark_lm.py, 60 steps) in fresh processes
+  with config.backend.deterministic=False."""
+  out = {'demo': main_run(demo, os.path.join(tmp, 'nondeterministic'),
+                          os.path.join(tmp, 'demo', 'cache'),
+                          overrides=('--config.backend.deterministic=False',))}
+  path = os.path.join(tmp, 'lm_nondeterministic.json')
+  command = [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark_lm.py'),
+             f'--config={lm}', '--steps=60', '--nondeterministic', f'--out={path}']
+  process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  if process.returncode:
+    raise RuntimeError(f'{" ".join(command)} failed:\n{process.stderr[-3000:]}')
+  with open(path) as f:
+    out['lm'] = json.load(f)
   return out
 
 
@@ -185,9 +198,7 @@ def main():
     lm = os.path.join(ROOT, 'configs', 'lm.py' + (':tiny' if cpu else ''))
     section('lm_runs', lambda: repeated_runs(lm, os.path.join(tmp, 'lm')))
     if jax.default_backend() == 'gpu':
-      section('nondeterministic', lambda: main_run(
-          demo, os.path.join(tmp, 'nondeterministic'), os.path.join(tmp, 'demo', 'cache'),
-          overrides=('--config.backend.deterministic=False',)))
+      section('nondeterministic', lambda: nondeterministic(demo, tmp))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Training throughput of a language model config, and its model FLOP utilization (MFU).
 
-    python experiments/benchmark_lm.py [--config=configs/lm.py] [--steps=400]
+    python experiments/benchmark_lm.py [--config=configs/lm.py] [--steps=400] [--nondeterministic]
 
 Times compiled epochs of the config's train step (after a first epoch that compiles, with
 nothing compiled in the timed one) on the config's data, and this machine's matmul peak (the
@@ -102,6 +102,7 @@ def main():
                                       steps=400)
   peak = matmul_peak()
   result = {'config': args.config, **common.environment(), 'matmul_peak': peak,
+            'deterministic': c.backend.deterministic,
             **throughput(c, dataset, args.steps, peak['flops'])}
   common.write_result(result, args.out)
 

@@ -12,14 +12,18 @@ from alma_jax import backend, config as alma_config, data  # noqa: E402
 
 
 def lm_script(doc: str, out: str, **options: int):
-  """Parsed `--config=path[:variant] --out=PATH --OPTION=N...`, the config and its data set."""
+  """Parsed `--config=path[:variant] --out=PATH --OPTION=N...`, the config and its data set.
+  `--nondeterministic` measures with config.backend.deterministic=False (GPUs: see backend)."""
   parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
   parser.add_argument('--config', default='configs/lm.py')
   parser.add_argument('--out', default=out)
+  parser.add_argument('--nondeterministic', action='store_true')
   for name, default in options.items():
     parser.add_argument(f'--{name}', type=int, default=default)
   args = parser.parse_args()
   config = alma_config.load(args.config)
+  if args.nondeterministic:
+    config.backend.deterministic = False
   backend.configure(config.backend)  # as a run of the config would, before the backend starts
   return args, config, data.load(config.data)
 

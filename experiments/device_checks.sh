@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 530 s of
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 550 s of
 # benchmarks, about 9 minutes with set-up, of the 15 an H100/H200 is lent for). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
@@ -36,7 +36,7 @@ case "${1:-}" in
     # setup.sh hides pip's errors: say here what failed to install, if anything did.
     python3 -c 'import grain, ml_collections, tensorboardX, alma_jax' || echo "MISSING PACKAGES" >&2
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
-    timeout 380 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json"
+    timeout 400 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json"
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json"
     timeout 90 python3 experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \

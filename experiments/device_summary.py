@@ -32,6 +32,12 @@ def targets(sections: dict, cpu_sections: dict) -> list[tuple[str, object]]:
        lambda: ', '.join(str(v) for v in sections['lm_runs']['identical_rows'].values())),
       ('demo training FLOPs / CPU run (target within 0.01 of 1)',
        lambda: f"{demo['first']['train_flops'] / cpu_sections['demo']['first']['train_flops']:.6f}"),
+      ('cost of determinism: GPT-2-small step ms, deterministic / not', lambda: (
+          f"{sections['lm_gpt2']['auto']['step_ms']:.1f} / "
+          f"{sections['nondeterministic']['lm']['step_ms']:.1f}")),
+      ('cost of determinism: demo rounds s (empty cache), deterministic / not', lambda: (
+          f"{demo['first']['rounds_s']:.1f} / "
+          f"{sections['nondeterministic']['demo']['rounds_s']:.1f}")),
       ('demo first arrival, empty / filled cache', lambda: (
           f"{demo['first']['first_arrival_s']:.1f} s / {demo['again']['first_arrival_s']:.1f} s")),
   ]
