@@ -1,6 +1,6 @@
 """alma_jax on whatever backend it finds (CPU, GPU, TPU), in one command of a few minutes:
 
-    python experiments/benchmark_accelerator.py [--out=PATH] [--only=SECTION,...]
+    python experiments/benchmark_accelerator.py [--out=PATH] [--only=SECTION,...] [--profile=DIR]
 
 Sections, in this order (each writes its part of the JSON as soon as it is measured, and a
 section that fails records its error and the others still run):
@@ -118,10 +118,10 @@ def gpt2_small(cpu: bool):
   return c
 
 
-def lm_gpt2(cpu: bool, peak: float) -> dict:
+def lm_gpt2(cpu: bool, peak: float, profile: str = '') -> dict:
   c = gpt2_small(cpu)
   return {c.model.attention: benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60,
-                                                     peak)}
+                                                     peak, profile)}
 
 
 def nondeterministic(demo: str, tmp: str, lm: str = 'configs/lm.py:gpt2_small') -> dict:
@@ -155,6 +155,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='')
   parser.add_argument('--only', default=','.join(SECTIONS))
+  parser.add_argument('--profile', default='', help='a folder: lm_gpt2 also writes a '
+                      'jax.profiler trace of 3 of its steps there (profile_summary.py reads it)')
   args = parser.parse_args()
   # As a run of the default config would: deterministic GPU kernels (set before the backend
   # starts), programs cached under the default compilation cache.
@@ -185,7 +187,7 @@ def main():
     peak = benchmark_lm.matmul_peak()
   demo = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
   with tempfile.TemporaryDirectory() as tmp:
-    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops']))
+    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops'], args.profile))
     section('demo', lambda: repeated_runs(demo, os.path.join(tmp, 'demo')))
     section('torch', torch_demo)
     section('steps', lambda: {name: benchmark_steps.examples_per_second(f, 5376, 3, 'auto')

@@ -55,8 +55,11 @@ def _seconds(f, a, b, calls: int) -> float:
   return time.perf_counter() - began
 
 
-def throughput(config, dataset, num_steps: int, peak: float) -> dict:
-  """Tokens/s of `num_steps` train steps in one compiled epoch of the config's learner."""
+def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
+               profile_steps: int = 3) -> dict:
+  """Tokens/s of `num_steps` train steps in one compiled epoch of the config's learner; with
+  `profile`, then a trace of an epoch of `profile_steps` steps (the same program) written
+  there by `jax.profiler` (profile_summary.py reads it)."""
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   batch, length = config.train.batch_size, config.data.sequence_length
@@ -66,8 +69,9 @@ def throughput(config, dataset, num_steps: int, peak: float) -> dict:
   variables = learner.new_members(jax.random.key(0), 1)
   opt_state = learner.init_optimizer(variables)
   keys = jax.random.split(jax.random.key(1), 1)
-  epoch = lambda v, o, e: learner.trainer.train_epoch(
-      v, o, learner.data.train_images, learner.data.train_labels, indices, weights, n, keys, e)
+  epoch = lambda v, o, e, examples=n: learner.trainer.train_epoch(  # one program for any
+      v, o, learner.data.train_images, learner.data.train_labels, indices, weights, examples,
+      keys, e)
   began = time.perf_counter()
   variables, opt_state = epoch(variables, opt_state, 0)
   jax.block_until_ready(variables)
@@ -77,6 +81,12 @@ def throughput(config, dataset, num_steps: int, peak: float) -> dict:
     variables, opt_state = epoch(variables, opt_state, 1)
     jax.block_until_ready(variables)
   seconds = time.perf_counter() - began
+  if profile:
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # XLA's ops and kernels, not every Python call
+    with (backend.no_compilation('the profiled epoch'),
+          jax.profiler.trace(profile, profiler_options=options)):
+      jax.block_until_ready(epoch(variables, opt_state, 2, min(n, profile_steps * batch)))
   tokens_per_second = n * length / seconds
   xla_per_token = learner.flops()['step'] / (batch * length)
   params = learner.params(learner.init(jax.random.key(0)))

@@ -8,14 +8,17 @@
 #
 # `prepare` runs ../shared/device/prepare.sh (data sets, ml-collections, tensorboardX), leaves out
 # MNIST (unused here; the carry must stay under 64 MiB) and adds the wheels the streamed path
-# needs there (Grain and its compiled dependency, for the device's
-# Python 3.12). `run` writes into $OUT (which the device tool brings back; else
+# needs there (Grain and its compiled dependency, for the device's Python 3.12). `run` writes
+# into $OUT (which the device tool brings back; else
 # experiments/results): accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical
 # rows of repeated and resumed runs, start-up, the LM's MFU, the PyTorch demo),
 # streaming_<backend>.json (default LM) and streaming_gpt2_small_<backend>.json (streamed vs
-# device-resident throughput), then prints the targets read off them (device_summary.py). Each step has its own time limit, so one that hangs leaves the
-# others their time. (`run` also runs on a CPU, as a check of the script: there the streamed
-# GPT-2-small epoch asks for ~45 GB, XLA:CPU's attention scores, and stops with an error.)
+# device-resident throughput), then prints the targets read off them (device_summary.py) and
+# where a GPT-2-small step's time goes (profile_summary.py; gpt2_small_profile.json and the
+# trace, gpt2_small.trace.json.gz, for Perfetto). Each step has its own time limit, so one that
+# hangs leaves the others their time. (`run` also runs on a CPU, as a check of the script:
+# there the streamed GPT-2-small epoch asks for ~45 GB, XLA:CPU's attention scores, and stops
+# with an error.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,12 +39,17 @@ case "${1:-}" in
     # setup.sh hides pip's errors: say here what failed to install, if anything did.
     python3 -c 'import grain, ml_collections, tensorboardX, alma_jax' || echo "MISSING PACKAGES" >&2
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
-    timeout 400 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json"
+    profile=$(mktemp -d)
+    timeout 400 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
+      --profile="$profile"
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json"
     timeout 90 python3 experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
       --steps=48 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
     python3 experiments/device_summary.py "$out"  # the targets, in the call's output
+    # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), and the trace.
+    python3 experiments/profile_summary.py "$profile" --steps=3 --out="$out/gpt2_small_profile.json"
+    find "$profile" -name '*.trace.json.gz' -exec cp {} "$out/gpt2_small.trace.json.gz" \;
     ;;
   *)
     echo "usage: bash experiments/device_checks.sh prepare|run" >&2

@@ -1,11 +1,13 @@
 """What a run asks of the XLA backend: deterministic GPU kernels, the persistent compilation
-cache, and no program compiled twice."""
+cache, and no program compiled twice; where a profiled program's time goes."""
+import gzip
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -89,3 +91,33 @@ def test_fresh_members_and_trained_ones_share_their_compiled_programs(config):
         after_first_round = compiled.count
   assert compiled.count == after_first_round  # rounds 2 and 3 compiled nothing
   assert learner.tester.sums._cache_size() == learner.validator.sums._cache_size() == 1
+
+
+def test_a_profiled_program_is_summarized_by_its_operations_each_counted_once(tmp_path):
+  """experiments/profile_summary.py over a real jax.profiler trace (on CPUs, XLA's operations on
+  the host threads), and over a made-up one where an operation encloses another."""
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  import profile_summary
+  f = jax.jit(lambda x: jnp.tanh(x @ x) @ x)
+  x = jnp.ones((256, 256))
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      f(x).block_until_ready()
+  with gzip.open(profile_summary.newest_trace(str(tmp_path))) as trace:
+    summary = profile_summary.summary(json.load(trace), steps=3)
+  assert summary['by_kind_ms']['matrix multiply'] > 0
+  assert sum(summary['by_kind_ms'].values()) == pytest.approx(summary['busy_ms'])
+  assert summary['top'][0]['calls'] == 1  # three calls over three steps
+
+  device = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+            {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}}]
+  kernel = lambda name, ts, dur, pid=1: {'ph': 'X', 'pid': pid, 'tid': 7, 'ts': ts, 'dur': dur,
+                                         'name': name}
+  events = [kernel('while.1', 0, 10), kernel('gemm_fusion.2', 2, 3),
+            kernel('loop_fusion.3', 6, 1), kernel('host_work', 0, 50, pid=2)]
+  summary = profile_summary.summary({'traceEvents': device + events})
+  assert summary['span_ms'] == pytest.approx(0.010)  # the device's events, not the host's
+  assert summary['busy_ms'] == pytest.approx(0.010)
+  assert summary['by_kind_ms'] == pytest.approx({'other': 0.006, 'matrix multiply': 0.003,
+                                                 'other fusion': 0.001})
