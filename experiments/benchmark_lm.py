@@ -11,6 +11,8 @@ without the embeddings). Writes experiments/results/lm/benchmark.json.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import common
@@ -59,7 +61,8 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
                profile_steps: int = 3) -> dict:
   """Tokens/s of `num_steps` train steps in one compiled epoch of the config's learner; with
   `profile`, then a trace of an epoch of `profile_steps` steps (the same program) written
-  there by `jax.profiler` (profile_summary.py reads it)."""
+  there by `jax.profiler`, and the number of steps traced in its `steps.json` (what
+  profile_summary.py reads)."""
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   batch, length = config.train.batch_size, config.data.sequence_length
@@ -87,6 +90,8 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
     with (backend.no_compilation('the profiled epoch'),
           jax.profiler.trace(profile, profiler_options=options)):
       jax.block_until_ready(epoch(variables, opt_state, 2, min(n, profile_steps * batch)))
+    with open(os.path.join(profile, 'steps.json'), 'w') as f:
+      json.dump({'steps': -(-min(n, profile_steps * batch) // batch)}, f)
   tokens_per_second = n * length / seconds
   xla_per_token = learner.flops()['step'] / (batch * length)
   params = learner.params(learner.init(jax.random.key(0)))

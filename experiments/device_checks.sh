@@ -48,7 +48,7 @@ case "${1:-}" in
       --steps=48 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
     python3 experiments/device_summary.py "$out"  # the targets, in the call's output
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), and the trace.
-    python3 experiments/profile_summary.py "$profile" --steps=3 --out="$out/gpt2_small_profile.json"
+    python3 experiments/profile_summary.py "$profile" --out="$out/gpt2_small_profile.json"
     find "$profile" -name '*.trace.json.gz' -exec cp {} "$out/gpt2_small.trace.json.gz" \;
     ;;
   *)

@@ -3,7 +3,7 @@
     python experiments/profile_summary.py DIR [--steps=N] [--out=PATH]
 
 Reads the newest `*.trace.json.gz` under DIR (as `benchmark_lm.py`'s `profile` writes it) and
-prints, per step when `--steps` is given: the span from the first to the last XLA operation,
+prints, per step (N steps, else as many as DIR's `steps.json` says, else 1): the span from the first to the last XLA operation,
 the busy time (each event's own time, without the events nested in it, summed over the
 device's streams, or over a CPU's threads, so it can exceed the span), that time split into
 kinds of work (matrix multiplies, attention, other fusions, copies, collectives), and the
@@ -94,13 +94,16 @@ def summary(trace: dict, steps: int = 1, top: int = 15) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('directory')
-  parser.add_argument('--steps', type=int, default=1)
+  parser.add_argument('--steps', type=int, default=0)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
-  path = newest_trace(args.directory)
+  path, steps = newest_trace(args.directory), args.steps
+  if not steps:
+    recorded = os.path.join(args.directory, 'steps.json')
+    steps = json.load(open(recorded))['steps'] if os.path.exists(recorded) else 1
   with gzip.open(path) as f:
-    result = {'trace': path, **summary(json.load(f), args.steps)}
-  unit = 'a step' if args.steps > 1 else 'in all'
+    result = {'trace': path, **summary(json.load(f), steps)}
+  unit = f'a step ({steps} traced)' if steps > 1 else 'in all'
   print(f"{path}\nspan {result['span_ms']:.2f} ms {unit}, busy {result['busy_ms']:.2f} ms")
   for name, ms in result['by_kind_ms'].items():
     print(f'  {name:<16} {ms:9.3f} ms  {ms / result["busy_ms"]:6.1%}')
