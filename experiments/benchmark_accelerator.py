@@ -16,13 +16,13 @@ section that fails records its error and the others still run):
               apart, and whether the three give identical rows;
   torch       the demo protocol in plain PyTorch on the same device (index batches, data on the
               device), when torch is importable;
-  steps       MLP and VGG train-step examples/s (benchmark_steps.py);
-  lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU;
   lm_runs     the LM config end to end, twice and once killed after arrival 2 and resumed:
               identical rows (configs/lm.py on accelerators, its :tiny variant on CPUs);
   nondeterministic  (GPUs) the demo and the GPT-2-small step again with
               config.backend.deterministic=False (kernels XLA autotunes, some accumulating in
-              a varying order): the cost of determinism.
+              a varying order): the cost of determinism;
+  steps       MLP and VGG train-step examples/s (benchmark_steps.py);
+  lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU.
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
 checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
 experiments/results/accelerator_<backend>.json by default.
@@ -48,8 +48,8 @@ import benchmark_lm
 import benchmark_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ('peak', 'lm_gpt2', 'demo', 'torch', 'steps', 'lm_default', 'lm_runs',
-            'nondeterministic')
+SECTIONS = ('peak', 'lm_gpt2', 'demo', 'torch', 'lm_runs', 'nondeterministic', 'steps',
+            'lm_default')
 ROW_FIELDS = ('t', 'trained', 'test_error', 'test_loss', 'train_flops', 'valid_flops',
               'reference_flops', 'epochs', 'params', 'inference_flops')
 
@@ -190,6 +190,11 @@ def main():
     section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops'], args.profile))
     section('demo', lambda: repeated_runs(demo, os.path.join(tmp, 'demo')))
     section('torch', torch_demo)
+    lm = os.path.join(ROOT, 'configs', 'lm.py' + (':tiny' if cpu else ''))
+    section('lm_runs', lambda: repeated_runs(lm, os.path.join(tmp, 'lm')))
+    if jax.default_backend() == 'gpu':
+      section('nondeterministic', lambda: nondeterministic(demo, tmp))
+    # Last, so that a time limit cuts the figures already measured elsewhere, not the targets.
     section('steps', lambda: {name: benchmark_steps.examples_per_second(f, 5376, 3, 'auto')
                               for name, f in benchmark_steps.CONFIGS.items()})
 
@@ -197,10 +202,6 @@ def main():
       c = alma_config.load(os.path.join(ROOT, 'configs', 'lm.py'))
       return benchmark_lm.throughput(c, data.load(c.data), 200 if cpu else 2000, peak['flops'])
     section('lm_default', lm_default)
-    lm = os.path.join(ROOT, 'configs', 'lm.py' + (':tiny' if cpu else ''))
-    section('lm_runs', lambda: repeated_runs(lm, os.path.join(tmp, 'lm')))
-    if jax.default_backend() == 'gpu':
-      section('nondeterministic', lambda: nondeterministic(demo, tmp))
 
 
 if __name__ == '__main__':
