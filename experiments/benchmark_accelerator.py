@@ -75,7 +75,7 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
         return {'killed_after_arrival': kill_after}
   stderr = process.stderr.read()
   if process.wait():
-    raise RuntimeError(f'{" ".join(command)} failed:\n{stderr[-3000:]}')
+    raise _failed(command, stderr)
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   return {'first_arrival_s': first, 'wall_s': time.perf_counter() - began,
@@ -85,6 +85,10 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
           'rounds_s': summary['seconds'], 'final_error': summary['final_error'],
           'final_test_loss': summary['final_test_loss'],
           'train_flops': summary['train_flops'], 'train_examples': summary['train_examples']}
+
+
+def _failed(command: list[str], stderr: str) -> RuntimeError:
+  return RuntimeError(f'{" ".join(command)} failed:\n{stderr[-3000:]}')
 
 
 def rows(workdir: str) -> list[dict]:
@@ -135,7 +139,7 @@ def nondeterministic(demo: str, tmp: str, lm: str = 'configs/lm.py:gpt2_small') 
              f'--config={lm}', '--steps=60', '--nondeterministic', f'--out={path}']
   process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
   if process.returncode:
-    raise RuntimeError(f'{" ".join(command)} failed:\n{process.stderr[-3000:]}')
+    raise _failed(command, process.stderr)
   with open(path) as f:
     out['lm'] = json.load(f)
   return out

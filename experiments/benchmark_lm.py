@@ -87,11 +87,12 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
   if profile:
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # XLA's ops and kernels, not every Python call
+    profiled = min(n, profile_steps * batch)
     with (backend.no_compilation('the profiled epoch'),
           jax.profiler.trace(profile, profiler_options=options)):
-      jax.block_until_ready(epoch(variables, opt_state, 2, min(n, profile_steps * batch)))
+      jax.block_until_ready(epoch(variables, opt_state, 2, profiled))
     with open(os.path.join(profile, 'steps.json'), 'w') as f:
-      json.dump({'steps': -(-min(n, profile_steps * batch) // batch)}, f)
+      json.dump({'steps': -(-profiled // batch)}, f)
   tokens_per_second = n * length / seconds
   xla_per_token = learner.flops()['step'] / (batch * length)
   params = learner.params(learner.init(jax.random.key(0)))
