@@ -25,7 +25,9 @@ section that fails records its error and the others still run):
   lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU.
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
 checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
-experiments/results/accelerator_<backend>.json by default.
+experiments/results/accelerator_<backend>.json by default. `--profile=DIR`: a `jax.profiler`
+trace of 3 GPT-2-small steps in DIR/lm_gpt2 and, on GPUs, of the non-deterministic ones in
+DIR/lm_gpt2_nondeterministic (profile_summary.py reads each): which kernels determinism slows.
 """
 from __future__ import annotations
 
@@ -128,15 +130,17 @@ def lm_gpt2(cpu: bool, peak: float, profile: str = '') -> dict:
                                                      peak, profile)}
 
 
-def nondeterministic(demo: str, tmp: str, lm: str = 'configs/lm.py:gpt2_small') -> dict:
-  """The demo run and the `lm` config's step (benchmark_lm.py, 60 steps) in fresh processes
-  with config.backend.deterministic=False."""
+def nondeterministic(demo: str, tmp: str, profile: str = '',
+                     lm: str = 'configs/lm.py:gpt2_small') -> dict:
+  """The demo run and the `lm` config's step (benchmark_lm.py, 60 steps; with `profile`, 3
+  more traced there) in fresh processes with config.backend.deterministic=False."""
   out = {'demo': main_run(demo, os.path.join(tmp, 'nondeterministic'),
                           os.path.join(tmp, 'demo', 'cache'),
                           overrides=('--config.backend.deterministic=False',))}
   path = os.path.join(tmp, 'lm_nondeterministic.json')
   command = [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark_lm.py'),
-             f'--config={lm}', '--steps=60', '--nondeterministic', f'--out={path}']
+             f'--config={lm}', '--steps=60', '--nondeterministic', f'--out={path}',
+             f'--profile={profile}']
   process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
   if process.returncode:
     raise _failed(command, process.stderr)
@@ -159,8 +163,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='')
   parser.add_argument('--only', default=','.join(SECTIONS))
-  parser.add_argument('--profile', default='', help='a folder: lm_gpt2 also writes a '
-                      'jax.profiler trace of 3 of its steps there (profile_summary.py reads it)')
+  parser.add_argument('--profile', default='', help='a folder: jax.profiler traces of 3 '
+                      'GPT-2-small steps in its lm_gpt2 and lm_gpt2_nondeterministic')
   args = parser.parse_args()
   # As a run of the default config would: deterministic GPU kernels (set before the backend
   # starts), programs cached under the default compilation cache.
@@ -170,6 +174,7 @@ def main():
                                       f'accelerator_{jax.default_backend()}.json')
   result = {**common.environment(), 'sections': {}}
   began = time.perf_counter()
+  profile = lambda name: os.path.join(args.profile, name) if args.profile else ''
 
   def section(name, fn):
     if name not in args.only.split(','):
@@ -191,13 +196,14 @@ def main():
     peak = benchmark_lm.matmul_peak()
   demo = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
   with tempfile.TemporaryDirectory() as tmp:
-    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops'], args.profile))
+    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops'], profile('lm_gpt2')))
     section('demo', lambda: repeated_runs(demo, os.path.join(tmp, 'demo')))
     section('torch', torch_demo)
     lm = os.path.join(ROOT, 'configs', 'lm.py' + (':tiny' if cpu else ''))
     section('lm_runs', lambda: repeated_runs(lm, os.path.join(tmp, 'lm')))
     if jax.default_backend() == 'gpu':
-      section('nondeterministic', lambda: nondeterministic(demo, tmp))
+      section('nondeterministic', lambda: nondeterministic(
+          demo, tmp, profile('lm_gpt2_nondeterministic')))
     # Last, so that a time limit cuts the figures already measured elsewhere, not the targets.
     section('steps', lambda: {name: benchmark_steps.examples_per_second(f, 5376, 3, 'auto')
                               for name, f in benchmark_steps.CONFIGS.items()})

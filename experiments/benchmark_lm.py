@@ -1,13 +1,15 @@
 """Training throughput of a language model config, and its model FLOP utilization (MFU).
 
     python experiments/benchmark_lm.py [--config=configs/lm.py] [--steps=400] [--nondeterministic]
+                                       [--profile=DIR]
 
 Times compiled epochs of the config's train step (after a first epoch that compiles, with
 nothing compiled in the timed one) on the config's data, and this machine's matmul peak (the
 best of jitted square matmuls: bfloat16 on accelerators, float32 on CPUs). MFU = achieved model
 FLOP/s / peak, with model FLOPs per token counted two ways: XLA's cost analysis of the train step
 (forward, backward, AdamW update), and PaLM's 6 N + 12 layers x width x context (N: parameters
-without the embeddings). Writes experiments/results/lm/benchmark.json.
+without the embeddings). `--profile=DIR`: then a `jax.profiler` trace of 3 steps there (what
+profile_summary.py reads). Writes experiments/results/lm/benchmark.json.
 """
 from __future__ import annotations
 
@@ -115,11 +117,11 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
 
 def main():
   args, c, dataset = common.lm_script(__doc__, 'experiments/results/lm/benchmark.json',
-                                      steps=400)
+                                      steps=400, profile='')
   peak = matmul_peak()
   result = {'config': args.config, **common.environment(), 'matmul_peak': peak,
             'deterministic': c.backend.deterministic,
-            **throughput(c, dataset, args.steps, peak['flops'])}
+            **throughput(c, dataset, args.steps, peak['flops'], args.profile)}
   common.write_result(result, args.out)
 
 

@@ -11,15 +11,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from alma_jax import backend, config as alma_config, data  # noqa: E402
 
 
-def lm_script(doc: str, out: str, **options: int):
-  """Parsed `--config=path[:variant] --out=PATH --OPTION=N...`, the config and its data set.
-  `--nondeterministic` measures with config.backend.deterministic=False (GPUs: see backend)."""
+def lm_script(doc: str, out: str, **options: int | str):
+  """Parsed `--config=path[:variant] --out=PATH --OPTION=VALUE...` (each option of its
+  default's type), the config and its data set. `--nondeterministic` measures with
+  config.backend.deterministic=False (GPUs: see backend)."""
   parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
   parser.add_argument('--config', default='configs/lm.py')
   parser.add_argument('--out', default=out)
   parser.add_argument('--nondeterministic', action='store_true')
   for name, default in options.items():
-    parser.add_argument(f'--{name}', type=int, default=default)
+    parser.add_argument(f'--{name}', type=type(default), default=default)
   args = parser.parse_args()
   config = alma_config.load(args.config)
   if args.nondeterministic:

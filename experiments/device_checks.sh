@@ -14,11 +14,12 @@
 # rows of repeated and resumed runs, start-up, the LM's MFU, the PyTorch demo),
 # streaming_<backend>.json (default LM) and streaming_gpt2_small_<backend>.json (streamed vs
 # device-resident throughput), then prints the targets read off them (device_summary.py) and
-# where a GPT-2-small step's time goes (profile_summary.py; gpt2_small_profile.json and the
-# trace, gpt2_small.trace.json.gz, for Perfetto). Each step has its own time limit, so one that
-# hangs leaves the others their time. (`run` also runs on a CPU, as a check of the script:
-# there the streamed GPT-2-small epoch asks for ~45 GB, XLA:CPU's attention scores, and stops
-# with an error.)
+# where a GPT-2-small step's time goes, with deterministic kernels and without
+# (profile_summary.py; lm_gpt2[_nondeterministic]_profile.json and the traces,
+# lm_gpt2[_nondeterministic].trace.json.gz, for Perfetto). Each step has its own time limit,
+# so one that hangs leaves the others their time. (`run` also runs on a CPU, as a check of the
+# script: there the streamed GPT-2-small epoch asks for ~45 GB, XLA:CPU's attention scores,
+# and stops with an error.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,9 +48,13 @@ case "${1:-}" in
     timeout 90 python3 experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
       --steps=48 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
     python3 experiments/device_summary.py "$out"  # the targets, in the call's output
-    # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), and the trace.
-    python3 experiments/profile_summary.py "$profile" --out="$out/gpt2_small_profile.json"
-    find "$profile" -name '*.trace.json.gz' -exec cp {} "$out/gpt2_small.trace.json.gz" \;
+    # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
+    # deterministic kernels and without, and the traces.
+    for run in lm_gpt2 lm_gpt2_nondeterministic; do  # (the second: GPUs only)
+      [ -d "$profile/$run" ] || continue
+      python3 experiments/profile_summary.py "$profile/$run" --out="$out/${run}_profile.json"
+      find "$profile/$run" -name '*.trace.json.gz' -exec cp {} "$out/$run.trace.json.gz" \;
+    done
     ;;
   *)
     echo "usage: bash experiments/device_checks.sh prepare|run" >&2
