@@ -226,6 +226,19 @@ def test_pairs_of_learner_and_model_that_cannot_work_are_refused_naming_both(con
     alma_config.validate(config)
 
 
+def test_boosting_counts_the_forward_passes_that_weigh_examples_and_members(config):
+  """Each round, SAMME runs every frozen member over the training data (example weights) and
+  every member over the validation split (alphas): more FLOPs than the training steps alone."""
+  learner, dataset = make_learner(config, 'boosting')
+  r = first_round(dataset, config)
+  state = learner.init(jax.random.key(0))
+  forward, step = learner.flops()['forward'], learner.flops()['step']
+  for frozen in (0, 1, 2):
+    state, report = learner.train_round(state, r, jax.random.key(frozen + 1))
+    assert report.train_flops == pytest.approx(
+        report.steps * step + forward * (frozen * len(r.train) + (frozen + 1) * len(r.valid)))
+
+
 def test_samme_weights_and_alphas():
   miss = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
   alphas, weights = boosting.samme(miss, num_classes=10)

@@ -5,6 +5,8 @@ sum(w), alpha_m = log((1 - eps_m) / eps_m) + log(C - 1), w *= exp(alpha_m * miss
 member trains on the round's data drawn by the weights SAMME leaves on it (sampling, reference);
 then every member's alpha is recomputed by SAMME on the round's validation split. Prediction:
 the alpha-weighted sum of the members' logits. The new member starts as a copy of the last.
+SAMME's passes (every member forward over the round's training data, then over its validation
+split) count as training FLOPs, as gMoE's measuring does: a round costs more with every member.
 The first round trains on ordinary shuffled epochs, as the reference
 (crlapi/sl/clmodels/boosting.py:277-281: no sampler for the first task).
 """
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alma_jax import sharding, steps
-from alma_jax.learners import gens, members
+from alma_jax.learners import base, gens, members
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -56,8 +58,11 @@ def boosting(config) -> members.Plan:
     first = int(state.rounds) == 0
     weights = None if first else samme(mistakes(learner, state.variables, round.train),
                                        learner.num_classes)[1][None]
+    frozen = 0 if first else learner.num_members(state)  # the untrained start is replaced
+    forward = base.counted(learner.flops(state.variables)['forward'])
+    samme_flops = forward * (frozen * len(round.train) + (frozen + 1) * len(round.valid))
     return members.Work(start=start(learner, state, key, 1), train=members.same_data(round, 1),
-                        weights=weights, resample=not first)
+                        weights=weights, resample=not first, extra_flops=samme_flops)
 
   def merge(learner, state, variables, work, round):
     state = members.append(learner, state, variables, work, round)
