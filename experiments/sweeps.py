@@ -1,4 +1,4 @@
-"""Sweeps that test the paper's four findings (README, "Results"), each one command:
+"""Sweeps that test the paper's four findings (experiments/README.md), each one command:
 
     python experiments/sweeps.py SWEEP [--reduced] [--seeds=3]
 
