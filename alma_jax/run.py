@@ -233,6 +233,7 @@ def plan(config) -> dict:
   dataset, stream, learner, where = _build(config, mesh)
   s = config.stream
   flops = learner.flops()
+  state = learner.init(jax.random.key(config.seed))
   return {
       'arrivals': stream.num_megabatches,
       'rounds_after_arrivals': [t for t in range(1, stream.num_megabatches + 1)
@@ -242,7 +243,12 @@ def plan(config) -> dict:
       'train_examples_per_megabatch': [len(x) for x in stream.train],
       'validation_examples_per_megabatch': [len(x) for x in stream.valid],
       'test_examples': len(dataset.test_labels),
-      'params_at_start': learner.params(learner.init(jax.random.key(config.seed))),
+      'params_at_start': learner.params(state),
+      # FSDP: the share of the parameters split over the data axis (the rest is whole on
+      # every device); 0 without mesh.shard_params.
+      'params_split_over_data': (sharding.split_fraction(state.variables['params'],
+                                                         mesh.shape[sharding.DATA])
+                                 if config.mesh.shard_params else 0.0),
       'train_step_flops': flops['step'], 'forward_flops_per_example': flops['forward'],
       'data_placement': where,
       'data_bytes': placement.data_bytes(dataset),

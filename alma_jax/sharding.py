@@ -82,12 +82,27 @@ def stacked_leaf(mesh, shape: tuple[int, ...], shard_params: bool = False) -> Na
     return NamedSharding(mesh, P())
   spec = [MEMBER if shape[0] % mesh.shape[MEMBER] == 0 else None]
   spec += [None] * (len(shape) - 1)
-  data = mesh.shape[DATA]
-  if shard_params and data > 1 and len(shape) > 1:
-    fits = [d for d in range(1, len(shape)) if shape[d] % data == 0]
-    if fits:
-      spec[max(fits, key=lambda d: (shape[d], d))] = DATA
+  data_axis = _data_axis(shape, mesh.shape[DATA]) if shard_params else None
+  if data_axis is not None:
+    spec[data_axis] = DATA
   return NamedSharding(mesh, P(*spec))
+
+
+def _data_axis(shape: tuple[int, ...], data: int) -> int | None:
+  """The dimension of a stacked leaf that FSDP splits over `data` devices: the largest one
+  after the member axis that `data` divides; None: the leaf stays whole on every device."""
+  fits = [d for d in range(1, len(shape)) if data > 1 and shape[d] % data == 0]
+  return max(fits, key=lambda d: (shape[d], d)) if fits else None
+
+
+def split_fraction(tree, data: int) -> float:
+  """The share of the elements of a stack of members (`tree`, as `stacked` takes it) that
+  `stacked(..., shard_params=True)` splits over `data` devices: a leaf none of whose dimensions
+  `data` divides (a grown layer of width 33, say) stays whole on every device."""
+  sizes = [(int(np.prod(np.shape(x))), _data_axis(np.shape(x), data) is not None)
+           for x in jax.tree.leaves(tree)]
+  total = sum(size for size, _ in sizes)
+  return sum(size for size, split in sizes if split) / total if total else 0.0
 
 
 def global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

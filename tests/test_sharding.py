@@ -13,6 +13,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from alma_jax import analyze, checkpoint, config as alma_config, run, sharding
@@ -159,6 +160,23 @@ shards = [s.data.nbytes for s in jax.tree.leaves(variables)[0].addressable_shard
 print(json.dumps({{'arguments': memory.argument_size_in_bytes,
                    'parameter_shard': max(shards)}}))
 '''
+
+
+def test_the_share_of_parameters_split_over_data_names_the_leaves_fsdp_leaves_whole():
+  """A leaf none of whose dimensions the data axis divides (a grown width of 33 or 18) stays
+  whole on every device; `--dry_run`'s plan reports the share that is split."""
+  members = {'grown': np.zeros((1, 33, 18)), 'first': np.zeros((1, 784, 64)),
+             'bias': np.zeros((1, 64))}
+  split = 784 * 64 + 64
+  assert sharding.split_fraction(members, 8) == pytest.approx(split / (split + 33 * 18))
+  assert sharding.split_fraction(members, 1) == 0.0
+  assert sharding.split_fraction({'grown': np.zeros((8, 33, 18))}, 8) == 0.0  # not the members
+  out = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--dry_run',
+                        '--config=configs/fashion_mnist.py:tiny', '--config.mesh.shard_params=True'],
+                       cwd=REPO, env=env(8), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)['plan']['params_split_over_data'] == pytest.approx(
+      (55_050 - 10) / 55_050)  # all but the head's bias of 10
 
 
 def test_sharded_parameters_take_an_eighth_of_the_memory_per_device(idx_dir):
