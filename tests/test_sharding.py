@@ -172,7 +172,8 @@ def test_the_share_of_parameters_split_over_data_names_the_leaves_fsdp_leaves_wh
   assert sharding.split_fraction(members, 1) == 0.0
   assert sharding.split_fraction({'grown': np.zeros((8, 33, 18))}, 8) == 0.0  # not the members
   out = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--dry_run',
-                        '--config=configs/fashion_mnist.py:tiny', '--config.mesh.shard_params=True'],
+                        '--config=configs/fashion_mnist.py:tiny',
+                        '--config.mesh.shard_params=True'],
                        cwd=REPO, env=env(8), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert json.loads(out.stdout)['plan']['params_split_over_data'] == pytest.approx(
