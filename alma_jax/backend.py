@@ -32,8 +32,7 @@ _CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 def configure(config) -> None:
   """Applies `config` (the `backend` section) to this process; call before any device work."""
   if config.deterministic:
-    flags = os.environ.get('XLA_FLAGS', '')
-    if DETERMINISTIC_GPU_FLAG not in flags.split():
+    if not deterministic_gpu_kernels():
       if _backend_started():
         if jax.default_backend() == 'gpu':
           raise RuntimeError(
@@ -42,11 +41,24 @@ def configure(config) -> None:
               'touches a device (alma_jax.main does), or set '
               'config.backend.deterministic=False to accept runs that differ in the last bits')
       else:
+        flags = os.environ.get('XLA_FLAGS', '')
         os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISTIC_GPU_FLAG}'.strip()
   if config.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_CACHED_COMPILE_SECONDS)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def deterministic_gpu_kernels() -> bool:
+  """Whether this process asks XLA for deterministic GPU kernels (its XLA_FLAGS, which XLA
+  reads when the backend starts)."""
+  return DETERMINISTIC_GPU_FLAG in os.environ.get('XLA_FLAGS', '').split()
+
+
+def without_determinism(flags: str) -> str:
+  """An XLA_FLAGS value without the flag `configure` adds for deterministic kernels (for a
+  child process that is to run without them)."""
+  return ' '.join(flag for flag in flags.split() if flag != DETERMINISTIC_GPU_FLAG)
 
 
 def _backend_started() -> bool:

@@ -57,7 +57,7 @@ ROW_FIELDS = ('t', 'trained', 'test_error', 'test_loss', 'train_flops', 'valid_f
 
 
 def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
-             overrides: tuple[str, ...] = ()) -> dict:
+             overrides: tuple[str, ...] = (), env: dict | None = None) -> dict:
   """`python -m alma_jax.main` in a fresh process: seconds to its first arrival's row, wall
   time, its summary; with `kill_after`, SIGKILLed once that arrival's row is printed."""
   command = [sys.executable, '-m', 'alma_jax.main', f'--config={config}',
@@ -65,7 +65,7 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
              f'--config.backend.compilation_cache={cache}', *overrides]
   began = time.perf_counter()
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, env=env)
   first = None
   for line in process.stdout:
     fields = line.split()
@@ -133,15 +133,17 @@ def lm_gpt2(cpu: bool, peak: float, profile: str = '') -> dict:
 def nondeterministic(demo: str, tmp: str, profile: str = '',
                      lm: str = 'configs/lm.py:gpt2_small') -> dict:
   """The demo run and the `lm` config's step (benchmark_lm.py, 60 steps; with `profile`, 3
-  more traced there) in fresh processes with config.backend.deterministic=False."""
+  more traced there) in fresh processes with config.backend.deterministic=False, and without the
+  deterministic flags this process put into XLA_FLAGS."""
+  env = dict(os.environ, XLA_FLAGS=backend.without_determinism(os.environ.get('XLA_FLAGS', '')))
   out = {'demo': main_run(demo, os.path.join(tmp, 'nondeterministic'),
                           os.path.join(tmp, 'demo', 'cache'),
-                          overrides=('--config.backend.deterministic=False',))}
+                          overrides=('--config.backend.deterministic=False',), env=env)}
   path = os.path.join(tmp, 'lm_nondeterministic.json')
   command = [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark_lm.py'),
              f'--config={lm}', '--steps=60', '--nondeterministic', f'--out={path}',
              f'--profile={profile}']
-  process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
   if process.returncode:
     raise _failed(command, process.stderr)
   with open(path) as f:
@@ -169,6 +171,9 @@ def main():
   # As a run of the default config would: deterministic GPU kernels (set before the backend
   # starts), programs cached under the default compilation cache.
   backend.configure(alma_config.base().backend)
+  # Sections run fresh processes on the same GPU: none may hold 75% of its memory (JAX's default
+  # preallocation), or the next one cannot start cuBLAS or fit GPT-2.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   cpu = jax.default_backend() == 'cpu'
   out_path = args.out or os.path.join(ROOT, 'experiments', 'results',
                                       f'accelerator_{jax.default_backend()}.json')

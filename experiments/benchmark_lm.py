@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alma_jax import backend, learners, placement, sharding, steps
+from alma_jax.models import transformer
 
 
 def matmul_peak(seconds: float = 2.0) -> dict:
@@ -96,6 +97,8 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
     with open(os.path.join(profile, 'steps.json'), 'w') as f:
       json.dump({'steps': -(-profiled // batch)}, f)
   tokens_per_second = n * length / seconds
+  m = config.model
+  qkv = jax.ShapeDtypeStruct((batch, length, m.heads, m.width // m.heads), jnp.dtype(m.dtype))
   xla_per_token = learner.flops()['step'] / (batch * length)
   params = learner.params(learner.init(jax.random.key(0)))
   embeddings = dataset.num_classes * config.model.width + config.model.context * config.model.width
@@ -104,7 +107,10 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
   return {
       'params': params, 'batch': batch, 'sequence_length': length,
       'microbatches': config.train.microbatches, 'dtype': config.model.dtype,
-      'attention': config.model.attention, 'remat': config.model.remat,
+      'attention': m.attention,
+      'attention_kernel': transformer.attention_kernel(m.attention, qkv, qkv, qkv),
+      'deterministic_gpu_kernels': backend.deterministic_gpu_kernels(),
+      'remat': config.model.remat,
       'steps_timed': n // batch, 'first_epoch_seconds_with_compile': first,
       'seconds': seconds, 'step_ms': 1000 * seconds / (n // batch),
       'tokens_per_second': tokens_per_second,

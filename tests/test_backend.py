@@ -30,6 +30,7 @@ def test_deterministic_gpu_kernels_are_asked_for_before_the_backend_starts(confi
       'backend.configure(config.base().backend)\n'
       'print(os.environ["XLA_FLAGS"]); jax.devices()', XLA_FLAGS='--xla_dump_to=/dev/null')
   assert out.split() == ['--xla_dump_to=/dev/null', backend.DETERMINISTIC_GPU_FLAG]
+  assert backend.without_determinism(out) == '--xla_dump_to=/dev/null'
 
 
 def test_a_gpu_backend_started_without_determinism_is_refused(config, monkeypatch):

@@ -114,6 +114,22 @@ def test_fused_causal_attention_matches_flax_attention_over_a_mask():
   np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_auto_attention_leaves_cudnn_to_gpu_runs_without_deterministic_kernels(monkeypatch):
+  """XLA fails to compile cuDNN's attention under --xla_gpu_deterministic_ops (H100, jax
+  0.11.2), so 'auto' takes XLA's there; a stand-in for cuDNN lets this CPU check the choice."""
+  from alma_jax import backend
+  from alma_jax.models import transformer
+  q = jax.ShapeDtypeStruct((2, 64, 4, 64), jnp.bfloat16)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(transformer, '_cudnn_attention', transformer._xla_attention)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_autotune_level=4')
+  assert transformer.attention_kernel('auto', q, q, q) == 'cudnn'
+  assert transformer.attention_kernel('xla', q, q, q) == 'xla'
+  assert transformer.attention_kernel('auto', *[q.update(dtype=jnp.float32)] * 3) == 'xla'
+  monkeypatch.setenv('XLA_FLAGS', f'--xla_gpu_autotune_level=4 {backend.DETERMINISTIC_GPU_FLAG}')
+  assert transformer.attention_kernel('auto', q, q, q) == 'xla'
+
+
 def test_rematerialized_blocks_give_the_same_gradients():
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
   plain, remat = Transformer(width=16, depth=2, heads=2), Transformer(width=16, depth=2, heads=2,

@@ -8,8 +8,9 @@ float32 (in bfloat16 they were up to 30% off). GPT-2 small is width 768, depth 1
 context 1024.
 
 Attention is `jax.nn.dot_product_attention` with its causal option, which never materializes
-a mask: cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes
-(`attention='auto'`), XLA's elsewhere (`'xla'`). The two give the same result to rounding.
+a mask: cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes and
+the run has no deterministic kernels (`attention='auto'`), XLA's elsewhere (`'xla'`). The two
+give the same result to rounding.
 `remat=True` recomputes each block's activations in the backward pass instead of keeping them
 (less memory, about a third more compute). `scan_blocks=True` runs the blocks as one layer
 scanned `depth` times, their parameters stacked (`blocks`, leading axis the block): the program
@@ -25,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from alma_jax import sharding
+from alma_jax import backend, sharding
 from alma_jax.models import layers
 
 _init = nn.initializers.normal(0.02)
@@ -43,24 +44,30 @@ def _cudnn_attention(q, k, v):
 def causal_attention(q, k, v, implementation: str = 'auto'):
   """Causal multi-head attention of (B, L, heads, head width) queries, keys and values.
 
-  With 'auto', cuDNN runs it where the process has a GPU backend and cuDNN takes these inputs
-  (bfloat16 or float16; head width a multiple of 8, at most 128 or 256); the choice between the
-  two is made when the program is lowered for a platform (`lax.platform_dependent`), so the same
-  traced program lowers to XLA's attention for the CPU (as FLOP counting does).
+  With 'auto', cuDNN runs it where `attention_kernel` says so; the choice between the two is
+  made when the program is lowered for a platform (`lax.platform_dependent`), so the same traced
+  program lowers to XLA's attention for the CPU (as FLOP counting does).
   """
-  if implementation == 'xla' or not _cudnn_takes(q, k, v):
+  if attention_kernel(implementation, q, k, v) == 'xla':
     return _xla_attention(q, k, v)
   return jax.lax.platform_dependent(q, k, v, cuda=_cudnn_attention, default=_xla_attention)
 
 
-def _cudnn_takes(q, k, v) -> bool:
-  if q.dtype not in (jnp.bfloat16, jnp.float16) or jax.default_backend() != 'gpu':
-    return False
+def attention_kernel(implementation: str, q, k, v) -> str:
+  """'cudnn' or 'xla': the kernel `causal_attention(q, k, v, implementation)` runs on this
+  process's default backend (q, k, v: arrays or their shapes). 'auto' is cuDNN where the backend
+  is a GPU without deterministic kernels and cuDNN takes the inputs (bfloat16 or float16; head
+  width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops` XLA fails to
+  compile cuDNN's attention (`IndexError: absl::container_internal::raw_hash_map<>::at`, GPT-2
+  small on an H100, jax 0.11.2), so deterministic runs take XLA's."""
+  if (implementation == 'xla' or q.dtype not in (jnp.bfloat16, jnp.float16)
+      or jax.default_backend() != 'gpu' or backend.deterministic_gpu_kernels()):
+    return 'xla'
   try:
     jax.eval_shape(_cudnn_attention, q, k, v)
   except (NotImplementedError, RuntimeError, ValueError):  # cuDNN missing, or these shapes
-    return False
-  return True
+    return 'xla'
+  return 'cudnn'
 
 
 class Dense(nn.Module):
