@@ -6,6 +6,7 @@ of the 400 test examples.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,11 +14,12 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from alma_jax import analyze, checkpoint, config as alma_config, run, sharding
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 SCRIPT = '''
 import json, sys
@@ -132,6 +134,74 @@ def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches
   assert_same_run(one, eight)
   written = analyze.Run(str(tmp_path / 'eight'))
   assert written.evaluate(2)['loss'] == pytest.approx(eight['losses'][-1], rel=1e-5)
+
+
+GROWN_AND_BATCHNORM = {  # learner, model and what each needs, over the synthetic data set
+    'vgg': ('finetune', dict(name='vgg', width=8, blocks=(1, 1, 1, 1, 1))),  # BatchNorm
+    'gmoe': ('gmoe', dict(name='moe_mlp', hidden=16)),  # a mixture that grows experts
+    'firefly': ('firefly', dict(name='mlp', hidden=16)),  # a tree that grows widths
+}
+
+
+def grown_or_batchnorm_config(idx_dir: str, case: str, shard_params: bool):
+  """Three arrivals of GROWN_AND_BATCHNORM[case], growing before every round after the first."""
+  learner, model = GROWN_AND_BATCHNORM[case]
+  config = tiny_config(idx_dir)
+  config.model = ml_collections.ConfigDict(model)
+  if model['name'] == 'vgg':  # as tiny_vgg: SGD with momentum, a step it learns with
+    config.data.pad_to = 32
+    config.optimizer.update(name='sgd', learning_rate=0.05, momentum=0.9)
+  config.learner.update(name=learner, grow_every=1, new_neurons=8)
+  config.stream.num_megabatches = 3
+  config.train.update(max_epochs=2, patience=2)
+  config.mesh.shard_params = shard_params
+  return config
+
+
+def rows_of(workdir: str) -> dict:
+  """The test losses, errors and parameter counts of a run's rows."""
+  rows = [json.loads(line) for line in open(os.path.join(workdir, run.METRICS_FILE))]
+  return {key: [r[field] for r in rows] for key, field in (
+      ('losses', 'test_loss'), ('errors', 'test_error'), ('params', 'params'))}
+
+
+def grown_and_batchnorm_runs(idx_dir: str, workdir: str, shard_params: bool) -> dict:
+  """Each case of GROWN_AND_BATCHNORM run in `workdir`/case: devices, and its rows."""
+  out = {'devices': jax.device_count()}
+  for case in GROWN_AND_BATCHNORM:
+    run.run(grown_or_batchnorm_config(idx_dir, case, shard_params), os.path.join(workdir, case))
+    out[case] = rows_of(os.path.join(workdir, case))
+  return out
+
+
+def test_batchnorm_mixtures_and_grown_trees_sharded_over_eight_devices_match_one(idx_dir,
+                                                                                 tmp_path):
+  """FSDP over every kind of parameter tree: a VGG (BatchNorm statistics), a mixture that adds
+  experts and a network that grows its widths (leaves the data axis no longer divides stay
+  whole) train on 8 devices as on 1, growing alike. The 8-device mixture, cut back to its
+  checkpoint of arrival 2, resumes training here on 1 device and ends as it did."""
+  script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
+            f'from test_sharding import grown_and_batchnorm_runs; print(json.dumps('
+            f'grown_and_batchnorm_runs({idx_dir!r}, {str(tmp_path / "eight")!r}, True)))')
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+                       capture_output=True, text=True, timeout=600, check=True)
+  eight = json.loads(out.stdout.strip().splitlines()[-1])
+  one = grown_and_batchnorm_runs(idx_dir, str(tmp_path / 'one'), False)
+  assert (one['devices'], eight['devices']) == (1, 8)
+  for case in GROWN_AND_BATCHNORM:
+    assert one[case]['params'] == eight[case]['params'], case
+    assert len(set(one[case]['params'])) > 1 or case == 'vgg', case  # it grew
+    assert_same_run(one[case], eight[case])
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'eight' / 'gmoe', resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '3')
+  for name in (run.METRICS_FILE, run.SUMMARY_FILE):  # the rows must come from the resumed run
+    os.remove(resumed / name)
+  kept = os.path.getmtime(resumed / 'checkpoints' / '2')
+  run.run(grown_or_batchnorm_config(idx_dir, 'gmoe', True), str(resumed))
+  assert os.path.getmtime(resumed / 'checkpoints' / '2') == kept  # resumed, not rerun
+  assert rows_of(str(resumed))['params'] == eight['gmoe']['params']
+  assert_same_run(rows_of(str(resumed)), eight['gmoe'])
 
 
 MEMORY = '''
