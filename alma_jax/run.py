@@ -96,6 +96,14 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
   return stream_state, learner_state, history
 
 
+def _split_over_data(config, mesh, learner_state) -> float:
+  """With mesh.shard_params, the share of the learner's parameters FSDP splits over the data
+  axis (the rest is whole on every device); 0 without."""
+  if not config.mesh.shard_params:
+    return 0.0
+  return sharding.split_fraction(learner_state.variables['params'], mesh.shape[sharding.DATA])
+
+
 def _fingerprint(config, stream, data_checksums: dict) -> int:
   """A checksum of the protocol, the stream's mega-batches and the data."""
   crc = zlib.crc32(json.dumps(workdirs.config_dict(config), sort_keys=True).encode())
@@ -246,9 +254,7 @@ def plan(config) -> dict:
       'params_at_start': learner.params(state),
       # FSDP: the share of the parameters split over the data axis (the rest is whole on
       # every device); 0 without mesh.shard_params.
-      'params_split_over_data': (sharding.split_fraction(state.variables['params'],
-                                                         mesh.shape[sharding.DATA])
-                                 if config.mesh.shard_params else 0.0),
+      'params_split_over_data': _split_over_data(config, mesh, state),
       'train_step_flops': flops['step'], 'forward_flops_per_example': flops['forward'],
       'data_placement': where,
       'data_bytes': placement.data_bytes(dataset),
@@ -300,6 +306,7 @@ def _run_locked(config, workdir: str, began: float,
            else f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
     startup = time.perf_counter() - began
+    split = _split_over_data(config, mesh, learner_state)
     with _Writers(workdir, config.log.tensorboard, history) as writers:
       done = start
       try:
@@ -309,6 +316,12 @@ def _run_locked(config, workdir: str, began: float,
             raise Interrupted(stopping, done)
           stream_state, learner_state, history = _arrival(
               t, config, stream, dataset, learner, key, stream_state, learner_state, history)
+          grown = _split_over_data(config, mesh, learner_state)
+          if grown < split - 0.005:  # growth added leaves the data axis does not divide
+            _say(f'FSDP: after arrival {t} the data axis splits {grown:.1%} of the parameters '
+                 f'(was {split:.1%}): layers grown to widths that its '
+                 f'{mesh.shape[sharding.DATA]} devices do not divide are whole on every device')
+          split = grown
           checkpointer.save(t, sharding.checkpointable(
               {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),
                'history': history}))

@@ -178,14 +178,15 @@ def test_batchnorm_mixtures_and_grown_trees_sharded_over_eight_devices_match_one
                                                                                  tmp_path):
   """FSDP over every kind of parameter tree: a VGG (BatchNorm statistics), a mixture that adds
   experts and a network that grows its widths (leaves the data axis no longer divides stay
-  whole) train on 8 devices as on 1, growing alike. The 8-device mixture, cut back to its
-  checkpoint of arrival 2, resumes training here on 1 device and ends as it did."""
+  whole, as the run says) train on 8 devices as on 1, growing alike. The 8-device mixture, cut
+  back to its checkpoint of arrival 2, resumes training here on 1 device and ends as it did."""
   script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
             f'from test_sharding import grown_and_batchnorm_runs; print(json.dumps('
             f'grown_and_batchnorm_runs({idx_dir!r}, {str(tmp_path / "eight")!r}, True)))')
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
                        capture_output=True, text=True, timeout=600, check=True)
   eight = json.loads(out.stdout.strip().splitlines()[-1])
+  assert 'FSDP: after arrival 2 the data axis splits' in out.stdout  # Firefly's growth
   one = grown_and_batchnorm_runs(idx_dir, str(tmp_path / 'one'), False)
   assert (one['devices'], eight['devices']) == (1, 8)
   for case in GROWN_AND_BATCHNORM:
