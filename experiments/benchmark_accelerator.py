@@ -8,8 +8,9 @@ section that fails records its error and the others still run):
               on CPUs), measured here;
   lm_gpt2     the GPT-2-small shape (width 768, 12 blocks, 12 heads, 1024 tokens, batch 16;
               bfloat16 on accelerators) inside a compiled ALMA epoch: tokens/s and MFU, with
-              the attention the config picks (on CPUs: batch 1, a few steps; on the H200,
-              cuDNN's attention measured 2.05x XLA's: docs/performance.md);
+              the attention the config picks ('auto': XLA's under deterministic kernels, as
+              XLA does not compile cuDNN's there) and, on GPUs, with Pallas's flash attention
+              ('pallas'); on CPUs: batch 1, a few steps;
   demo        the demo protocol (configs/fashion_mnist.py) end to end, three processes: with an
               empty compilation cache, again with it filled, and killed after arrival 2 and
               resumed; time to the first arrival, start-up, compilation and time in rounds
@@ -26,8 +27,9 @@ section that fails records its error and the others still run):
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
 checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
 experiments/results/accelerator_<backend>.json by default. `--profile=DIR`: a `jax.profiler`
-trace of 3 GPT-2-small steps in DIR/lm_gpt2 and, on GPUs, of the non-deterministic ones in
-DIR/lm_gpt2_nondeterministic (profile_summary.py reads each): which kernels determinism slows.
+trace of 3 GPT-2-small steps in DIR/lm_gpt2 and, on GPUs, of those with Pallas's attention in
+DIR/lm_gpt2_pallas and the non-deterministic ones in DIR/lm_gpt2_nondeterministic
+(profile_summary.py reads each): which kernels determinism slows.
 """
 from __future__ import annotations
 
@@ -124,10 +126,17 @@ def gpt2_small(cpu: bool):
   return c
 
 
-def lm_gpt2(cpu: bool, peak: float, profile: str = '') -> dict:
-  c = gpt2_small(cpu)
-  return {c.model.attention: benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60,
-                                                     peak, profile)}
+def lm_gpt2(cpu: bool, peak: float, profile=lambda name: '') -> dict:
+  """GPT-2 small's step by attention: 'auto' and, on GPUs, 'pallas' (a flash attention that
+  runs under deterministic kernels, where 'auto' is XLA's); `profile(name)`: where to trace it."""
+  out = {}
+  for attention in ('auto',) if cpu else ('auto', 'pallas'):
+    c = gpt2_small(cpu)
+    c.model.attention = attention
+    name = 'lm_gpt2' + ('' if attention == 'auto' else f'_{attention}')
+    out[attention] = benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60, peak,
+                                             profile(name))
+  return out
 
 
 def nondeterministic(demo: str, tmp: str, profile: str = '',
@@ -166,7 +175,8 @@ def main():
   parser.add_argument('--out', default='')
   parser.add_argument('--only', default=','.join(SECTIONS))
   parser.add_argument('--profile', default='', help='a folder: jax.profiler traces of 3 '
-                      'GPT-2-small steps in its lm_gpt2 and lm_gpt2_nondeterministic')
+                      'GPT-2-small steps in its lm_gpt2, lm_gpt2_pallas and '
+                      'lm_gpt2_nondeterministic')
   args = parser.parse_args()
   # As a run of the default config would: deterministic GPU kernels (set before the backend
   # starts), programs cached under the default compilation cache.
@@ -201,7 +211,7 @@ def main():
     peak = benchmark_lm.matmul_peak()
   demo = os.path.join(ROOT, 'configs', 'fashion_mnist.py')
   with tempfile.TemporaryDirectory() as tmp:
-    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops'], profile('lm_gpt2')))
+    section('lm_gpt2', lambda: lm_gpt2(cpu, peak['flops'], profile))
     section('demo', lambda: repeated_runs(demo, os.path.join(tmp, 'demo')))
     section('torch', torch_demo)
     lm = os.path.join(ROOT, 'configs', 'lm.py' + (':tiny' if cpu else ''))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 580 s of
-# benchmarks, about 10 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
-# accelerator benchmark's sections add up to about 380 s). Two steps:
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 480 s of
+# benchmarks, about 9 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
+# accelerator benchmark's sections add up to about 410 s). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
@@ -10,17 +10,15 @@
 # `prepare` runs ../shared/device/prepare.sh (data sets, ml-collections, tensorboardX), leaves out
 # MNIST (unused here; the carry must stay under 64 MiB) and adds the wheels the streamed path
 # needs there (Grain and its compiled dependency, for the device's Python 3.12). `run` writes
-# into $OUT (which the device tool brings back; else
-# experiments/results): accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical
-# rows of repeated and resumed runs, start-up, the LM's MFU, the PyTorch demo),
-# streaming_<backend>.json (default LM) and streaming_gpt2_small_<backend>.json (streamed vs
-# device-resident throughput), then prints the targets read off them (device_summary.py) and
-# where a GPT-2-small step's time goes, with deterministic kernels and without
-# (profile_summary.py; lm_gpt2[_nondeterministic]_profile.json and the traces,
-# lm_gpt2[_nondeterministic].trace.json.gz, for Perfetto). Each step has its own time limit,
-# so one that hangs leaves the others their time. (`run` also runs on a CPU, as a check of the
-# script: there the streamed GPT-2-small epoch asks for ~45 GB, XLA:CPU's attention scores,
-# and stops with an error.)
+# into $OUT (which the device tool brings back; else experiments/results):
+# accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical rows of repeated and
+# resumed runs, start-up, the LM's MFU with each attention, the PyTorch demo) and
+# streaming_<backend>.json (the default LM streamed vs device-resident), then prints the targets
+# read off them (device_summary.py) and where a GPT-2-small step's time goes, with deterministic
+# kernels (XLA's attention, then Pallas's) and without (cuDNN's) (profile_summary.py;
+# lm_gpt2[_pallas|_nondeterministic]_profile.json and the traces, *.trace.json.gz, for
+# Perfetto). Each step has its own time limit, so one that hangs leaves the others their time.
+# (`run` also runs on a CPU, as a check of the script.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,12 +44,10 @@ case "${1:-}" in
       --profile="$profile"
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json"
-    timeout 100 python3 experiments/benchmark_streaming.py --config=configs/lm.py:gpt2_small \
-      --steps=24 --repeats=2 --out="$out/streaming_gpt2_small_$backend.json"
     python3 experiments/device_summary.py "$out"  # the targets, in the call's output
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
     # deterministic kernels and without, and the traces.
-    for run in lm_gpt2 lm_gpt2_nondeterministic; do  # (the second: GPUs only)
+    for run in lm_gpt2 lm_gpt2_pallas lm_gpt2_nondeterministic; do  # (the last two: GPUs only)
       [ -d "$profile/$run" ] || continue
       python3 experiments/profile_summary.py "$profile/$run" --out="$out/${run}_profile.json"
       find "$profile/$run" -name '*.trace.json.gz' -exec cp {} "$out/$run.trace.json.gz" \;

@@ -1,4 +1,5 @@
 """Language modeling: the transformer, byte data, the LM metrics, ensembles, runs and resume."""
+import functools
 import glob
 import json
 import math
@@ -121,13 +122,26 @@ def test_auto_attention_leaves_cudnn_to_gpu_runs_without_deterministic_kernels(m
   from alma_jax.models import transformer
   q = jax.ShapeDtypeStruct((2, 64, 4, 64), jnp.bfloat16)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  monkeypatch.setattr(transformer, '_cudnn_attention', transformer._xla_attention)
+  monkeypatch.setitem(transformer._GPU_KERNELS, 'cudnn', transformer._xla_attention)
   monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_autotune_level=4')
   assert transformer.attention_kernel('auto', q, q, q) == 'cudnn'
   assert transformer.attention_kernel('xla', q, q, q) == 'xla'
   assert transformer.attention_kernel('auto', *[q.update(dtype=jnp.float32)] * 3) == 'xla'
   monkeypatch.setenv('XLA_FLAGS', f'--xla_gpu_autotune_level=4 {backend.DETERMINISTIC_GPU_FLAG}')
   assert transformer.attention_kernel('auto', q, q, q) == 'xla'
+  assert transformer.attention_kernel('pallas', q, q, q) == 'pallas'  # deterministic as it is
+  assert transformer.attention_kernel('pallas', *[q.update(shape=(2, 200, 4, 64))] * 3) == 'xla'
+
+
+def test_pallas_flash_attention_matches_xla_attention_and_its_gradients():
+  """attention='pallas' on GPUs: Pallas's Triton kernels, run here by its interpreter."""
+  from alma_jax.models import transformer
+  q, k, v, cotangent = jax.random.normal(jax.random.key(0), (4, 2, 64, 2, 16))
+  pallas = functools.partial(transformer._pallas_attention, interpret=True)
+  np.testing.assert_allclose(pallas(q, k, v), transformer._xla_attention(q, k, v), atol=2e-6)
+  grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * cotangent), argnums=(0, 1, 2))(q, k, v)
+           for f in (transformer._xla_attention, pallas)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-6), *grads)
 
 
 def test_rematerialized_blocks_give_the_same_gradients():

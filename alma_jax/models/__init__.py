@@ -6,7 +6,7 @@ import dataclasses
 from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
 from alma_jax.models.resnet import ResNet18
-from alma_jax.models.transformer import Transformer
+from alma_jax.models.transformer import ATTENTION, Transformer
 from alma_jax.models.vgg import VGG
 
 __all__ = ['Aggregate', 'MIXTURES', 'MLP', 'ResNet18', 'Transformer', 'VGG', 'build', 'check',
@@ -65,6 +65,7 @@ def check(config) -> None:
                        f'(its keys: {", ".join(sorted(known))})')
     if isinstance(value, int) and not isinstance(value, bool) and value < 1:
       raise ValueError(f'config.model.{key}={value!r}: must be >= 1')
-  if config.get('attention', 'auto') not in ('auto', 'xla'):
+  if config.get('attention', 'auto') not in ATTENTION:
     raise ValueError(f'config.model.attention={config.attention!r}: must be \'auto\' (cuDNN on '
-                     f'GPUs where it can) or \'xla\'')
+                     f'GPUs where it can), \'xla\' or \'pallas\' (Pallas\'s flash attention on '
+                     f'GPUs)')

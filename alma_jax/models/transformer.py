@@ -7,10 +7,11 @@ float32 and then cast, so their gradients, sums over every token of the batch, a
 float32 (in bfloat16 they were up to 30% off). GPT-2 small is width 768, depth 12, 12 heads,
 context 1024.
 
-Attention is `jax.nn.dot_product_attention` with its causal option, which never materializes
-a mask: cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes and
-the run has no deterministic kernels (`attention='auto'`), XLA's elsewhere (`'xla'`). The two
-give the same result to rounding.
+Attention never materializes a mask. `attention='auto'`: `jax.nn.dot_product_attention` with its
+causal option, cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes
+and the run has no deterministic kernels, XLA's elsewhere (`'xla'`). `'pallas'`: JAX's Pallas
+(Triton) flash attention on GPUs, whose backward pass accumulates without atomics, so it runs
+under deterministic kernels; XLA's elsewhere. All give the same result to rounding.
 `remat=True` recomputes each block's activations in the backward pass instead of keeping them
 (less memory, about a third more compute). `scan_blocks=True` runs the blocks as one layer
 scanned `depth` times, their parameters stacked (`blocks`, leading axis the block): the program
@@ -30,7 +31,7 @@ from alma_jax import backend, sharding
 from alma_jax.models import layers
 
 _init = nn.initializers.normal(0.02)
-ATTENTION = ('auto', 'xla')
+ATTENTION = ('auto', 'xla', 'pallas')
 
 
 def _xla_attention(q, k, v):
@@ -41,33 +42,47 @@ def _cudnn_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
 
 
+def _pallas_attention(q, k, v, interpret: bool = False):
+  from jax.experimental.pallas.ops.gpu import attention  # Triton: GPUs (or `interpret`) only
+  return attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=True,
+                       interpret=interpret)
+
+
+_GPU_KERNELS = {'cudnn': _cudnn_attention, 'pallas': _pallas_attention}
+
+
 def causal_attention(q, k, v, implementation: str = 'auto'):
   """Causal multi-head attention of (B, L, heads, head width) queries, keys and values.
 
-  With 'auto', cuDNN runs it where `attention_kernel` says so; the choice between the two is
-  made when the program is lowered for a platform (`lax.platform_dependent`), so the same traced
-  program lowers to XLA's attention for the CPU (as FLOP counting does).
+  The kernel is the one `attention_kernel` names. A GPU kernel is chosen when the program is
+  lowered for a platform (`lax.platform_dependent`), so the same traced program lowers to XLA's
+  attention for the CPU (as FLOP counting does).
   """
-  if attention_kernel(implementation, q, k, v) == 'xla':
+  kernel = attention_kernel(implementation, q, k, v)
+  if kernel == 'xla':
     return _xla_attention(q, k, v)
-  return jax.lax.platform_dependent(q, k, v, cuda=_cudnn_attention, default=_xla_attention)
+  return jax.lax.platform_dependent(q, k, v, cuda=_GPU_KERNELS[kernel], default=_xla_attention)
 
 
 def attention_kernel(implementation: str, q, k, v) -> str:
-  """'cudnn' or 'xla': the kernel `causal_attention(q, k, v, implementation)` runs on this
-  process's default backend (q, k, v: arrays or their shapes). 'auto' is cuDNN where the backend
-  is a GPU without deterministic kernels and cuDNN takes the inputs (bfloat16 or float16; head
-  width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops` XLA fails to
-  compile cuDNN's attention (`IndexError: absl::container_internal::raw_hash_map<>::at`, GPT-2
-  small on an H100, jax 0.11.2), so deterministic runs take XLA's."""
-  if (implementation == 'xla' or q.dtype not in (jnp.bfloat16, jnp.float16)
-      or jax.default_backend() != 'gpu' or backend.deterministic_gpu_kernels()):
+  """'cudnn', 'pallas' or 'xla': the kernel `causal_attention(q, k, v, implementation)` runs on
+  this process's default backend (q, k, v: arrays or their shapes). On a GPU, 'pallas' is
+  Pallas's where it takes the shapes (sequence lengths a multiple of its blocks); 'auto' is
+  cuDNN's where the run has no deterministic kernels and cuDNN takes the inputs (bfloat16 or
+  float16; head width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops`
+  XLA fails to compile cuDNN's attention (`IndexError: absl::container_internal::raw_hash_map<>
+  ::at`, GPT-2 small on an H100, jax 0.11.2), so deterministic runs take XLA's."""
+  if implementation == 'xla' or jax.default_backend() != 'gpu':
     return 'xla'
+  if implementation == 'auto':
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or backend.deterministic_gpu_kernels():
+      return 'xla'
+    implementation = 'cudnn'
   try:
-    jax.eval_shape(_cudnn_attention, q, k, v)
-  except (NotImplementedError, RuntimeError, ValueError):  # cuDNN missing, or these shapes
+    jax.eval_shape(_GPU_KERNELS[implementation], q, k, v)
+  except (ImportError, NotImplementedError, RuntimeError, ValueError):  # no kernel for these
     return 'xla'
-  return 'cudnn'
+  return implementation
 
 
 class Dense(nn.Module):
