@@ -20,6 +20,7 @@ import jax
 from jax import monitoring
 
 DETERMINISTIC_GPU_FLAG = '--xla_gpu_deterministic_ops=true'
+_DETERMINISTIC_NAME = DETERMINISTIC_GPU_FLAG.partition('=')[0]
 # Every program goes to the persistent cache: JAX's default (only those compiling for over 1 s)
 # leaves the start-up of a small model's run uncached.
 MIN_CACHED_COMPILE_SECONDS = 0.0
@@ -51,14 +52,19 @@ def configure(config) -> None:
 
 def deterministic_gpu_kernels() -> bool:
   """Whether this process asks XLA for deterministic GPU kernels (its XLA_FLAGS, which XLA
-  reads when the backend starts)."""
-  return DETERMINISTIC_GPU_FLAG in os.environ.get('XLA_FLAGS', '').split()
+  reads when the backend starts; `--xla_gpu_deterministic_ops` alone means true)."""
+  value = None
+  for flag in os.environ.get('XLA_FLAGS', '').split():
+    name, _, given = flag.partition('=')
+    if name == _DETERMINISTIC_NAME:
+      value = given.lower() in ('', 'true', '1')  # the last one given wins, as in XLA
+  return bool(value)
 
 
 def without_determinism(flags: str) -> str:
-  """An XLA_FLAGS value without the flag `configure` adds for deterministic kernels (for a
-  child process that is to run without them)."""
-  return ' '.join(flag for flag in flags.split() if flag != DETERMINISTIC_GPU_FLAG)
+  """An XLA_FLAGS value without `--xla_gpu_deterministic_ops` (for a child process that is to
+  run without deterministic kernels)."""
+  return ' '.join(f for f in flags.split() if f.partition('=')[0] != _DETERMINISTIC_NAME)
 
 
 def _backend_started() -> bool:

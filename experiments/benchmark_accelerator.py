@@ -9,7 +9,7 @@ section that fails records its error and the others still run):
   lm_gpt2     the GPT-2-small shape (width 768, 12 blocks, 12 heads, 1024 tokens, batch 16;
               bfloat16 on accelerators) inside a compiled ALMA epoch: tokens/s and MFU, with
               the attention the config picks ('auto': XLA's under deterministic kernels, as
-              XLA does not compile cuDNN's there) and, on GPUs, with Pallas's flash attention
+              cuDNN's fails there) and, on GPUs, with Pallas's flash attention
               ('pallas'); on CPUs: batch 1, a few steps;
   demo        the demo protocol (configs/fashion_mnist.py) end to end, three processes: with an
               empty compilation cache, again with it filled, and killed after arrival 2 and
@@ -128,14 +128,18 @@ def gpt2_small(cpu: bool):
 
 def lm_gpt2(cpu: bool, peak: float, profile=lambda name: '') -> dict:
   """GPT-2 small's step by attention: 'auto' and, on GPUs, 'pallas' (a flash attention that
-  runs under deterministic kernels, where 'auto' is XLA's); `profile(name)`: where to trace it."""
+  should run under deterministic kernels, where 'auto' is XLA's); `profile(name)`: where to trace it."""
   out = {}
   for attention in ('auto',) if cpu else ('auto', 'pallas'):
     c = gpt2_small(cpu)
     c.model.attention = attention
     name = 'lm_gpt2' + ('' if attention == 'auto' else f'_{attention}')
-    out[attention] = benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60, peak,
-                                             profile(name))
+    try:
+      out[attention] = benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60, peak,
+                                               profile(name))
+    except Exception as error:  # one attention failing leaves the other's figure
+      traceback.print_exc()
+      out[attention] = {'error': f'{type(error).__name__}: {error}'[:2000]}
   return out
 
 

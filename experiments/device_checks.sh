@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 480 s of
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 510 s of
 # benchmarks, about 9 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
 # accelerator benchmark's sections add up to about 410 s). Two steps:
 #
@@ -40,7 +40,7 @@ case "${1:-}" in
     python3 -c 'import grain, ml_collections, tensorboardX, alma_jax' || echo "MISSING PACKAGES" >&2
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
     profile=$(mktemp -d)
-    timeout 420 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
+    timeout 450 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
       --profile="$profile"
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json"

@@ -2,8 +2,8 @@
 
     python experiments/flop_counts.py [--out=experiments/results/flops_<backend>.json]
 
-For the demo MLP, the default LM and the GPT-2-small shape (with the attention 'auto' picks, cuDNN
-on GPUs, and with XLA's): one member's train step FLOPs, forward FLOPs per example and the
+For the demo MLP, the default LM and the GPT-2-small shape (with the attention 'auto' picks and
+with XLA's; counted on the CPU's lowering, so the same on every backend): one member's train step FLOPs, forward FLOPs per example and the
 reference convention's (fvcore's) FLOPs per example (`MemberLearner.flops`).
 """
 from __future__ import annotations

@@ -21,8 +21,8 @@ import os
 import re
 
 KINDS = (  # the first pattern that matches an event's name or XLA operation names its kind
-    ('attention', re.compile(r'cudnn|fmha|flash|attention', re.I)),
-    ('matrix multiply', re.compile(r'gemm|xmma|cutlass|cublas|matmul|\bdot|ynn', re.I)),
+    ('attention', re.compile(r'cudnn|fmha|flash|attention|sdpa|\bmha', re.I)),
+    ('matrix multiply', re.compile(r'gemm|xmma|cutlass|cublas|nvjet|matmul|\bdot|ynn', re.I)),
     ('collective', re.compile(r'all-reduce|all-gather|reduce-scatter|all-to-all|nccl', re.I)),
     ('copy', re.compile(r'copy|memcpy|memset|transpose', re.I)),
     ('other fusion', re.compile(r'fusion|reduce|loop|input', re.I)),
@@ -54,14 +54,15 @@ def operations(trace: dict) -> list[dict]:
   by_thread = collections.defaultdict(list)
   for e in events:
     by_thread[e['pid'], e.get('tid')].append(e)
+  end = lambda e: e['ts'] + e['dur']
   for thread in by_thread.values():  # subtract nested events from the one enclosing them
     thread.sort(key=lambda e: (e['ts'], -e['dur']))
     open_events = []
     for e in thread:
       e['self'] = e['dur']
-      while open_events and open_events[-1]['ts'] + open_events[-1]['dur'] <= e['ts']:
+      while open_events and end(open_events[-1]) <= e['ts']:
         open_events.pop()
-      if open_events:
+      if open_events and end(e) <= end(open_events[-1]):  # overlapping kernels do not nest
         open_events[-1]['self'] -= e['dur']
       open_events.append(e)
   return events

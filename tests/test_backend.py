@@ -33,6 +33,17 @@ def test_deterministic_gpu_kernels_are_asked_for_before_the_backend_starts(confi
   assert backend.without_determinism(out) == '--xla_dump_to=/dev/null'
 
 
+@pytest.mark.parametrize('flags, deterministic', [
+    ('', False), ('--xla_gpu_deterministic_ops', True), ('--xla_gpu_deterministic_ops=true', True),
+    ('--xla_gpu_deterministic_ops=false', False), ('--xla_gpu_deterministic_ops=1 --x=2', True),
+    ('--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false', False)])
+def test_deterministic_kernels_are_read_off_xla_flags_as_xla_reads_them(monkeypatch, flags,
+                                                                        deterministic):
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  assert backend.deterministic_gpu_kernels() == deterministic
+  assert 'deterministic' not in backend.without_determinism(flags)
+
+
 def test_a_gpu_backend_started_without_determinism_is_refused(config, monkeypatch):
   jax.devices()  # the backend has started
   monkeypatch.setenv('XLA_FLAGS', '')
@@ -116,9 +127,10 @@ def test_a_profiled_program_is_summarized_by_its_operations_each_counted_once(tm
   kernel = lambda name, ts, dur, pid=1: {'ph': 'X', 'pid': pid, 'tid': 7, 'ts': ts, 'dur': dur,
                                          'name': name}
   events = [kernel('while.1', 0, 10), kernel('gemm_fusion.2', 2, 3),
-            kernel('loop_fusion.3', 6, 1), kernel('host_work', 0, 50, pid=2)]
+            kernel('loop_fusion.3', 6, 1), kernel('host_work', 0, 50, pid=2),
+            kernel('nvjet_sm90_tst_128x128', 20, 4), kernel('mha_backward', 22, 4)]  # overlap
   summary = profile_summary.summary({'traceEvents': device + events})
-  assert summary['span_ms'] == pytest.approx(0.010)  # the device's events, not the host's
-  assert summary['busy_ms'] == pytest.approx(0.010)
-  assert summary['by_kind_ms'] == pytest.approx({'other': 0.006, 'matrix multiply': 0.003,
-                                                 'other fusion': 0.001})
+  assert summary['span_ms'] == pytest.approx(0.026)  # the device's events, not the host's
+  assert summary['busy_ms'] == pytest.approx(0.018)
+  assert summary['by_kind_ms'] == pytest.approx({'other': 0.006, 'matrix multiply': 0.007,
+                                                 'attention': 0.004, 'other fusion': 0.001})

@@ -116,7 +116,7 @@ def test_fused_causal_attention_matches_flax_attention_over_a_mask():
 
 
 def test_auto_attention_leaves_cudnn_to_gpu_runs_without_deterministic_kernels(monkeypatch):
-  """XLA fails to compile cuDNN's attention under --xla_gpu_deterministic_ops (H100, jax
+  """cuDNN's attention fails under --xla_gpu_deterministic_ops (H100, jax
   0.11.2), so 'auto' takes XLA's there; a stand-in for cuDNN lets this CPU check the choice."""
   from alma_jax import backend
   from alma_jax.models import transformer
@@ -130,7 +130,28 @@ def test_auto_attention_leaves_cudnn_to_gpu_runs_without_deterministic_kernels(m
   monkeypatch.setenv('XLA_FLAGS', f'--xla_gpu_autotune_level=4 {backend.DETERMINISTIC_GPU_FLAG}')
   assert transformer.attention_kernel('auto', q, q, q) == 'xla'
   assert transformer.attention_kernel('pallas', q, q, q) == 'pallas'  # deterministic as it is
-  assert transformer.attention_kernel('pallas', *[q.update(shape=(2, 200, 4, 64))] * 3) == 'xla'
+  for length in (200, 96):  # not a multiple of Pallas's 128-long blocks, nor a power of 2
+    with pytest.warns(UserWarning, match='pallas'):
+      assert transformer.attention_kernel('pallas', *[q.update(shape=(2, length, 4, 64))] * 3) \
+          == 'xla'
+
+
+def test_a_pallas_transformer_traces_pallas_kernels_and_lowers_xla_attention_for_cpus(
+    monkeypatch):
+  """On a GPU, attention='pallas' puts Pallas's kernel in the program (through scanned,
+  rematerialized blocks and their gradient); lowered for a CPU it is XLA's attention."""
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  models = [Transformer(width=32, depth=2, heads=2, context=16, attention=attention,
+                        scan_blocks=True, remat=True) for attention in ('xla', 'pallas')]
+  variables = models[0].init(jax.random.key(1), tokens)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  loss = lambda v, m: jnp.sum(m.apply(v, tokens) ** 2)
+  assert 'pallas_call' in str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(
+      variables, models[1]))
+  assert 'pallas_call' not in str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(
+      variables, models[0]))
+  grads = [jax.jit(jax.grad(loss), static_argnums=1)(variables, m) for m in models]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *grads)
 
 
 def test_pallas_flash_attention_matches_xla_attention_and_its_gradients():

@@ -10,8 +10,10 @@ context 1024.
 Attention never materializes a mask. `attention='auto'`: `jax.nn.dot_product_attention` with its
 causal option, cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes
 and the run has no deterministic kernels, XLA's elsewhere (`'xla'`). `'pallas'`: JAX's Pallas
-(Triton) flash attention on GPUs, whose backward pass accumulates without atomics, so it runs
-under deterministic kernels; XLA's elsewhere. All give the same result to rounding.
+(Triton) flash attention on GPUs, whose backward pass accumulates without atomics, so it should
+run under deterministic kernels (not yet run on a GPU); XLA's elsewhere. All give the same result
+to rounding. Pallas's kernel has no partitioning rule: it is meant for one device a member (with
+a batch split over devices, XLA may gather its inputs).
 `remat=True` recomputes each block's activations in the backward pass instead of keeping them
 (less memory, about a third more compute). `scan_blocks=True` runs the blocks as one layer
 scanned `depth` times, their parameters stacked (`blocks`, leading axis the block): the program
@@ -22,6 +24,7 @@ the unscanned model's, so the two don't restore each other's checkpoints.
 from __future__ import annotations
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -67,11 +70,12 @@ def causal_attention(q, k, v, implementation: str = 'auto'):
 def attention_kernel(implementation: str, q, k, v) -> str:
   """'cudnn', 'pallas' or 'xla': the kernel `causal_attention(q, k, v, implementation)` runs on
   this process's default backend (q, k, v: arrays or their shapes). On a GPU, 'pallas' is
-  Pallas's where it takes the shapes (sequence lengths a multiple of its blocks); 'auto' is
-  cuDNN's where the run has no deterministic kernels and cuDNN takes the inputs (bfloat16 or
-  float16; head width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops`
-  XLA fails to compile cuDNN's attention (`IndexError: absl::container_internal::raw_hash_map<>
-  ::at`, GPT-2 small on an H100, jax 0.11.2), so deterministic runs take XLA's."""
+  Pallas's where it takes the shapes (a sequence length that is a multiple of its 128-long
+  blocks, or a power of 2 from 16 to 64), with a warning where it does not; 'auto' is cuDNN's
+  where the run has no deterministic kernels and cuDNN takes the inputs (bfloat16 or float16;
+  head width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops` cuDNN's
+  attention fails when the first step runs (`IndexError: absl::container_internal::
+  raw_hash_map<>::at`, GPT-2 small on an H100, jax 0.11.2), so deterministic runs take XLA's."""
   if implementation == 'xla' or jax.default_backend() != 'gpu':
     return 'xla'
   if implementation == 'auto':
@@ -79,8 +83,14 @@ def attention_kernel(implementation: str, q, k, v) -> str:
       return 'xla'
     implementation = 'cudnn'
   try:
+    length = q.shape[1]
+    if implementation == 'pallas' and length % 128 and not (16 <= length < 128
+                                                            and length & (length - 1) == 0):
+      raise ValueError(f'sequence length {length}: Pallas blocks are powers of 2')
     jax.eval_shape(_GPU_KERNELS[implementation], q, k, v)
-  except (ImportError, NotImplementedError, RuntimeError, ValueError):  # no kernel for these
+  except (ImportError, NotImplementedError, RuntimeError, ValueError) as why:  # no kernel
+    if implementation == 'pallas':
+      warnings.warn(f"attention='pallas' takes XLA's attention for {q.shape}: {why}")
     return 'xla'
   return implementation
 
@@ -158,7 +168,7 @@ class Transformer(nn.Module):
   heads: int = 4
   tied_embeddings: bool = True
   dtype: str = 'float32'
-  attention: str = 'auto'  # 'auto' (cuDNN on GPUs where it can) or 'xla'
+  attention: str = 'auto'  # 'auto', 'xla' or 'pallas': see causal_attention
   remat: bool = False      # recompute block activations in the backward pass
   scan_blocks: bool = False  # the blocks as one scanned layer (parameters stacked)
 
