@@ -319,9 +319,10 @@ def _run_locked(config, workdir: str, began: float,
           grown = _split_over_data(config, mesh, learner_state)
           if grown < split - 0.005:  # growth added leaves the data axis does not divide
             _say(f'FSDP: after arrival {t} the data axis splits {grown:.1%} of the parameters '
-                 f'(was {split:.1%}): layers grown to widths that its '
-                 f'{mesh.shape[sharding.DATA]} devices do not divide are whole on every device')
-          split = grown
+                 f'(was {split:.1%}): grown leaves none of whose sizes its '
+                 f'{mesh.shape[sharding.DATA]} devices divide are whole on every device')
+          if grown < split - 0.005 or grown > split:  # small declines add up until said
+            split = grown
           checkpointer.save(t, sharding.checkpointable(
               {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),
                'history': history}))
