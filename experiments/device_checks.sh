@@ -40,10 +40,11 @@ case "${1:-}" in
     python3 -c 'import grain, ml_collections, tensorboardX, alma_jax' || echo "MISSING PACKAGES" >&2
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
     profile=$(mktemp -d)
+    stopped() { echo "$1 stopped early: exit $2 (124: its time limit)"; }
     timeout 450 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
-      --profile="$profile"
+      --profile="$profile" || stopped benchmark_accelerator $?
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
-      --out="$out/streaming_$backend.json"
+      --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~20 s)
     python3 experiments/device_summary.py "$out"  # the targets, in the call's output
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
     # deterministic kernels and without, and the traces.
