@@ -321,7 +321,8 @@ def _run_locked(config, workdir: str, began: float,
             _say(f'FSDP: after arrival {t} the data axis splits {grown:.1%} of the parameters '
                  f'(was {split:.1%}): grown leaves none of whose sizes its '
                  f'{mesh.shape[sharding.DATA]} devices divide are whole on every device')
-          if grown < split - 0.005 or grown > split:  # small declines add up until said
+            split = grown
+          elif grown > split:  # (smaller declines add up until said)
             split = grown
           checkpointer.save(t, sharding.checkpointable(
               {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),

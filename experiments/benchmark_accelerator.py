@@ -91,6 +91,12 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
           'train_flops': summary['train_flops'], 'train_examples': summary['train_examples']}
 
 
+def _error(error: Exception) -> dict:
+  """What a failed measurement records (its traceback printed)."""
+  traceback.print_exc()
+  return {'error': f'{type(error).__name__}: {error}'[:2000]}
+
+
 def _failed(command: list[str], stderr: str) -> RuntimeError:
   return RuntimeError(f'{" ".join(command)} failed:\n{stderr[-3000:]}')
 
@@ -128,7 +134,8 @@ def gpt2_small(cpu: bool):
 
 def lm_gpt2(cpu: bool, peak: float, profile=lambda name: '') -> dict:
   """GPT-2 small's step by attention: 'auto' and, on GPUs, 'pallas' (a flash attention that
-  should run under deterministic kernels, where 'auto' is XLA's); `profile(name)`: where to trace it."""
+  should run under deterministic kernels, where 'auto' is XLA's); `profile(name)`: where to
+  trace it."""
   out = {}
   for attention in ('auto',) if cpu else ('auto', 'pallas'):
     c = gpt2_small(cpu)
@@ -138,8 +145,7 @@ def lm_gpt2(cpu: bool, peak: float, profile=lambda name: '') -> dict:
       out[attention] = benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60, peak,
                                                profile(name))
     except Exception as error:  # one attention failing leaves the other's figure
-      traceback.print_exc()
-      out[attention] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+      out[attention] = _error(error)
   return out
 
 
@@ -203,8 +209,7 @@ def main():
     try:
       result['sections'][name] = fn()
     except Exception as error:  # a failed section is reported, the rest still runs
-      traceback.print_exc()
-      result['sections'][name] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+      result['sections'][name] = _error(error)
     result.setdefault('section_seconds', {})[name] = time.perf_counter() - started
     result['total_seconds'] = time.perf_counter() - began
     common.write_result(result, out_path)

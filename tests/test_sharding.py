@@ -117,17 +117,22 @@ def tiny_lm_run(workdir: str, shard_params: bool) -> dict:
           'restored_share': on_device_0 / sum(a.nbytes for a in arrays)}
 
 
+def on_eight_devices(call: str) -> tuple[dict, str]:
+  """`call` (an expression over this module's functions) in a process with 8 devices: its
+  value, printed as JSON, and the process's output."""
+  script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
+            f'from test_sharding import *; print(json.dumps({call}))')
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+                       capture_output=True, text=True, timeout=600, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+
+
 def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches_one(tmp_path):
   """FSDP of a transformer whose blocks are one scanned layer (parameters stacked, gathered a
   block at a time; activations split over the batch): the 8-device run is the 1-device run
   (here, in this process); its checkpoint restores sharded there (a state that fits only
   sharded resumes) and evaluates here as logged."""
-  script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
-            f'from test_sharding import tiny_lm_run; '
-            f'print(json.dumps(tiny_lm_run({str(tmp_path / "eight")!r}, True)))')
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
-                       capture_output=True, text=True, timeout=300, check=True)
-  eight = json.loads(out.stdout.strip().splitlines()[-1])
+  eight, _ = on_eight_devices(f'tiny_lm_run({str(tmp_path / "eight")!r}, True)')
   one = tiny_lm_run(str(tmp_path / 'one'), False)
   assert (one['devices'], eight['devices']) == (1, 8)
   assert one['restored_share'] == 1 and eight['restored_share'] < 0.2
@@ -181,13 +186,9 @@ def test_batchnorm_mixtures_and_grown_trees_sharded_over_eight_devices_match_one
   whole, as the run says) train on 8 devices as on 1, growing alike. The 8-device VGG, cut back
   to its checkpoint of arrival 2 (BatchNorm statistics included), resumes training here on 1
   device and ends as it did."""
-  script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
-            f'from test_sharding import grown_and_batchnorm_runs; print(json.dumps('
-            f'grown_and_batchnorm_runs({idx_dir!r}, {str(tmp_path / "eight")!r}, True)))')
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
-                       capture_output=True, text=True, timeout=600, check=True)
-  eight = json.loads(out.stdout.strip().splitlines()[-1])
-  assert 'FSDP: after arrival 2 the data axis splits' in out.stdout  # Firefly's growth
+  eight, output = on_eight_devices(
+      f'grown_and_batchnorm_runs({idx_dir!r}, {str(tmp_path / "eight")!r}, True)')
+  assert 'FSDP: after arrival 2 the data axis splits' in output  # Firefly's growth
   one = grown_and_batchnorm_runs(idx_dir, str(tmp_path / 'one'), False)
   assert (one['devices'], eight['devices']) == (1, 8)
   for case in GROWN_AND_BATCHNORM:
