@@ -8,9 +8,9 @@ section that fails records its error and the others still run):
               on CPUs), measured here;
   lm_gpt2     the GPT-2-small shape (width 768, 12 blocks, 12 heads, 1024 tokens, batch 16;
               bfloat16 on accelerators) inside a compiled ALMA epoch: tokens/s and MFU, with
-              the attention the config picks ('auto': XLA's under deterministic kernels, as
-              cuDNN's fails there) and, on GPUs, with Pallas's flash attention
-              ('pallas'); on CPUs: batch 1, a few steps;
+              the attention the config picks ('auto': on a GPU under deterministic kernels,
+              Pallas's flash attention, as cuDNN's fails there); on CPUs: batch 1, a few
+              steps (benchmark_attention.py compares the kernels);
   demo        the demo protocol (configs/fashion_mnist.py) end to end, three processes: with an
               empty compilation cache, again with it filled, and killed after arrival 2 and
               resumed; time to the first arrival, start-up, compilation and time in rounds
@@ -27,9 +27,8 @@ section that fails records its error and the others still run):
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
 checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
 experiments/results/accelerator_<backend>.json by default. `--profile=DIR`: a `jax.profiler`
-trace of 3 GPT-2-small steps in DIR/lm_gpt2 and, on GPUs, of those with Pallas's attention in
-DIR/lm_gpt2_pallas and the non-deterministic ones in DIR/lm_gpt2_nondeterministic
-(profile_summary.py reads each): which kernels determinism slows.
+trace of 3 GPT-2-small steps in DIR/lm_gpt2 and, on GPUs, of the non-deterministic ones in
+DIR/lm_gpt2_nondeterministic (profile_summary.py reads each): which kernels determinism slows.
 """
 from __future__ import annotations
 
@@ -133,20 +132,10 @@ def gpt2_small(cpu: bool):
 
 
 def lm_gpt2(cpu: bool, peak: float, profile=lambda name: '') -> dict:
-  """GPT-2 small's step by attention: 'auto' and, on GPUs, 'pallas' (a flash attention that
-  should run under deterministic kernels, where 'auto' is XLA's); `profile(name)`: where to
-  trace it."""
-  out = {}
-  for attention in ('auto',) if cpu else ('auto', 'pallas'):
-    c = gpt2_small(cpu)
-    c.model.attention = attention
-    name = 'lm_gpt2' + ('' if attention == 'auto' else f'_{attention}')
-    try:
-      out[attention] = benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60, peak,
-                                               profile(name))
-    except Exception as error:  # one attention failing leaves the other's figure
-      out[attention] = _error(error)
-  return out
+  """GPT-2 small's step with the attention 'auto' picks; `profile(name)`: where to trace it."""
+  c = gpt2_small(cpu)
+  return {'auto': benchmark_lm.throughput(c, data.load(c.data), 2 if cpu else 60, peak,
+                                          profile('lm_gpt2'))}
 
 
 def nondeterministic(demo: str, tmp: str, profile: str = '',
@@ -185,8 +174,7 @@ def main():
   parser.add_argument('--out', default='')
   parser.add_argument('--only', default=','.join(SECTIONS))
   parser.add_argument('--profile', default='', help='a folder: jax.profiler traces of 3 '
-                      'GPT-2-small steps in its lm_gpt2, lm_gpt2_pallas and '
-                      'lm_gpt2_nondeterministic')
+                      'GPT-2-small steps in its lm_gpt2 and lm_gpt2_nondeterministic')
   args = parser.parse_args()
   # As a run of the default config would: deterministic GPU kernels (set before the backend
   # starts), programs cached under the default compilation cache.

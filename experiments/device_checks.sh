@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 510 s of
-# benchmarks, about 9 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
-# accelerator benchmark's sections add up to about 410 s). Two steps:
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 540 s of
+# benchmarks, about 9.5 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
+# accelerator benchmark's sections add up to about 370 s). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
@@ -14,10 +14,11 @@
 # accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical rows of repeated and
 # resumed runs, start-up, the LM's MFU with each attention, the PyTorch demo) and
 # streaming_<backend>.json (the default LM streamed vs device-resident), then prints the targets
-# read off them (device_summary.py) and where a GPT-2-small step's time goes, with deterministic
-# kernels (XLA's attention, then Pallas's) and without (cuDNN's) (profile_summary.py;
-# lm_gpt2[_pallas|_nondeterministic]_profile.json and the traces, *.trace.json.gz, for
-# Perfetto). Each step has its own time limit, so one that hangs leaves the others their time.
+# read off them (device_summary.py), attention_<backend>.json (benchmark_attention.py: each
+# attention kernel and Pallas tiling, forward and backward, at GPT-2 small's shape), and where a
+# GPT-2-small step's time goes, with deterministic kernels (Pallas's attention) and without
+# (cuDNN's) (profile_summary.py; lm_gpt2[_nondeterministic]_profile.json and the traces,
+# *.trace.json.gz, for Perfetto). Each step has its own time limit, so one that hangs leaves the others their time.
 # (`run` also runs on a CPU, as a check of the script.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,14 +42,17 @@ case "${1:-}" in
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
     profile=$(mktemp -d)
     stopped() { echo "$1 stopped early: exit $2 (124: its time limit)"; }
-    timeout 450 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
+    timeout 390 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
       --profile="$profile" || stopped benchmark_accelerator $?
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~20 s)
+    timeout 90 python3 experiments/benchmark_attention.py --steps=0 \
+      --out="$out/attention_$backend.json" > "$out/attention_log.txt" 2>&1 \
+      || stopped benchmark_attention $?  # (H100: ~70 s)
     python3 experiments/device_summary.py "$out"  # the targets, in the call's output
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
     # deterministic kernels and without, and the traces.
-    for run in lm_gpt2 lm_gpt2_pallas lm_gpt2_nondeterministic; do  # (the last two: GPUs only)
+    for run in lm_gpt2 lm_gpt2_nondeterministic; do  # (the last: GPUs only)
       [ -d "$profile/$run" ] || continue
       python3 experiments/profile_summary.py "$profile/$run" --out="$out/${run}_profile.json"
       find "$profile/$run" -name '*.trace.json.gz' -exec cp {} "$out/$run.trace.json.gz" \;

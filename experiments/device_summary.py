@@ -78,6 +78,12 @@ def main():
     ratio = read(path).get('host_over_device')
     print(f'{os.path.basename(path)}: streamed / resident throughput (target >= 0.90): '
           + (f'{ratio:.3f}' if ratio else 'not measured'))
+  for path in sorted(glob.glob(os.path.join(args.folder, 'attention_*.json'))):
+    kernels = read(path).get('kernels', {})
+    print(f'{os.path.basename(path)}: attention forward and backward, ms a block: '
+          + (', '.join(f"{k} {r['ms']:.3f}" + ('' if r['bitwise_repeatable'] else ' (varies)')
+                       if 'ms' in r else f'{k} failed' for k, r in kernels.items())
+             or 'not measured'))
 
 
 if __name__ == '__main__':

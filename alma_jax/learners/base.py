@@ -81,6 +81,15 @@ def restore_like(template, tree):
   return serialization.from_state_dict(template, tree)
 
 
+def softmax_cross_entropy(logits, labels):
+  """`optax.softmax_cross_entropy_with_integer_labels` (the same values), with the labels' logits
+  picked by a mask rather than gathered: a gather's gradient is a scatter-add, which XLA's
+  deterministic GPU kernels make deterministic by sorting its indices (with the embedding's
+  lookup, about 9 ms of GPT-2 small's 40 ms step on an H100); a mask's is elementwise."""
+  picked = labels[..., None] == jnp.arange(logits.shape[-1])
+  return jax.nn.logsumexp(logits, -1) - jnp.sum(jnp.where(picked, logits, 0.0), -1)
+
+
 def cross_entropy_loss(apply_train):
   """Weighted sum of the examples' cross-entropies in training mode (the trainer takes the mean
   over a batch), `apply_train(variables, inputs, key, real examples) -> (logits, updated
@@ -89,7 +98,7 @@ def cross_entropy_loss(apply_train):
 
   def loss_fn(variables, images, labels, weights, key):
     logits, updated = apply_train(variables, images, key, weights > 0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ce = softmax_cross_entropy(logits, labels)
     per_example = ce.reshape(ce.shape[0], -1).mean(-1)
     return jnp.sum(weights * per_example), updated
 

@@ -41,7 +41,7 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
     grown = firefly_model.grow(variables, layers, firefly_model.gated(cands, *gates), split_all,
                                new_all)
     logits = learner.apply_fn(grown, images)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return jnp.mean(base.softmax_cross_entropy(logits, labels))
 
   def penalty(cands):
     return 1e-2 * sum(jnp.sum(c['split'] ** 2) + 1e-2 * jnp.sum(c['new_in'] ** 2) for c in cands)

@@ -7,13 +7,14 @@ float32 and then cast, so their gradients, sums over every token of the batch, a
 float32 (in bfloat16 they were up to 30% off). GPT-2 small is width 768, depth 12, 12 heads,
 context 1024.
 
-Attention never materializes a mask. `attention='auto'`: `jax.nn.dot_product_attention` with its
-causal option, cuDNN's fused (flash) attention on NVIDIA GPUs where it takes the dtype and shapes
-and the run has no deterministic kernels, XLA's elsewhere (`'xla'`). `'pallas'`: JAX's Pallas
-(Triton) flash attention on GPUs, whose backward pass accumulates without atomics, so it should
-run under deterministic kernels (not yet run on a GPU); XLA's elsewhere. All give the same result
-to rounding. Pallas's kernel has no partitioning rule: it is meant for one device a member (with
-a batch split over devices, XLA may gather its inputs).
+Attention never materializes a mask. `attention='auto'` takes the fastest kernel that runs
+(`attention_kernel`): on NVIDIA GPUs, cuDNN's fused (flash) attention through
+`jax.nn.dot_product_attention`, or under deterministic GPU kernels (a run's default), where
+cuDNN's fails, JAX's Pallas (Triton) flash attention, whose backward pass accumulates without
+atomics (bitwise repeatable on an H100); XLA's attention (`'xla'`) where neither takes the
+shapes, and on other platforms. `'pallas'` asks for Pallas's. All give the same result to
+rounding. Pallas's kernel has no partitioning rule: it is meant for one device a member (with a
+batch split over devices, XLA would gather its inputs), so 'auto' takes it only there.
 `remat=True` recomputes each block's activations in the backward pass instead of keeping them
 (less memory, about a third more compute). `scan_blocks=True` runs the blocks as one layer
 scanned `depth` times, their parameters stacked (`blocks`, leading axis the block): the program
@@ -45,9 +46,20 @@ def _cudnn_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
 
 
-def _pallas_attention(q, k, v, interpret: bool = False):
+# Pallas's tiles: its BlockSizes (rows of queries and keys a program takes in the forward pass,
+# in the dK/dV and in the dQ loop of the backward pass) and num_warps (None: Pallas's choice).
+# The fastest of experiments/benchmark_attention.py's candidates for GPT-2 small on an H100:
+# forward and backward 0.56 ms a block, 0.90 ms with Pallas's defaults (32-row backward tiles).
+PALLAS_TILES = dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=128, block_q_dq=128,
+                    block_kv_dq=64, num_warps=None)
+
+
+def _pallas_attention(q, k, v, interpret: bool = False, tiles: dict | None = None):
   from jax.experimental.pallas.ops.gpu import attention  # Triton: GPUs (or `interpret`) only
+  tiles = dict(PALLAS_TILES if tiles is None else tiles)
+  num_warps = tiles.pop('num_warps')
   return attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=True,
+                       block_sizes=attention.BlockSizes(**tiles), num_warps=num_warps,
                        interpret=interpret)
 
 
@@ -71,17 +83,25 @@ def attention_kernel(implementation: str, q, k, v) -> str:
   """'cudnn', 'pallas' or 'xla': the kernel `causal_attention(q, k, v, implementation)` runs on
   this process's default backend (q, k, v: arrays or their shapes). On a GPU, 'pallas' is
   Pallas's where it takes the shapes (a sequence length that is a multiple of its 128-long
-  blocks, or a power of 2 from 16 to 64), with a warning where it does not; 'auto' is cuDNN's
-  where the run has no deterministic kernels and cuDNN takes the inputs (bfloat16 or float16;
-  head width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops` cuDNN's
-  attention fails when the first step runs (`IndexError: absl::container_internal::
-  raw_hash_map<>::at`, GPT-2 small on an H100, jax 0.11.2), so deterministic runs take XLA's."""
+  blocks, or a power of 2 from 16 to 64), with a warning where it does not. 'auto', for bfloat16
+  or float16 inputs: cuDNN's where the run has no deterministic kernels and cuDNN takes the
+  inputs (head width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops`
+  cuDNN's attention fails when the first step runs (`IndexError: absl::container_internal::
+  raw_hash_map<>::at`, GPT-2 small on an H100, jax 0.11.2); there 'auto' is Pallas's where it
+  takes the shapes and the program is traced for one device (its kernel has no partitioning
+  rule: on a mesh XLA would gather every device's queries, keys and values), else XLA's."""
   if implementation == 'xla' or jax.default_backend() != 'gpu':
     return 'xla'
+  asked = implementation
   if implementation == 'auto':
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or backend.deterministic_gpu_kernels():
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
       return 'xla'
-    implementation = 'cudnn'
+    if not backend.deterministic_gpu_kernels():
+      implementation = 'cudnn'
+    elif jax.sharding.get_abstract_mesh().size <= 1:
+      implementation = 'pallas'
+    else:
+      return 'xla'
   try:
     length = q.shape[1]
     if implementation == 'pallas' and length % 128 and not (16 <= length < 128
@@ -89,10 +109,27 @@ def attention_kernel(implementation: str, q, k, v) -> str:
       raise ValueError(f'sequence length {length}: Pallas blocks are powers of 2')
     jax.eval_shape(_GPU_KERNELS[implementation], q, k, v)
   except (ImportError, NotImplementedError, RuntimeError, ValueError) as why:  # no kernel
-    if implementation == 'pallas':
+    if asked == 'pallas':
       warnings.warn(f"attention='pallas' takes XLA's attention for {q.shape}: {why}")
     return 'xla'
   return implementation
+
+
+def _one_hot_lookup(table, tokens):
+  one_hot = jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype)
+  return jnp.dot(one_hot, table, precision=jax.lax.Precision.HIGHEST)
+
+
+def embedding_lookup(table, tokens):
+  """`table[tokens]`. The lookup's gradient is a scatter-add into the table, which XLA's
+  deterministic GPU kernels make deterministic by sorting the tokens (with the loss's, about
+  9 ms of GPT-2 small's 40 ms step on an H100). So under them, a GPU program looks up by a
+  one-hot matmul (exact; its gradient a matmul, 2 x tokens x vocabulary x width FLOPs each way);
+  lowered for any other platform it is a gather."""
+  if jax.default_backend() != 'gpu' or not backend.deterministic_gpu_kernels():
+    return jnp.take(table, tokens, axis=0)
+  return jax.lax.platform_dependent(table, tokens, cuda=_one_hot_lookup,
+                                    default=lambda t, i: jnp.take(t, i, axis=0))
 
 
 class Dense(nn.Module):
@@ -183,7 +220,7 @@ class Transformer(nn.Module):
     # into the table) and of the positions (a sum over the batch) accumulate in float32. In
     # bfloat16 the most frequent byte's gradient row summed thousands of rounded terms (up to
     # 29% off).
-    x = (jnp.take(embed.embedding, tokens, axis=0) + positions[:tokens.shape[1]]).astype(dtype)
+    x = (embedding_lookup(embed.embedding, tokens) + positions[:tokens.shape[1]]).astype(dtype)
     x = nn.with_logical_constraint(x, (sharding.BATCH, None, None))
     if self.scan_blocks:
       block = nn.remat(ScannedBlock, prevent_cse=False) if self.remat else ScannedBlock
