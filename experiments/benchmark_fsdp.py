@@ -11,16 +11,19 @@ rematerialized, batch 16: 2 sequences a device); with 2 microbatches (of 8 seque
 device, the smallest a run allows); with the blocks unscanned (`model.scan_blocks=False`: every
 block's parameters gathered for the whole step); without remat; and with the same model on
 sequences of 128 bytes, one a device, where the parameters and their optimizer state are most
-of the memory.
+of the memory. Then it trains that last setting, sharded, for `--train_steps` steps on the
+devices present and writes its loss on 2 batches before and after.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import common
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alma_jax import config as alma_config, data, learners, placement, sharding
 
@@ -61,11 +64,42 @@ def epoch_memory(config) -> dict:
           'devices': jax.device_count()}
 
 
+def train(config, steps: int) -> dict:
+  """Trains a fresh member of the config for `steps` steps (one compiled epoch) on the devices
+  present; its loss on the first 2 batches of the data set before and after, and the seconds."""
+  dataset = data.load(config.data)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.member)
+  learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
+  state = learner.init(jax.random.key(0))
+  batch = config.train.batch_size
+  held = slice(0, 2 * batch)
+  loss = lambda s: learner.evaluate(s, dataset.train_images[held],
+                                    dataset.train_labels[held])['loss']
+  before = loss(state)
+  n = steps * batch
+  indices = np.arange(n, dtype=np.int32)[None]
+  weights = np.ones((1, n), np.float32)
+  began = time.perf_counter()
+  opt_state = state.opt_state if state.opt_state is not None else learner.init_optimizer(
+      state.variables)
+  variables, _ = learner.trainer.train_epoch(
+      state.variables, opt_state, learner.data.train_images, learner.data.train_labels,
+      indices, weights, n, jax.random.split(jax.random.key(1), 1), 0)
+  jax.block_until_ready(variables)
+  seconds = time.perf_counter() - began
+  shards = {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(variables['params'])}
+  return {'steps': steps, 'batch': batch, 'loss_before': before,
+          'loss_after': loss(state.replace(variables=variables)),
+          'seconds_with_compile': seconds, 'devices_a_parameter_spans': sorted(shards)}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'lm.py:gpt2_medium'))
   parser.add_argument('--out', default=os.path.join(
       ROOT, 'experiments', 'results', f'fsdp_{jax.default_backend()}.json'))
+  parser.add_argument('--train_steps', type=int, default=4,
+                      help='then train the last setting, sharded, for this many steps')
   args = parser.parse_args()
   results = {}
   for setting, overrides in SETTINGS:
@@ -83,6 +117,8 @@ def main():
     results[f'{setting}_ratio_arguments_and_temporaries'] = total(sharded) / total(replicated)
   results['as_configured_sharded_vs_unscanned_replicated'] = (
       total(results['as_configured_sharded']) / total(results['unscanned_replicated']))
+  if args.train_steps:
+    results['short_sequences_sharded_trained'] = train(config, args.train_steps)
   common.write_result({**common.environment(), 'config': args.config, **results}, args.out)
 
 

@@ -133,7 +133,8 @@ def test_auto_attention_takes_cudnn_without_deterministic_kernels_and_pallas_wit
   assert transformer.attention_kernel('auto', q, q, q) == 'pallas'  # deterministic as it is
   assert transformer.attention_kernel('pallas', q, q, q) == 'pallas'
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2), ('member', 'data'))):
-    assert transformer.attention_kernel('auto', q, q, q) == 'xla'  # no partitioning rule
+    assert transformer.attention_kernel('auto', q, q, q) == 'pallas'  # a device its sequences
+    assert transformer.attention_kernel('auto', *[q.update(shape=(3, 64, 4, 64))] * 3) == 'xla'
   assert transformer.attention_kernel('auto', *[q.update(shape=(2, 200, 4, 64))] * 3) == 'xla'
   for length in (200, 96):  # not a multiple of Pallas's 128-long blocks, nor a power of 2
     with pytest.warns(UserWarning, match='pallas'):

@@ -141,6 +141,37 @@ def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches
   assert written.evaluate(2)['loss'] == pytest.approx(eight['losses'][-1], rel=1e-5)
 
 
+def pallas_attention_on_a_mesh() -> dict:
+  """Gradients of 2 members' causal attention (8 sequences each) on a (member 2, data 4) mesh,
+  by Pallas's kernel (its interpreter) run on each device's own sequences, and by XLA's."""
+  import functools
+  import jax.numpy as jnp
+  from alma_jax.models import transformer
+  q, k, v, cotangent = jax.random.normal(jax.random.key(0), (4, 2, 8, 32, 2, 16))
+  pallas = transformer._on_each_device(
+      functools.partial(transformer._pallas_attention, interpret=True))
+  grads, jaxprs = [], []
+  for attention in (pallas, transformer._xla_attention):
+    members = jax.vmap(attention, spmd_axis_name=sharding.MEMBER)
+    loss = lambda q, k, v, f=members: jnp.sum(f(q, k, v) * cotangent)
+    with sharding.activations(sharding.make_mesh(data=4, member=2)):
+      grads.append(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+      jaxprs.append(str(jax.make_jaxpr(jax.grad(loss))(q, k, v)))
+  return {'max_difference': max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*grads)),
+          'shard_map': ['shard_map' in j for j in jaxprs],
+          'pallas': ['pallas_call' in j for j in jaxprs],
+          'split_over_members_and_data': "in_specs=(P('member', 'data')" in jaxprs[0]}
+
+
+def test_pallas_attention_runs_on_each_devices_own_sequences():
+  """Pallas's kernel has no partitioning rule; on a mesh each device runs it on its share of
+  the batch (shard_map), members split by the vmap over them: XLA's gradients."""
+  result, _ = on_eight_devices('pallas_attention_on_a_mesh()')
+  assert result['shard_map'] == [True, False] and result['pallas'] == [True, False]
+  assert result['split_over_members_and_data']
+  assert result['max_difference'] < 5e-6
+
+
 GROWN_AND_BATCHNORM = {  # learner, model, arrivals (every shape grown compiles anew)
     'vgg': ('finetune', dict(name='vgg', width=8, blocks=(1, 1, 1, 1, 1)), 3),  # BatchNorm
     'gmoe': ('gmoe', dict(name='moe_mlp', hidden=16), 2),  # a mixture that grows experts

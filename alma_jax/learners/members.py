@@ -123,9 +123,10 @@ class MemberLearner:
     self.optimizer = optim.build(config.optimizer)
     self.example = np.zeros((1,) + dataset.image_shape, np.uint8)
 
-    example = dataset.preprocess(self.example)
-    collections = [c for c in jax.eval_shape(self.model.init, jax.random.key(0), example)
-                   if c != 'params']
+    # Preprocessed and keyed inside traced code only: run eagerly, each operation is a program
+    # that every run traces, lowers and loads before its first arrival.
+    init = lambda key: self.model.init(key, dataset.preprocess(self.example))
+    collections = [c for c in jax.eval_shape(lambda: init(jax.random.key(0))) if c != 'params']
 
     def apply_fn(variables, images):
       """A member's logits in evaluation mode (BatchNorm uses its running statistics)."""
@@ -153,8 +154,7 @@ class MemberLearner:
       return base.prediction_sums(*ensemble(*variables_and_weights, images), labels, weights)
 
     self._init_members = jax.jit(
-        lambda key, count: jax.vmap(lambda k: self.model.init(k, example))(
-            jax.random.split(key, count)), static_argnums=1)
+        lambda key, count: jax.vmap(init)(jax.random.split(key, count)), static_argnums=1)
     self.apply_fn = apply_fn
     self._init_optimizer = jax.jit(jax.vmap(self.optimizer.init))  # one program, not one a leaf
     self.preprocess = dataset.preprocess
@@ -197,7 +197,7 @@ class MemberLearner:
   def init(self, key) -> MembersState:
     m = self.plan.initial_members
     variables = self.new_members(key, m)
-    return MembersState(variables, jnp.ones(m, jnp.float32), np.int64(0),
+    return MembersState(variables, _ones(m), np.int64(0),
                         self.init_optimizer(variables) if self.keep_optimizer else None)
 
   def flops(self, variables=None) -> dict:
@@ -403,6 +403,11 @@ def _pad_members(variables, member_weights, size: int):
 
 
 # Helpers for plans.
+def _ones(m: int) -> jax.Array:
+  """Member weights of 1, put on the device rather than computed there (no program to load)."""
+  return jnp.asarray(np.ones(m, np.float32))
+
+
 def same_data(round, members: int) -> np.ndarray:
   return np.broadcast_to(round.train, (members, len(round.train)))
 
@@ -411,14 +416,14 @@ def replace(learner, state, variables, work, round):
   """The trained members become the whole predictor."""
   del learner, work, round
   m = jax.tree.leaves(variables)[0].shape[0]
-  return state.replace(variables=variables, member_weights=jnp.ones(m, jnp.float32))
+  return state.replace(variables=variables, member_weights=_ones(m))
 
 
 def append(learner, state, variables, work, round, weights=None):
   """The trained members join the frozen ones (or replace the untrained start, first round)."""
   del learner, work, round
   m = jax.tree.leaves(variables)[0].shape[0]
-  weights = jnp.ones(m, jnp.float32) if weights is None else weights
+  weights = _ones(m) if weights is None else weights
   if int(state.rounds) == 0:
     return state.replace(variables=variables, member_weights=weights)
   stacked, member_weights = _concatenated((state.variables, state.member_weights),

@@ -13,8 +13,8 @@ Attention never materializes a mask. `attention='auto'` takes the fastest kernel
 cuDNN's fails, JAX's Pallas (Triton) flash attention, whose backward pass accumulates without
 atomics (bitwise repeatable on an H100); XLA's attention (`'xla'`) where neither takes the
 shapes, and on other platforms. `'pallas'` asks for Pallas's. All give the same result to
-rounding. Pallas's kernel has no partitioning rule: it is meant for one device a member (with a
-batch split over devices, XLA would gather its inputs), so 'auto' takes it only there.
+rounding. Pallas's kernel has no partitioning rule, so on a mesh each device runs it on its own
+sequences (`shard_map`).
 `remat=True` recomputes each block's activations in the backward pass instead of keeping them
 (less memory, about a third more compute). `scan_blocks=True` runs the blocks as one layer
 scanned `depth` times, their parameters stacked (`blocks`, leading axis the block): the program
@@ -30,6 +30,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from alma_jax import backend, sharding
 from alma_jax.models import layers
@@ -63,7 +64,28 @@ def _pallas_attention(q, k, v, interpret: bool = False, tiles: dict | None = Non
                        interpret=interpret)
 
 
-_GPU_KERNELS = {'cudnn': _cudnn_attention, 'pallas': _pallas_attention}
+def _on_each_device(kernel):
+  """`kernel` run by each device of the traced program's mesh on its own sequences (the batch
+  split over `data`; a vmap over members with `spmd_axis_name` splits them over `member`).
+  Pallas's kernel has no partitioning rule: without this, XLA would gather every device's
+  queries, keys and values onto each."""
+
+  def run(q, k, v):
+    if jax.sharding.get_abstract_mesh().size <= 1:
+      return kernel(q, k, v)
+    spec = P(sharding.DATA)
+    return jax.shard_map(kernel, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+  return run
+
+
+def _splits_over_data(batch: int) -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.size <= 1 or (sharding.DATA in mesh.axis_names
+                            and batch % mesh.shape[sharding.DATA] == 0)
+
+
+_GPU_KERNELS = {'cudnn': _cudnn_attention, 'pallas': _on_each_device(_pallas_attention)}
 
 
 def causal_attention(q, k, v, implementation: str = 'auto'):
@@ -88,8 +110,8 @@ def attention_kernel(implementation: str, q, k, v) -> str:
   inputs (head width a multiple of 8, at most 128 or 256). Under `--xla_gpu_deterministic_ops`
   cuDNN's attention fails when the first step runs (`IndexError: absl::container_internal::
   raw_hash_map<>::at`, GPT-2 small on an H100, jax 0.11.2); there 'auto' is Pallas's where it
-  takes the shapes and the program is traced for one device (its kernel has no partitioning
-  rule: on a mesh XLA would gather every device's queries, keys and values), else XLA's."""
+  takes the shapes, else XLA's. On a mesh, Pallas's runs on each device's own sequences
+  (`_on_each_device`), so the batch must split over the data axis."""
   if implementation == 'xla' or jax.default_backend() != 'gpu':
     return 'xla'
   asked = implementation
@@ -98,15 +120,15 @@ def attention_kernel(implementation: str, q, k, v) -> str:
       return 'xla'
     if not backend.deterministic_gpu_kernels():
       implementation = 'cudnn'
-    elif jax.sharding.get_abstract_mesh().size <= 1:
-      implementation = 'pallas'
     else:
-      return 'xla'
+      implementation = 'pallas'
   try:
-    length = q.shape[1]
+    batch, length = q.shape[:2]
     if implementation == 'pallas' and length % 128 and not (16 <= length < 128
                                                             and length & (length - 1) == 0):
       raise ValueError(f'sequence length {length}: Pallas blocks are powers of 2')
+    if implementation == 'pallas' and not _splits_over_data(batch):
+      raise ValueError(f"a batch of {batch} does not split over the mesh's data axis")
     jax.eval_shape(_GPU_KERNELS[implementation], q, k, v)
   except (ImportError, NotImplementedError, RuntimeError, ValueError) as why:  # no kernel
     if asked == 'pallas':
