@@ -36,7 +36,8 @@ def base() -> ml_collections.ConfigDict:
       sequence_length=128,  # language models: tokens per example (the model's context)
       tokenizer='',         # language models: '' (bytes) or a SentencePiece model file
       test_fraction=0.1,    # language models over text files: documents held out for the test
-      cache_dir='',         # language models: tokenized corpora ('': ~/.cache/alma_jax/corpora)
+      cache_dir='',         # decoded data: tokenized corpora, gunzipped idx files ('':
+                            # ~/.cache/alma_jax/corpora, ~/.cache/alma_jax/idx)
       # Where the run reads the data (alma_jax/placement.py): 'device' (replicated on every
       # device), 'host' (streamed from host memory), or 'auto': 'device' when the arrays fit
       # in device_memory bytes of a device (0: half of the device's memory).

@@ -59,11 +59,14 @@ ROW_FIELDS = ('t', 'trained', 'test_error', 'test_loss', 'train_flops', 'valid_f
 
 def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
              overrides: tuple[str, ...] = (), env: dict | None = None) -> dict:
-  """`python -m alma_jax.main` in a fresh process: seconds to its first arrival's row, wall
-  time, its summary; with `kill_after`, SIGKILLed once that arrival's row is printed."""
+  """`python -m alma_jax.main` in a fresh process, its compilation cache `cache` and its
+  decoded data (gunzipped idx files, tokenized corpora) beside it: seconds to its first
+  arrival's row, wall time, its summary; with `kill_after`, SIGKILLed once that arrival's row is
+  printed."""
   command = [sys.executable, '-m', 'alma_jax.main', f'--config={config}',
              f'--workdir={workdir}', '--config.log.tensorboard=False',
-             f'--config.backend.compilation_cache={cache}', *overrides]
+             f'--config.backend.compilation_cache={cache}',
+             f'--config.data.cache_dir={cache}_data', *overrides]
   began = time.perf_counter()
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
@@ -106,8 +109,8 @@ def rows(workdir: str) -> list[dict]:
 
 
 def repeated_runs(config: str, tmp: str, overrides: tuple[str, ...] = ()) -> dict:
-  """A run with an empty compilation cache, the same run again, and one killed after arrival
-  2 and resumed; whether all three wrote identical rows."""
+  """A run with empty caches (compilation, decoded data), the same run again, and one killed
+  after arrival 2 and resumed; whether all three wrote identical rows."""
   cache = os.path.join(tmp, 'cache')
   out = {'config': config}
   for name in ('first', 'again'):

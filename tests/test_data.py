@@ -32,6 +32,27 @@ def test_idx_rejects_a_corrupt_file(tmp_path):
     idx.read(str(tmp_path / 'y'))
 
 
+def test_a_gzipped_idx_file_is_decoded_once_into_the_cache(tmp_path, monkeypatch):
+  """Later reads load the cached array; a broken cache file is replaced, and a file that
+  changes is decoded again."""
+  path, cache = str(tmp_path / 'x-idx3-ubyte.gz'), str(tmp_path / 'cache')
+  array = np.arange(4 * 3 * 3).reshape(4, 3, 3)
+  write_idx(path, array)
+  np.testing.assert_array_equal(idx.read(path, cache), array)
+  decode = idx._decode
+  monkeypatch.setattr(idx, '_decode', lambda p: pytest.fail('decoded again'))
+  np.testing.assert_array_equal(idx.read(path, cache), array)
+  monkeypatch.setattr(idx, '_decode', decode)
+  (cached,) = [os.path.join(cache, name) for name in os.listdir(cache)]
+  with open(cached, 'wb') as f:
+    f.write(b'\x93NUMPY broken')
+  np.testing.assert_array_equal(idx.read(path, cache), array)
+  np.testing.assert_array_equal(np.load(cached), array)
+  write_idx(path, array[:2] + 1)  # changed: another size and time, another cache file
+  np.testing.assert_array_equal(idx.read(path, cache), array[:2] + 1)
+  assert len(os.listdir(cache)) == 2
+
+
 def test_missing_fashion_mnist_names_the_package(tmp_path):
   missing = str(tmp_path / 'fashion-mnist')
   os.makedirs(missing)

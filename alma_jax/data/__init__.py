@@ -104,7 +104,7 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
 
 def _idx(config):
   from alma_jax.data import idx
-  return idx.load(config.path)
+  return idx.load(config.path, config.cache_dir or idx.default_cache_dir())
 
 
 def _tfds(config):

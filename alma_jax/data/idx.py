@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import uuid
 import zlib
 
 import numpy as np
@@ -19,8 +21,35 @@ _HINT = {
 }
 
 
-def read(path: str) -> np.ndarray:
-  """Reads one idx file into an array of its stored shape."""
+def default_cache_dir() -> str:
+  return os.path.join(os.path.expanduser('~'), '.cache', 'alma_jax', 'idx')
+
+
+def read(path: str, cache_dir: str | None = None) -> np.ndarray:
+  """Reads one idx file into an array of its stored shape. With `cache_dir`, a gzipped file is
+  decoded once into a .npy there, named by its path, size and modification time, which later
+  reads load instead (decompressing Fashion-MNIST took 0.26 s of every run's start-up)."""
+  if cache_dir is None or not path.endswith('.gz'):
+    return _decode(path)
+  status = os.stat(path)
+  identity = f'{os.path.abspath(path)}:{status.st_size}:{status.st_mtime_ns}'
+  cached = os.path.join(cache_dir, f'{os.path.basename(path)[:-3]}-'
+                        f'{hashlib.sha256(identity.encode()).hexdigest()[:16]}.npy')
+  try:
+    return np.load(cached)
+  except (OSError, ValueError):  # not cached yet (or a cache file that is not a whole array)
+    array = _decode(path)
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    temporary = f'{cached}.tmp-{uuid.uuid4().hex[:8]}.npy'
+    np.save(temporary, array)
+    os.replace(temporary, cached)
+  except OSError:  # a cache that cannot be written costs the next run the decoding, no more
+    pass
+  return array
+
+
+def _decode(path: str) -> np.ndarray:
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
@@ -50,12 +79,14 @@ def _find(directory: str, stem: str) -> str:
       + (f'Install it with: {hint}' if hint else 'Set config.data.path to a folder of idx files.'))
 
 
-def load(directory: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{'train': (images (N, H, W, 1) uint8, labels (N,)), 'test': (...)} from a folder."""
+def load(directory: str, cache_dir: str | None = None
+         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'train': (images (N, H, W, 1) uint8, labels (N,)), 'test': (...)} from a folder (gzipped
+  files decoded once into `cache_dir`: see `read`)."""
   out = {}
   for split, (images_stem, labels_stem) in _FILES.items():
-    images = read(_find(directory, images_stem))
-    labels = read(_find(directory, labels_stem))
+    images = read(_find(directory, images_stem), cache_dir)
+    labels = read(_find(directory, labels_stem), cache_dir)
     if len(images) != len(labels):
       raise ValueError(f'{directory}: {split} has {len(images)} images but {len(labels)} labels')
     out[split] = (images[..., None] if images.ndim == 3 else images, labels)

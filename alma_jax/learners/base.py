@@ -178,7 +178,7 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
     best_score = np.where(improved, score, best_score)
     bad_epochs = np.where(improved, 0, bad_epochs + 1)
     best = (trainer.copy((variables, opt_state)) if best is None
-            else _keep_improved(jnp.asarray(improved), (variables, opt_state), best))
+            else _keep_improved(improved, (variables, opt_state), best))
     epochs = epoch + 1
     if np.all(bad_epochs >= train_config.patience):
       break

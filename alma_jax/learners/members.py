@@ -405,7 +405,7 @@ def _pad_members(variables, member_weights, size: int):
 # Helpers for plans.
 def _ones(m: int) -> jax.Array:
   """Member weights of 1, put on the device rather than computed there (no program to load)."""
-  return jnp.asarray(np.ones(m, np.float32))
+  return jax.device_put(np.ones(m, np.float32))
 
 
 def same_data(round, members: int) -> np.ndarray:
