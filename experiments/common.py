@@ -46,9 +46,10 @@ def environment() -> dict:
           'python': platform.python_version(), 'versions': versions}
 
 
-def write_result(result: dict, path: str) -> None:
-  """Writes `result` as JSON to `path` and prints it."""
+def write_result(result: dict, path: str, show: bool = True) -> None:
+  """Writes `result` as JSON to `path` and (`show`) prints it."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  if show:
+    print(json.dumps(result, indent=2))
