@@ -41,9 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
-import common  # noqa: F401  (puts the repository on the path)
+import common
 import jax
 
 from alma_jax import backend, config as alma_config, data
@@ -91,12 +90,6 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
           'rounds_s': summary['seconds'], 'final_error': summary['final_error'],
           'final_test_loss': summary['final_test_loss'],
           'train_flops': summary['train_flops'], 'train_examples': summary['train_examples']}
-
-
-def _error(error: Exception) -> dict:
-  """What a failed measurement records (its traceback printed)."""
-  traceback.print_exc()
-  return {'error': f'{type(error).__name__}: {error}'[:2000]}
 
 
 def _failed(command: list[str], stderr: str) -> RuntimeError:
@@ -200,7 +193,7 @@ def main():
     try:
       result['sections'][name] = fn()
     except Exception as error:  # a failed section is reported, the rest still runs
-      result['sections'][name] = _error(error)
+      result['sections'][name] = common.error(error)
     result.setdefault('section_seconds', {})[name] = time.perf_counter() - started
     result['total_seconds'] = time.perf_counter() - began
     common.write_result(result, out_path)

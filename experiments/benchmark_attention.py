@@ -11,8 +11,8 @@ on GPUs Pallas's with each candidate tiling, and cuDNN's where the kernels are n
 this times jitted gradients of (batch, context, heads, head width) attention, with nothing
 compiled in the timed calls, and says whether two calls give bitwise-equal gradients. Then
 (unless --steps=0) it times `--steps` train steps of the config (benchmark_lm.throughput) with
-attention='pallas' and the fastest tiles. On a CPU: XLA's kernel only, and Pallas's interpreter at a small shape
-(`--cpu_check`, a check of this script). Writes experiments/results/lm/attention_<backend>.json.
+attention='pallas' and the fastest tiles. On a CPU: XLA's kernel only, and Pallas's
+interpreter at a small shape (`--cpu_check`, a check of this script). Writes experiments/results/lm/attention_<backend>.json.
 """
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def main():
   dtype = jnp.dtype(m.dtype)
   pallas = functools.partial(transformer._pallas_attention, interpret=not gpu)
   if not gpu and args.cpu_check:
-    shape, dtype, config.train.batch_size, config.model.dtype = (1, 128, 2, 64), jnp.dtype('float32'), 1, 'float32'
+    shape, dtype = (1, 128, 2, 64), jnp.dtype('float32')
+    config.train.batch_size, config.model.dtype = 1, 'float32'
     args.calls, args.steps = 1, 1
   result = {**common.environment(), 'config': args.config, 'shape': list(shape),
             'dtype': dtype.name, 'deterministic_gpu_kernels': backend.deterministic_gpu_kernels(),
@@ -100,7 +101,7 @@ def main():
     try:
       result['kernels'][name] = time_kernel(attention, shape, dtype, args.calls)
     except Exception as error:  # a tiling Triton cannot compile is reported, the rest still run
-      result['kernels'][name] = {'error': f'{type(error).__name__}: {str(error)[:400]}'}
+      result['kernels'][name] = common.error(error)
     if name.startswith('pallas'):
       result['kernels'][name]['tiles'] = CANDIDATES[int(name.split('_')[1])]
     print(result['kernels'][name], flush=True)
@@ -116,7 +117,7 @@ def main():
       result['lm_step_with_fastest_pallas'] = benchmark_lm.throughput(
           config, data.load(config.data), args.steps, peak)
     except Exception as error:
-      result['lm_step_with_fastest_pallas'] = {'error': f'{type(error).__name__}: {error}'}
+      result['lm_step_with_fastest_pallas'] = common.error(error)
   common.write_result(result, out)
 
 

@@ -87,10 +87,12 @@ def train(config, steps: int) -> dict:
       indices, weights, n, jax.random.split(jax.random.key(1), 1), 0)
   jax.block_until_ready(variables)
   seconds = time.perf_counter() - began
-  shards = {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(variables['params'])}
+  leaves = jax.tree.leaves(variables['params'])
+  split = sum(leaf.nbytes for leaf in leaves if not leaf.sharding.is_fully_replicated)
   return {'steps': steps, 'batch': batch, 'loss_before': before,
           'loss_after': loss(state.replace(variables=variables)),
-          'seconds_with_compile': seconds, 'devices_a_parameter_spans': sorted(shards)}
+          'seconds_with_compile': seconds,
+          'share_of_parameter_bytes_split': split / sum(leaf.nbytes for leaf in leaves)}
 
 
 def main():

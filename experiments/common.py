@@ -46,6 +46,13 @@ def environment() -> dict:
           'python': platform.python_version(), 'versions': versions}
 
 
+def error(error: Exception) -> dict:
+  """What a failed measurement records (its traceback printed)."""
+  import traceback
+  traceback.print_exc()
+  return {'error': f'{type(error).__name__}: {error}'[:2000]}
+
+
 def write_result(result: dict, path: str, show: bool = True) -> None:
   """Writes `result` as JSON to `path` and (`show`) prints it."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -12,13 +12,14 @@
 # needs there (Grain and its compiled dependency, for the device's Python 3.12). `run` writes
 # into $OUT (which the device tool brings back; else experiments/results):
 # accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical rows of repeated and
-# resumed runs, start-up, the LM's MFU with each attention, the PyTorch demo) and
+# resumed runs, start-up, GPT-2 small's MFU, the PyTorch demo) and
 # streaming_<backend>.json (the default LM streamed vs device-resident), then prints the targets
 # read off them (device_summary.py), attention_<backend>.json (benchmark_attention.py: each
 # attention kernel and Pallas tiling, forward and backward, at GPT-2 small's shape), and where a
 # GPT-2-small step's time goes, with deterministic kernels (Pallas's attention) and without
 # (cuDNN's) (profile_summary.py; lm_gpt2[_nondeterministic]_profile.json and the traces,
-# *.trace.json.gz, for Perfetto). Each step has its own time limit, so one that hangs leaves the others their time.
+# *.trace.json.gz, for Perfetto). Each step has its own time limit, so one that hangs leaves
+# the others their time.
 # (`run` also runs on a CPU, as a check of the script.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,8 @@ case "${1:-}" in
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
     profile=$(mktemp -d)
     stopped() { echo "$1 stopped early: exit $2 (124: its time limit)"; }
-    timeout 390 python3 experiments/benchmark_accelerator.py --out="$out/accelerator_$backend.json" \
-      --profile="$profile" || stopped benchmark_accelerator $?
+    timeout 390 python3 experiments/benchmark_accelerator.py \
+      --out="$out/accelerator_$backend.json" --profile="$profile" || stopped benchmark_accelerator $?
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~20 s)
     timeout 90 python3 experiments/benchmark_attention.py --steps=0 \

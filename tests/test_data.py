@@ -48,6 +48,9 @@ def test_a_gzipped_idx_file_is_decoded_once_into_the_cache(tmp_path, monkeypatch
     f.write(b'\x93NUMPY broken')
   np.testing.assert_array_equal(idx.read(path, cache), array)
   np.testing.assert_array_equal(np.load(cached), array)
+  open(cached, 'wb').close()  # empty, as a crash may leave it
+  np.testing.assert_array_equal(idx.read(path, cache), array)
+  assert not [name for name in os.listdir(cache) if '.tmp-' in name]
   write_idx(path, array[:2] + 1)  # changed: another size and time, another cache file
   np.testing.assert_array_equal(idx.read(path, cache), array[:2] + 1)
   assert len(os.listdir(cache)) == 2

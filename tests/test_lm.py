@@ -135,6 +135,8 @@ def test_auto_attention_takes_cudnn_without_deterministic_kernels_and_pallas_wit
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1, 2), ('member', 'data'))):
     assert transformer.attention_kernel('auto', q, q, q) == 'pallas'  # a device its sequences
     assert transformer.attention_kernel('auto', *[q.update(shape=(3, 64, 4, 64))] * 3) == 'xla'
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2, 1), ('member', 'data'))):
+    assert transformer.attention_kernel('auto', q, q, q) == 'xla'  # 3 members would not split
   assert transformer.attention_kernel('auto', *[q.update(shape=(2, 200, 4, 64))] * 3) == 'xla'
   for length in (200, 96):  # not a multiple of Pallas's 128-long blocks, nor a power of 2
     with pytest.warns(UserWarning, match='pallas'):
@@ -184,6 +186,24 @@ def test_a_deterministic_gpu_train_step_scatters_nothing(corpus, monkeypatch):
   table = jax.random.normal(jax.random.key(3), (256, 8))
   tokens = learner.data.train_images[:batch]
   np.testing.assert_array_equal(transformer._one_hot_lookup(table, tokens), table[tokens])
+  large = jnp.zeros((transformer.ONE_HOT_VOCABULARY + 1, 8))  # one-hot costs grow with it
+  gather = jax.jit(jax.grad(lambda t: jnp.sum(transformer.embedding_lookup(t, tokens))))
+  assert 'stablehlo.scatter' in gather.trace(large).lower(lowering_platforms=('cuda',)).as_text()
+
+
+def test_the_masked_cross_entropy_is_optaxs():
+  """learners.base.softmax_cross_entropy picks the label's logit by a mask (no scatter in its
+  gradient): optax's values, gradients within rounding, for a classifier's and an LM's labels."""
+  import optax
+  from alma_jax.learners import base
+  for shape in ((32,), (4, 16)):
+    logits = 3 * jax.random.normal(jax.random.key(0), shape + (256,))
+    labels = jax.random.randint(jax.random.key(1), shape, 0, 256).astype(jnp.uint8)
+    ours, theirs = (jax.value_and_grad(lambda x, f=f: jnp.sum(f(x, labels)))(logits)
+                    for f in (base.softmax_cross_entropy,
+                              optax.softmax_cross_entropy_with_integer_labels))
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], theirs[1], atol=1e-7)
 
 
 def test_pallas_flash_attention_matches_xla_attention_and_its_gradients():

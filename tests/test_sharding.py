@@ -142,19 +142,19 @@ def test_a_language_model_with_scanned_blocks_sharded_over_eight_devices_matches
 
 
 def pallas_attention_on_a_mesh() -> dict:
-  """Gradients of 2 members' causal attention (8 sequences each) on a (member 2, data 4) mesh,
+  """Gradients of 3 members' causal attention (8 sequences each) on a (member 1, data 8) mesh,
   by Pallas's kernel (its interpreter) run on each device's own sequences, and by XLA's."""
   import functools
   import jax.numpy as jnp
   from alma_jax.models import transformer
-  q, k, v, cotangent = jax.random.normal(jax.random.key(0), (4, 2, 8, 32, 2, 16))
+  q, k, v, cotangent = jax.random.normal(jax.random.key(0), (4, 3, 8, 32, 2, 16))
   pallas = transformer._on_each_device(
       functools.partial(transformer._pallas_attention, interpret=True))
   grads, jaxprs = [], []
   for attention in (pallas, transformer._xla_attention):
     members = jax.vmap(attention, spmd_axis_name=sharding.MEMBER)
     loss = lambda q, k, v, f=members: jnp.sum(f(q, k, v) * cotangent)
-    with sharding.activations(sharding.make_mesh(data=4, member=2)):
+    with sharding.activations(sharding.make_mesh(data=8, member=1)):
       grads.append(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
       jaxprs.append(str(jax.make_jaxpr(jax.grad(loss))(q, k, v)))
   return {'max_difference': max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*grads)),
@@ -165,7 +165,7 @@ def pallas_attention_on_a_mesh() -> dict:
 
 def test_pallas_attention_runs_on_each_devices_own_sequences():
   """Pallas's kernel has no partitioning rule; on a mesh each device runs it on its share of
-  the batch (shard_map), members split by the vmap over them: XLA's gradients."""
+  the batch (shard_map; members are not split over devices then): XLA's gradients."""
   result, _ = on_eight_devices('pallas_attention_on_a_mesh()')
   assert result['shard_map'] == [True, False] and result['pallas'] == [True, False]
   assert result['split_over_members_and_data']

@@ -37,15 +37,19 @@ def read(path: str, cache_dir: str | None = None) -> np.ndarray:
                         f'{hashlib.sha256(identity.encode()).hexdigest()[:16]}.npy')
   try:
     return np.load(cached)
-  except (OSError, ValueError):  # not cached yet (or a cache file that is not a whole array)
+  except (OSError, ValueError, EOFError):  # not cached yet, or not a whole array
     array = _decode(path)
+  temporary = f'{cached}.tmp-{uuid.uuid4().hex[:8]}.npy'
   try:
     os.makedirs(cache_dir, exist_ok=True)
-    temporary = f'{cached}.tmp-{uuid.uuid4().hex[:8]}.npy'
-    np.save(temporary, array)
+    with open(temporary, 'wb') as f:
+      np.save(f, array)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(temporary, cached)
   except OSError:  # a cache that cannot be written costs the next run the decoding, no more
-    pass
+    if os.path.exists(temporary):
+      os.remove(temporary)
   return array
 
 

@@ -22,7 +22,6 @@ from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from alma_jax import placement, steps
 from alma_jax.stream import Round

@@ -66,6 +66,6 @@ def check(config) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and value < 1:
       raise ValueError(f'config.model.{key}={value!r}: must be >= 1')
   if config.get('attention', 'auto') not in ATTENTION:
-    raise ValueError(f'config.model.attention={config.attention!r}: must be \'auto\' (cuDNN on '
-                     f'GPUs where it can), \'xla\' or \'pallas\' (Pallas\'s flash attention on '
-                     f'GPUs)')
+    raise ValueError(f'config.model.attention={config.attention!r}: must be \'auto\' (on GPUs '
+                     f'cuDNN\'s, or Pallas\'s under deterministic kernels, where they take the '
+                     f'shapes), \'xla\' or \'pallas\' (Pallas\'s flash attention on GPUs)')

@@ -58,7 +58,7 @@ PALLAS_TILES = dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=128, 
 def _pallas_attention(q, k, v, interpret: bool = False, tiles: dict | None = None):
   from jax.experimental.pallas.ops.gpu import attention  # Triton: GPUs (or `interpret`) only
   tiles = dict(PALLAS_TILES if tiles is None else tiles)
-  num_warps = tiles.pop('num_warps')
+  num_warps = tiles.pop('num_warps', None)
   return attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=True,
                        block_sizes=attention.BlockSizes(**tiles), num_warps=num_warps,
                        interpret=interpret)
@@ -66,9 +66,9 @@ def _pallas_attention(q, k, v, interpret: bool = False, tiles: dict | None = Non
 
 def _on_each_device(kernel):
   """`kernel` run by each device of the traced program's mesh on its own sequences (the batch
-  split over `data`; a vmap over members with `spmd_axis_name` splits them over `member`).
-  Pallas's kernel has no partitioning rule: without this, XLA would gather every device's
-  queries, keys and values onto each."""
+  split over `data`). Pallas's kernel has no partitioning rule: without this, XLA would gather
+  every device's queries, keys and values onto each. (`_splits_over_data`: the mesh's member
+  axis is 1, so the vmap over members, whose `spmd_axis_name` adds it, divides any stack.)"""
 
   def run(q, k, v):
     if jax.sharding.get_abstract_mesh().size <= 1:
@@ -80,8 +80,11 @@ def _on_each_device(kernel):
 
 
 def _splits_over_data(batch: int) -> bool:
+  """Whether `_on_each_device` takes `batch` sequences a member on the traced program's mesh:
+  members not split over devices (a stack of 3 would not split over 2), the batch over data."""
   mesh = jax.sharding.get_abstract_mesh()
-  return mesh.size <= 1 or (sharding.DATA in mesh.axis_names
+  return mesh.size <= 1 or (set(mesh.axis_names) == {sharding.MEMBER, sharding.DATA}
+                            and mesh.shape[sharding.MEMBER] == 1
                             and batch % mesh.shape[sharding.DATA] == 0)
 
 
@@ -111,7 +114,8 @@ def attention_kernel(implementation: str, q, k, v) -> str:
   cuDNN's attention fails when the first step runs (`IndexError: absl::container_internal::
   raw_hash_map<>::at`, GPT-2 small on an H100, jax 0.11.2); there 'auto' is Pallas's where it
   takes the shapes, else XLA's. On a mesh, Pallas's runs on each device's own sequences
-  (`_on_each_device`), so the batch must split over the data axis."""
+  (`_on_each_device`): the batch must split over the data axis, and members must not be split
+  over devices."""
   if implementation == 'xla' or jax.default_backend() != 'gpu':
     return 'xla'
   asked = implementation
@@ -128,7 +132,8 @@ def attention_kernel(implementation: str, q, k, v) -> str:
                                                             and length & (length - 1) == 0):
       raise ValueError(f'sequence length {length}: Pallas blocks are powers of 2')
     if implementation == 'pallas' and not _splits_over_data(batch):
-      raise ValueError(f"a batch of {batch} does not split over the mesh's data axis")
+      raise ValueError(f"a batch of {batch} a member does not split over the mesh's data "
+                       f"axis, or the members are split over devices")
     jax.eval_shape(_GPU_KERNELS[implementation], q, k, v)
   except (ImportError, NotImplementedError, RuntimeError, ValueError) as why:  # no kernel
     if asked == 'pallas':
@@ -142,13 +147,20 @@ def _one_hot_lookup(table, tokens):
   return jnp.dot(one_hot, table, precision=jax.lax.Precision.HIGHEST)
 
 
+# The largest vocabulary looked up by a one-hot matmul under deterministic GPU kernels: for
+# GPT-2 small's 16 x 1024 tokens, about 0.05 TFLOP each way in float32 at 2048.
+ONE_HOT_VOCABULARY = 2048
+
+
 def embedding_lookup(table, tokens):
   """`table[tokens]`. The lookup's gradient is a scatter-add into the table, which XLA's
   deterministic GPU kernels make deterministic by sorting the tokens (with the loss's, about
-  9 ms of GPT-2 small's 40 ms step on an H100). So under them, a GPU program looks up by a
-  one-hot matmul (exact; its gradient a matmul, 2 x tokens x vocabulary x width FLOPs each way);
-  lowered for any other platform it is a gather."""
-  if jax.default_backend() != 'gpu' or not backend.deterministic_gpu_kernels():
+  9 ms of GPT-2 small's 40 ms step on an H100). So under them, a GPU program looks up a
+  vocabulary of at most ONE_HOT_VOCABULARY by a one-hot matmul (exact; its gradient a matmul,
+  2 x tokens x vocabulary x width FLOPs each way, which grow with the vocabulary as the sort
+  does not); lowered for any other platform it is a gather."""
+  if (jax.default_backend() != 'gpu' or not backend.deterministic_gpu_kernels()
+      or table.shape[0] > ONE_HOT_VOCABULARY):
     return jnp.take(table, tokens, axis=0)
   return jax.lax.platform_dependent(table, tokens, cuda=_one_hot_lookup,
                                     default=lambda t, i: jnp.take(t, i, axis=0))
