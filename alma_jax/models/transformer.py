@@ -142,6 +142,10 @@ def attention_kernel(implementation: str, q, k, v) -> str:
   return implementation
 
 
+def _gather_lookup(table, tokens):
+  return jnp.take(table, tokens, axis=0)
+
+
 def _one_hot_lookup(table, tokens):
   one_hot = jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype)
   return jnp.dot(one_hot, table, precision=jax.lax.Precision.HIGHEST)
@@ -161,9 +165,8 @@ def embedding_lookup(table, tokens):
   does not); lowered for any other platform it is a gather."""
   if (jax.default_backend() != 'gpu' or not backend.deterministic_gpu_kernels()
       or table.shape[0] > ONE_HOT_VOCABULARY):
-    return jnp.take(table, tokens, axis=0)
-  return jax.lax.platform_dependent(table, tokens, cuda=_one_hot_lookup,
-                                    default=lambda t, i: jnp.take(t, i, axis=0))
+    return _gather_lookup(table, tokens)
+  return jax.lax.platform_dependent(table, tokens, cuda=_one_hot_lookup, default=_gather_lookup)
 
 
 class Dense(nn.Module):
