@@ -96,13 +96,16 @@ class Evaluator:
 
   def __call__(self, model, images, labels, indices: np.ndarray) -> dict:
     """Host sums of the metric over `indices` (a 1-D array of any length)."""
-    with sharding.activations(self.mesh):
-      return self._host_sums(model, images, labels, indices)
+    return jax.device_get(self.device_sums(model, images, labels, indices))
 
-  def _host_sums(self, model, images, labels, indices: np.ndarray) -> dict:
+  def device_sums(self, model, images, labels, indices: np.ndarray) -> dict:
+    """The sums as (replicated) device arrays: dispatched, not waited for."""
+    with sharding.activations(self.mesh):
+      return self._device_sums(model, images, labels, indices)
+
+  def _device_sums(self, model, images, labels, indices: np.ndarray) -> dict:
     if not placement.on_host(images):
-      return jax.device_get(self.sums(model, images, labels,
-                                      *pad_indices(indices, self.batch_size)))
+      return self.sums(model, images, labels, *pad_indices(indices, self.batch_size))
     fed_blocks, n = blocks(indices, self.batch_size)
     where = sharding.batch_sharded(self.mesh)
     fed = placement.prefetched(
@@ -112,7 +115,7 @@ class Evaluator:
     for i, (block_images, block_labels) in enumerate(fed):
       sums = self._fed_sums(model, block_images, block_labels, n, i)
       total = sums if total is None else tree_add(total, sums)
-    return jax.device_get(total)
+    return total
 
 
 def feed_plan(steps: int, feed_steps: int) -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
 """Ensembles and growing learners: growth, parameter counts, vmapped members, resume."""
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import pytest
 
 from alma_jax import backend, config as alma_config, data as alma_data, learners, run, sharding
 from alma_jax import steps, stream as alma_stream
-from alma_jax.learners import boosting, members, moe as moe_learner
+from alma_jax.learners import base, boosting, members, moe as moe_learner
 from alma_jax.models import moe as moe_model
 from alma_jax.placement import device_data
 
@@ -146,6 +147,38 @@ def test_vmapped_members_train_exactly_like_members_alone(config):
   # and the members really differ: each had its own shuffling
   leaves = jax.tree.leaves(together)[0]
   assert not np.allclose(leaves[0], leaves[1])
+
+
+@pytest.mark.parametrize('max_epochs, delta', [(6, 0.5), (4, 0.0)])  # stops at 2; runs all 4
+def test_training_the_next_epoch_ahead_of_the_validation_changes_nothing(
+    config, monkeypatch, max_epochs, delta):
+  config.train.update(max_epochs=max_epochs, patience=1, patience_delta=delta)
+  learner, dataset = make_learner(config, 'k_ensemble', num_members=3)
+  r = first_round(dataset, config)
+  state = learner.init(jax.random.key(0))
+  events = []
+  epoch_of = steps.Trainer.train_epoch
+  monkeypatch.setattr(steps.Trainer, 'train_epoch', lambda self, *a, **k: events.append(
+      ('train', a[8])) or epoch_of(self, *a, **k))
+  scored = lambda epoch, score: events.append(('scored', epoch))
+  monkeypatch.setattr(members, 'RoundProgress', lambda *a: contextlib.nullcontext(scored))
+  runs, default = {}, base.TRAIN_AHEAD_BYTES
+  for ahead_bytes in (default, -1):
+    monkeypatch.setattr(base, 'TRAIN_AHEAD_BYTES', ahead_bytes)
+    events.clear()
+    runs[ahead_bytes] = learner.train_round(state, r, jax.random.key(1)), list(events)
+  (ahead, report), ahead_events = runs[default]
+  (waited, waited_report), waited_events = runs[-1]
+  epochs = report.epochs
+  assert epochs == (2 if delta else max_epochs) and report == waited_report
+  assert ahead_events[:3] == [('train', 0), ('train', 1), ('scored', 0)]
+  assert waited_events[:3] == [('train', 0), ('scored', 0), ('train', 1)]
+  # Trained ahead: the epoch after the one that stopped the round, thrown away, not counted.
+  assert sum(e[0] == 'train' for e in ahead_events) == min(epochs + 1, max_epochs)
+  assert sum(e[0] == 'train' for e in waited_events) == epochs
+  for a, b in zip(jax.tree.leaves((ahead.variables, ahead.opt_state)),
+                  jax.tree.leaves((waited.variables, waited.opt_state))):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize('growth, grow_every', [('usage', 1), ('random', 2)])
