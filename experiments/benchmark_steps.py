@@ -5,6 +5,8 @@ compiles (nothing may compile in the timed ones), for the MLP of configs/fashion
 with the configs' `train.compiled_epoch` or the one given. Run from the repository root:
 
   python experiments/benchmark_steps.py [--examples=5376] [--epochs=3] [--compiled_epoch=auto]
+
+writes experiments/results/steps_<backend>_<compiled_epoch>.json (or --out).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 from alma_jax import backend, config as alma_config, data, learners, sharding, steps  # noqa: E402
 from alma_jax.placement import device_data  # noqa: E402
 
@@ -55,12 +58,16 @@ def main():
   parser.add_argument('--epochs', type=int, default=3)
   parser.add_argument('--compiled_epoch', choices=('auto', 'yes', 'no'), default='auto',
                       help="'yes': an epoch is one compiled loop; 'no': one compiled call a step")
+  parser.add_argument('--out', default='')
   args = parser.parse_args()
   backend.configure(alma_config.base().backend)  # as a run would, before the backend starts
-  print('| model | train examples/s |\n|---|---:|')
-  for name, config_file in CONFIGS.items():
-    rate = examples_per_second(config_file, args.examples, args.epochs, args.compiled_epoch)
-    print(f'| {name} | {rate:,.0f} |', flush=True)
+  rates = {name: examples_per_second(config_file, args.examples, args.epochs,
+                                     args.compiled_epoch)
+           for name, config_file in CONFIGS.items()}
+  common.write_result({**common.environment(), 'examples': args.examples, 'epochs': args.epochs,
+                       'compiled_epoch': args.compiled_epoch, 'examples_per_second': rates},
+                      args.out or f'experiments/results/steps_{jax.default_backend()}_'
+                      f'{args.compiled_epoch}.json')
 
 
 if __name__ == '__main__':
