@@ -1,11 +1,14 @@
 """Optimizers by config name, through optax.
 
 The reference resets the optimizer every round and uses no schedule (the default here). With
-`warmup_steps` / `decay_steps` the learning rate warms up and decays within each round, since a
-fresh optimizer state restarts its step count.
+`warmup_steps` / `decay_steps` the learning rate warms up and decays within each round: a fresh
+optimizer state starts its step count at 0, and a continued one (`learner.reset_optimizer=False`)
+has its schedule's count restarted (`restart_schedule`), its moments kept.
 """
 from __future__ import annotations
 
+import jax
+import numpy as np
 import optax
 
 
@@ -23,6 +26,17 @@ def check(c) -> None:
   for key in ('warmup_steps', 'decay_steps'):
     if c[key] < 0:
       fail(f'optimizer.{key}', c[key], 'must be >= 0')
+
+
+def restart_schedule(opt_state):
+  """`opt_state` with the step count of its learning-rate schedule back at 0 (the round's
+  first step), everything else (moments, Adam's own count for bias correction) as it was."""
+  def restart(state):
+    if isinstance(state, optax.ScaleByScheduleState):
+      return state._replace(count=np.zeros(np.shape(state.count), state.count.dtype))
+    return state
+  return jax.tree.map(restart, opt_state,
+                      is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
 
 
 def learning_rate(c):

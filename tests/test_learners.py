@@ -308,3 +308,21 @@ def test_majority_vote_breaks_ties_by_confidence():
   logits = jnp.array([[[0.0, 2.0, 0.0]], [[0.0, 2.0, 0.0]], [[0.0, 0.0, 3.0]],
                       [[0.0, 0.0, 3.0]], [[9.0, 0.0, 0.0]]])
   assert int(members.majority_vote(logits, jnp.ones(5))[1][0]) == 1
+
+
+def test_a_continued_optimizer_restarts_its_learning_rate_schedule_every_round(config):
+  # The schedule decays to 0 within a round; continued unchanged, round 2 would not move.
+  config.optimizer.update(name='adamw', learning_rate=0.01, warmup_steps=1, decay_steps=2)
+  config.train.update(max_epochs=1, patience=1)  # the state kept is the round's last
+  learner, dataset = make_learner(config, 'finetune', reset_optimizer=False)
+  r = first_round(dataset, config)
+  once, _ = learner.train_round(learner.init(jax.random.key(0)), r, jax.random.key(1))
+  twice, _ = learner.train_round(once, r, jax.random.key(2))
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(once.variables),
+                                                    jax.tree.leaves(twice.variables))]
+  assert all(moved)
+  counts = lambda state: [int(c[0]) for c in jax.tree.leaves(state.opt_state)
+                          if np.asarray(c).dtype == np.int32]  # Adam's count, the schedule's
+  adam_once, schedule_once = counts(once)
+  adam_twice, schedule_twice = counts(twice)
+  assert adam_twice == 2 * adam_once and schedule_twice == schedule_once  # only one restarted

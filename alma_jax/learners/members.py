@@ -222,7 +222,7 @@ class MemberLearner:
   # Training.
   def fit(self, work: Work, round, key):
     """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
-    opt_state = (work.opt_state if work.opt_state is not None
+    opt_state = (optim.restart_schedule(work.opt_state) if work.opt_state is not None
                  else self.init_optimizer(work.start))
     # Fresh buffers: training donates them, and the state may still hold `work.start`.
     start, opt_state = self.trainer.place(work.start, opt_state, copy=True)
