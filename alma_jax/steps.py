@@ -99,7 +99,8 @@ class Evaluator:
     return jax.device_get(self.device_sums(model, images, labels, indices))
 
   def device_sums(self, model, images, labels, indices: np.ndarray) -> dict:
-    """The sums as (replicated) device arrays: dispatched, not waited for."""
+    """The sums as (replicated) device arrays: for device-resident data, dispatched and not
+    waited for (data on the hosts is gathered and fed block by block before it returns)."""
     with sharding.activations(self.mesh):
       return self._device_sums(model, images, labels, indices)
 

@@ -54,7 +54,8 @@ def prepare(config, workdir: str) -> None:
 def locked(workdir: str):
   """Holds the workdir's lock file for the run (process 0 for all processes): a second run
   started on the workdir is refused, naming the holder. A lock left by a process of this host
-  that no longer exists (killed) is stale and taken over."""
+  that no longer exists (killed), or left empty for UNWRITTEN_LOCK_SECONDS, is stale and taken
+  over."""
   path = os.path.join(workdir, LOCK_FILE)
   error = None
   if sharding.is_main_process():
@@ -79,16 +80,31 @@ def _acquire(path: str) -> None:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
       other = _holder(path)
-      if other.get('host') == holder['host'] and not _alive(other.get('pid')):
-        os.remove(path)  # stale: its process is gone
+      gone = other.get('host') == holder['host'] and not _alive(other.get('pid'))
+      if gone or (not other and _seconds_since_written(path) > UNWRITTEN_LOCK_SECONDS):
+        os.remove(path)  # stale: its process is gone, or died before writing its name
         continue
-      raise WorkdirError(
-          f"workdir {os.path.dirname(path)!r} is in use by another run (host "
-          f"{other.get('host')}, PID {other.get('pid')}, started {other.get('started')}); if "
-          f"that process is gone, delete {path}") from None
+      who = (f"host {other.get('host')}, PID {other.get('pid')}, started "
+             f"{other.get('started')}" if other else
+             f'its lock file is not written yet; taken over when older than '
+             f'{UNWRITTEN_LOCK_SECONDS} s')
+      raise WorkdirError(f'workdir {os.path.dirname(path)!r} is in use by another run ({who}); '
+                         f'if that process is gone, delete {path}') from None
     with os.fdopen(fd, 'w') as f:
       json.dump(holder, f)
     return
+
+
+# A lock file still empty or unreadable this long after it was created was left by a process
+# killed between creating and writing it (which takes microseconds).
+UNWRITTEN_LOCK_SECONDS = 30
+
+
+def _seconds_since_written(path: str) -> float:
+  try:
+    return time.time() - os.path.getmtime(path)
+  except OSError:  # removed meanwhile
+    return 0.0
 
 
 def _holder(path: str) -> dict:

@@ -1,5 +1,6 @@
 """The demo's first round with and without training the next epoch ahead of the host's
-early-stopping decision (`learners.base.TRAIN_AHEAD_BYTES`).
+early-stopping decision (`learners.base.TRAIN_AHEAD_BACKENDS`: accelerators only, by default;
+here on whatever backend it finds).
 
 One finetune round on Fashion-MNIST mega-batch 1 with the demo config's early stopping, from
 the same initial state and key, after one round of each that compiles (nothing may compile in
@@ -42,24 +43,25 @@ def compare(repeats: int) -> dict:
   state = alma_stream.arrive(alma_stream.init_state(stream.num_examples))
   round_data, _ = alma_stream.next_round(state, stream, config.stream, config.seed)
   start = learner.init(jax.random.key(config.seed))
-  ahead_bytes = {'ahead': base.TRAIN_AHEAD_BYTES, 'waiting': -1}
+  default = base.TRAIN_AHEAD_BACKENDS
+  backends = {'ahead': (jax.default_backend(),), 'waiting': ()}
 
   def round_seconds(name):
-    base.TRAIN_AHEAD_BYTES = ahead_bytes[name]
+    base.TRAIN_AHEAD_BACKENDS = backends[name]
     began = time.perf_counter()
     state, report = learner.train_round(start, round_data, jax.random.key(1))
     jax.block_until_ready(state.variables)
     return time.perf_counter() - began, state, report
 
   try:
-    ends = {name: round_seconds(name)[1:] for name in ahead_bytes}  # compiles
-    best = {name: float('inf') for name in ahead_bytes}
+    ends = {name: round_seconds(name)[1:] for name in backends}  # compiles
+    best = {name: float('inf') for name in backends}
     with backend.no_compilation('the timed rounds'):
       for _ in range(repeats):
-        for name in ahead_bytes:
+        for name in backends:
           best[name] = min(best[name], round_seconds(name)[0])
   finally:
-    base.TRAIN_AHEAD_BYTES = ahead_bytes['ahead']
+    base.TRAIN_AHEAD_BACKENDS = default
   (ahead, ahead_report), (waiting, waiting_report) = ends['ahead'], ends['waiting']
   same = ahead_report == waiting_report and all(
       np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ahead.variables),

@@ -162,13 +162,23 @@ def test_training_the_next_epoch_ahead_of_the_validation_changes_nothing(
       ('train', a[8])) or epoch_of(self, *a, **k))
   scored = lambda epoch, score: events.append(('scored', epoch))
   monkeypatch.setattr(members, 'RoundProgress', lambda *a: contextlib.nullcontext(scored))
-  runs, default = {}, base.TRAIN_AHEAD_BYTES
-  for ahead_bytes in (default, -1):
-    monkeypatch.setattr(base, 'TRAIN_AHEAD_BYTES', ahead_bytes)
+  # On a CPU the next epoch waits for the host (as with data on the hosts, or a large state),
+  # unless the CPU is counted among the accelerators.
+  stack = (state.variables, learner.init_optimizer(state.variables))
+  assert not base._trains_ahead(stack, learner.data.train_images)
+  runs = {}
+  for backends in (base.TRAIN_AHEAD_BACKENDS + ('cpu',), base.TRAIN_AHEAD_BACKENDS):
+    monkeypatch.setattr(base, 'TRAIN_AHEAD_BACKENDS', backends)
     events.clear()
-    runs[ahead_bytes] = learner.train_round(state, r, jax.random.key(1)), list(events)
-  (ahead, report), ahead_events = runs[default]
-  (waited, waited_report), waited_events = runs[-1]
+    runs[len(backends)] = learner.train_round(state, r, jax.random.key(1)), list(events)
+  assert base._trains_ahead(stack, learner.data.train_images) is False
+  monkeypatch.setattr(base, 'TRAIN_AHEAD_BACKENDS', ('cpu',))
+  assert base._trains_ahead(stack, learner.data.train_images)
+  assert not base._trains_ahead(stack, np.asarray(learner.data.train_images))  # host-fed
+  monkeypatch.setattr(base, 'TRAIN_AHEAD_BYTES', 1000)
+  assert not base._trains_ahead(stack, learner.data.train_images)
+  (ahead, report), ahead_events = runs[max(runs)]
+  (waited, waited_report), waited_events = runs[min(runs)]
   epochs = report.epochs
   assert epochs == (2 if delta else max_epochs) and report == waited_report
   assert ahead_events[:3] == [('train', 0), ('train', 1), ('scored', 0)]

@@ -164,6 +164,15 @@ def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(config, tmp_pat
   lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': gone.pid}))
   assert run.run(config, str(tmp_path))['arrivals'] == 2
   assert not lock.exists()  # released at the end
+  # Killed between creating the lock and writing its name: empty, refused while it may still
+  # be being written, taken over once it is older than that.
+  lock.write_text('')
+  with pytest.raises(run.WorkdirError, match='in use by another run'):
+    run.run(config, str(tmp_path))
+  written = time.time() - workdirs.UNWRITTEN_LOCK_SECONDS - 1
+  os.utime(lock, (written, written))
+  assert run.run(config, str(tmp_path))['arrivals'] == 2
+  assert not lock.exists()
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
