@@ -36,9 +36,9 @@ from alma_jax.workdir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F40
 class Interrupted(Exception):
   """The run was asked to stop (SIGTERM: a preemption notice; SIGINT: Ctrl-C)."""
 
-  def __init__(self, signal_name: str, arrival: int | None = None):
+  def __init__(self, signal_name: str):
     super().__init__(signal_name)
-    self.signal_name, self.arrival = signal_name, arrival
+    self.signal_name = signal_name
 
 
 @contextlib.contextmanager
@@ -186,8 +186,9 @@ def run(config, workdir: str) -> dict:
       history, startup, data_placement, resumed_after = _run(config, workdir, began,
                                                              stop_requested)
   except Interrupted as stop:
-    where = ('before its first arrival' if stop.arrival is None else
-             f'after arrival {stop.arrival}, its checkpoint written')
+    # (a signal during a save still lets that checkpoint finish: ask the directory)
+    last = max(checkpoint.saved_steps(os.path.join(workdir, 'checkpoints')), default=0)
+    where = f'after arrival {last}, its checkpoint written' if last else 'before any checkpoint'
     _say(f'{stop.signal_name}: interrupted {where}; run the same command to resume.')
     raise
   path = os.path.join(workdir, SUMMARY_FILE)
@@ -308,28 +309,22 @@ def _run_locked(config, workdir: str, began: float,
     startup = time.perf_counter() - began
     split = _split_over_data(config, mesh, learner_state)
     with _Writers(workdir, config.log.tensorboard, history) as writers:
-      done = start
-      try:
-        for t in range(start + 1, num_arrivals + 1):
-          stopping = stop_requested()
-          if stopping:
-            raise Interrupted(stopping, done)
-          stream_state, learner_state, history = _arrival(
-              t, config, stream, dataset, learner, key, stream_state, learner_state, history)
-          grown = _split_over_data(config, mesh, learner_state)
-          if grown < split - 0.005:  # growth added leaves the data axis does not divide
-            _say(f'FSDP: after arrival {t} the data axis splits {grown:.1%} of the parameters '
-                 f'(was {split:.1%}): grown leaves none of whose sizes its '
-                 f'{mesh.shape[sharding.DATA]} devices divide are whole on every device')
-            split = grown
-          elif grown > split:  # (smaller declines add up until said)
-            split = grown
-          checkpointer.save(t, sharding.checkpointable(
-              {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),
-               'history': history}))
-          writers.arrival(history, t)
-          done = t
-      except Interrupted as stop:
-        stop.arrival = done if stop.arrival is None else stop.arrival
-        raise
+      for t in range(start + 1, num_arrivals + 1):
+        stopping = stop_requested()
+        if stopping:
+          raise Interrupted(stopping)
+        stream_state, learner_state, history = _arrival(
+            t, config, stream, dataset, learner, key, stream_state, learner_state, history)
+        grown = _split_over_data(config, mesh, learner_state)
+        if grown < split - 0.005:  # growth added leaves the data axis does not divide
+          _say(f'FSDP: after arrival {t} the data axis splits {grown:.1%} of the parameters '
+               f'(was {split:.1%}): grown leaves none of whose sizes its '
+               f'{mesh.shape[sharding.DATA]} devices divide are whole on every device')
+          split = grown
+        elif grown > split:  # (smaller declines add up until said)
+          split = grown
+        checkpointer.save(t, sharding.checkpointable(
+            {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),
+             'history': history}))
+        writers.arrival(history, t)
   return history, startup, where, start
