@@ -77,17 +77,17 @@ class Evaluator:
   def __post_init__(self):
     replicated = sharding.replicated(self.mesh)
     object.__setattr__(self, 'sums', jax.jit(self._sums, out_shardings=replicated))
-    object.__setattr__(self, '_fed_sums', jax.jit(
-        lambda model, images, labels, n, i: self.metric_fn(
-            model, images, labels, _valid(n, i * self.batch_size, self.batch_size)),
-        out_shardings=replicated))
+    object.__setattr__(self, '_fed_sums', jax.jit(self._block_sums, out_shardings=replicated))
+
+  def _block_sums(self, model, images, labels, n, i):
+    """The metric's sums over block `i` (its examples past the `n`th weigh 0)."""
+    return self.metric_fn(model, images, labels, _valid(n, i * self.batch_size, self.batch_size))
 
   def _sums(self, model, images, labels, indices, n):
     def block_sums(i):
       block = _block(indices, i * self.batch_size, self.batch_size)
       block = jax.lax.with_sharding_constraint(block, sharding.batch_sharded(self.mesh))
-      return self.metric_fn(model, images[block], labels[block],
-                            _valid(n, i * self.batch_size, self.batch_size))
+      return self._block_sums(model, images[block], labels[block], n, i)
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(block_sums, 0))
     num_blocks = (n + self.batch_size - 1) // self.batch_size
@@ -188,13 +188,13 @@ class Trainer:
     """A stack of members and its optimizer states split over the mesh's member axis: where
     the compiled epochs take and leave them (a no-op for their own outputs, unless `copy`:
     fresh buffers, for a caller that still holds the ones training will donate)."""
-    placed = jax.device_put((variables, opt_state),
-                            sharding.stacked(self.mesh, (variables, opt_state), self.shard_params))
+    placed = self.place_members((variables, opt_state))
     return self.copy(placed) if copy else placed
 
-  def place_members(self, variables):
-    """A stack of members' variables where the compiled epochs take them (see `place`)."""
-    return jax.device_put(variables, sharding.stacked(self.mesh, variables, self.shard_params))
+  def place_members(self, stack):
+    """A stack of members' variables (or any tree with a leading member axis) where the
+    compiled epochs take them (see `place`)."""
+    return jax.device_put(stack, sharding.stacked(self.mesh, stack, self.shard_params))
 
   def train_epoch(self, variables, opt_state, images, labels, indices, weights, n, keys, epoch,
                   resample: bool = False, anchor=None):
