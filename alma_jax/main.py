@@ -12,6 +12,7 @@ resolved config and the plan of the run, without running it.
 import ast
 import difflib
 import errno
+import gc
 import json
 import os
 import signal
@@ -141,6 +142,9 @@ def main(argv):
   if len(argv) > 1:
     _mistake(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint at INFO.
+  # The ~140,000 objects the imports made live as long as the process: kept out of the garbage
+  # collector's full passes (one took 54 ms of the demo's first arrival).
+  gc.freeze()
   try:
     config = _CONFIG.value
     with config.unlocked():
