@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 540 s of
 # benchmarks, about 9.5 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
-# accelerator benchmark's sections add up to about 370 s). Two steps:
+# accelerator benchmark's sections add up to about 370 s, with train_ahead's (0.9.4) perhaps
+# 15 s more). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
