@@ -6,7 +6,7 @@ Reads the newest `*.trace.json.gz` under DIR (as `benchmark_lm.py`'s `profile` w
 prints, per step (N steps, else as many as DIR's `steps.json` says, else 1): the span from the first to the last XLA operation,
 the busy time (each event's own time, without the events nested in it, summed over the
 device's streams, or over a CPU's threads, so it can exceed the span), that time split into
-kinds of work (matrix multiplies, attention, other fusions, copies, collectives), and the
+kinds of work (matrix multiplies, attention, sorts, other fusions, copies, collectives), and the
 operations that take the most. On GPUs and TPUs the events are the device's kernels; on CPUs,
 XLA's operations on the host threads.
 """
@@ -24,6 +24,8 @@ KINDS = (  # the first pattern that matches an event's name or XLA operation nam
     ('attention', re.compile(r'cudnn|fmha|flash|attention|sdpa|\bmha', re.I)),
     ('matrix multiply', re.compile(r'gemm|xmma|cutlass|cublas|nvjet|matmul|\bdot|ynn', re.I)),
     ('collective', re.compile(r'all-reduce|all-gather|reduce-scatter|all-to-all|nccl', re.I)),
+    # (CUB's radix sorts: what XLA's deterministic GPU scatter-add runs to order its indices)
+    ('sort', re.compile(r'sort', re.I)),
     ('copy', re.compile(r'copy|memcpy|memset|transpose', re.I)),
     ('other fusion', re.compile(r'fusion|reduce|loop|input', re.I)),
 )

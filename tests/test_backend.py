@@ -128,9 +128,11 @@ def test_a_profiled_program_is_summarized_by_its_operations_each_counted_once(tm
                                          'name': name}
   events = [kernel('while.1', 0, 10), kernel('gemm_fusion.2', 2, 3),
             kernel('loop_fusion.3', 6, 1), kernel('host_work', 0, 50, pid=2),
-            kernel('nvjet_sm90_tst_128x128', 20, 4), kernel('mha_backward', 22, 4)]  # overlap
+            kernel('nvjet_sm90_tst_128x128', 20, 4), kernel('mha_backward', 22, 4),  # overlap
+            kernel('DeviceRadixSortOnesweepKernel', 30, 2)]
   summary = profile_summary.summary({'traceEvents': device + events})
-  assert summary['span_ms'] == pytest.approx(0.026)  # the device's events, not the host's
-  assert summary['busy_ms'] == pytest.approx(0.018)
+  assert summary['span_ms'] == pytest.approx(0.032)  # the device's events, not the host's
+  assert summary['busy_ms'] == pytest.approx(0.020)
   assert summary['by_kind_ms'] == pytest.approx({'other': 0.006, 'matrix multiply': 0.007,
-                                                 'attention': 0.004, 'other fusion': 0.001})
+                                                 'attention': 0.004, 'other fusion': 0.001,
+                                                 'sort': 0.002})
