@@ -94,8 +94,8 @@ class Run:
     return sharding.make_mesh()
 
   def arrivals(self) -> list[int]:
-    """The arrivals whose run state is checkpointed."""
-    return self._checkpointer.steps()
+    """The arrivals whose run state is checkpointed (read without writing anything)."""
+    return checkpoint.saved_steps(os.path.join(self.directory, 'checkpoints'))
 
   def state(self, t: int) -> dict:
     """The run state {stream, learner, history} checkpointed after arrival `t`."""
@@ -169,8 +169,8 @@ def pareto_front(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _curve(group: list[Run], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Arrivals, mean and standard deviation of `field` over the runs of `group` (seeds of one
-  setting), over the arrivals all of them have logged."""
-  rows = [r.rows() for r in group]
+  setting) that have logged any, over the arrivals all of those have logged."""
+  rows = [x for x in (r.rows() for r in group) if x]  # (a seed that has logged nothing yet)
   n = min(len(x) for x in rows)
   values = np.array([[row[field] for row in x[:n]] for x in rows], float).reshape(len(rows), n)
   return np.arange(1, n + 1), values.mean(0), values.std(0)
@@ -230,7 +230,7 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(8.5, 4.5))
   trained_values, untrained_values = [], []
   for i, (label, group) in enumerate(zip(labels, groups)):
-    if not group[0].rows():
+    if not any(r.rows() for r in group):
       continue
     t, mean, std = _curve(group, metric)
     held, until = (lambda a: np.append(a, a[-1])), np.append(t, t[-1] + 1)
@@ -259,22 +259,26 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
 
   # Only finished runs are compared: a partial run's area covers fewer arrivals.
   area = 'cumulative_loss_per_t' if lm else 'cer_per_t'
-  points, partial = [], []
+  points, partial, uncounted = [], [], []
   for i, (label, group) in enumerate(zip(labels, groups)):
     if not all(r.finished for r in group):
       partial.append(label)
       continue
     summaries = [r.summary() for r in group]
-    points.append((i, label, np.mean([x['train_flops'] for x in summaries]),
-                   np.mean([x[area] for x in summaries]),
+    flops = np.mean([x['train_flops'] for x in summaries])
+    if not np.isfinite(flops):  # the backend gave no count
+      uncounted.append(label)
+      continue
+    points.append((i, label, flops, np.mean([x[area] for x in summaries]),
                    np.std([x[area] for x in summaries])))
   fig, ax = plt.subplots(figsize=(8.5, 4.5))
   for i, label, x, y, err in points:
     ax.errorbar(x, y, yerr=err if seeds > 1 else None, fmt='o', ms=6, color=color(i),
                 capsize=3, label=label)
-  if partial:
-    ax.text(0.01, 0.01, 'not shown, unfinished: ' + ', '.join(partial), fontsize=7,
-            transform=ax.transAxes)
+  left_out = ([f"unfinished: {', '.join(partial)}"] if partial else []) + (
+      [f"FLOPs not counted: {', '.join(uncounted)}"] if uncounted else [])
+  if left_out:
+    ax.text(0.01, 0.01, 'not shown, ' + '; '.join(left_out), fontsize=7, transform=ax.transAxes)
   if points:
     flops = np.array([p[2] for p in points])
     cer = np.array([p[3] for p in points])
@@ -289,7 +293,7 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
 
   fig, ax = plt.subplots(figsize=(8.5, 4.5))
   for i, (label, group) in enumerate(zip(labels, groups)):
-    if not group[0].rows():
+    if not any(r.rows() for r in group):
       continue
     t, mean, _ = _curve(group, 'params')
     ax.step(np.append(t, t[-1] + 1), np.append(mean, mean[-1]), where='post', color=color(i),
@@ -319,6 +323,14 @@ def cli(argv: list[str] | None = None) -> None:
     labels = args.labels.split(',') if args.labels else [r.name for r in runs]
     if len(labels) != len(runs):
       raise ValueError(f'--labels names {len(labels)} runs, but {len(runs)} were given')
+    started = [bool(r.arrivals()) for r in runs]
+    if not any(started):
+      raise NotARunError('none of the runs has a checkpoint yet (each has yet to finish its '
+                         'first arrival)')
+    if not all(started):
+      print('left out, no checkpoint yet: ' + ', '.join(
+          label for label, s in zip(labels, started) if not s), file=sys.stderr)
+      runs, labels = ([x for x, s in zip(xs, started) if s] for xs in (runs, labels))
     _language_models(runs)
   except (NotARunError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -86,8 +86,41 @@ def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_p
   analyze.plot([finished, stopped], ['a', 'b'], str(tmp_path / 'plots'))  # draws; b left out
   (tmp_path / 'empty').mkdir()
   shutil.copy(partial / run.CONFIG_FILE, tmp_path / 'empty')
+  empty = analyze.Run(str(tmp_path / 'empty'))
   with pytest.raises(analyze.NotARunError, match='no checkpoint yet'):
-    analyze.Run(str(tmp_path / 'empty')).summary()
+    empty.summary()
+  assert empty.arrivals() == [] and os.listdir(tmp_path / 'empty') == [run.CONFIG_FILE]
+  # A seed that has logged nothing yet is left out of its setting's curve.
+  for got, alone in zip(analyze._curve([finished, empty], 'test_error'),
+                        analyze._curve([finished], 'test_error')):
+    np.testing.assert_array_equal(got, alone)
+
+
+def test_the_cli_leaves_out_a_run_not_started_and_says_so(runs, tmp_path, capsys):
+  (tmp_path / 'started').mkdir()
+  shutil.copy(os.path.join(runs['finetune'], run.CONFIG_FILE), tmp_path / 'started')
+  analyze.cli([runs['finetune'], str(tmp_path / 'started'), f'--out={tmp_path / "out"}',
+               '--labels=done,started'])
+  out, err = capsys.readouterr()
+  assert '| done |' in out and 'started' not in out
+  assert err == 'left out, no checkpoint yet: started\n'
+  assert os.listdir(tmp_path / 'started') == [run.CONFIG_FILE]  # nothing written into it
+  with pytest.raises(SystemExit) as exit_:
+    analyze.cli([str(tmp_path / 'started')])
+  assert exit_.value.code == 2 and 'none of the runs has a checkpoint' in capsys.readouterr().err
+
+
+def test_a_run_whose_flops_were_not_counted_is_named_not_plotted(runs, tmp_path, monkeypatch):
+  a, b = analyze.Run(runs['finetune']), analyze.Run(runs['gens'])
+  summary = b.summary()
+  monkeypatch.setattr(b, 'summary', lambda: {**summary, 'train_flops': float('nan')})
+  texts = []
+  import matplotlib.axes
+  text = matplotlib.axes.Axes.text
+  monkeypatch.setattr(matplotlib.axes.Axes, 'text',
+                      lambda self, x, y, s, *a, **k: texts.append(s) or text(self, x, y, s, *a, **k))
+  analyze.plot([a, b], ['a', 'b'], str(tmp_path / 'plots'))
+  assert 'not shown, FLOPs not counted: b' in texts
 
 
 def test_seeds_of_a_setting_are_drawn_as_their_mean(runs, tmp_path, monkeypatch):
