@@ -349,6 +349,14 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   first = data.load(c.data)
   folders = os.listdir(tmp_path / 'cache')
   assert len(folders) == 1 and not folders[0].count('.tmp-')
+  # A cache cut short (the machine crashed before its files reached the disk) is built again.
+  train_file = tmp_path / 'cache' / folders[0] / 'train.bin'
+  whole, expected = train_file.read_bytes(), np.array(first.train_images)
+  del first  # (its memory map of the file)
+  train_file.write_bytes(whole[:len(whole) // 2])
+  first = data.load(c.data)
+  np.testing.assert_array_equal(first.train_images, expected)
+  assert os.listdir(tmp_path / 'cache') == folders and train_file.read_bytes() == whole
   monkeypatch.setattr(text, '_build', lambda *args: pytest.fail('tokenized again'))
   meta_path = tmp_path / 'cache' / folders[0] / 'tokens.json'
   meta = json.loads(meta_path.read_text())

@@ -107,10 +107,13 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
                                                 status.st_mtime_ns]}
   digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
   folder = os.path.join(cache_dir or default_cache_dir(), digest)
-  if not os.path.isfile(os.path.join(folder, 'tokens.json')):
+  meta = _whole(folder)
+  if meta is None:
+    _discard(folder)
     _build(folder, splits, encode, vocabulary, dtype, description)
-  with open(os.path.join(folder, 'tokens.json')) as f:
-    meta = json.load(f)
+    meta = _whole(folder)
+    if meta is None:
+      raise OSError(f'the token cache {folder} was written but does not read back whole')
   tokens = {split: (np.memmap(os.path.join(folder, f'{split}.bin'), np.dtype(meta['dtype']), 'r',
                               shape=(count,)) if count else np.zeros(0, meta['dtype']))
             for split, count in meta['tokens'].items()}
@@ -122,9 +125,44 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
   return tokens, meta['vocabulary'], f"{meta['dtype']}/{content}"
 
 
+def _whole(folder: str) -> dict | None:
+  """The cache folder's tokens.json if it and every token file it counts are whole (the
+  files' sizes as counted), else None (not built, or cut short by a crash of the machine)."""
+  try:
+    with open(os.path.join(folder, 'tokens.json')) as f:
+      meta = json.load(f)
+    size = np.dtype(meta['dtype']).itemsize
+    if all(os.path.getsize(os.path.join(folder, f'{split}.bin')) == count * size
+           for split, count in meta['tokens'].items()):
+      return meta
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  return None
+
+
+def _discard(folder: str) -> None:
+  """Moves a damaged cache folder out of the way and deletes it (another process may have
+  done so first)."""
+  aside = f'{folder}.damaged-{uuid.uuid4().hex[:8]}'
+  try:
+    os.rename(folder, aside)
+  except OSError:  # not there
+    return
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+def _synced(path: str) -> None:
+  """Makes a file or folder's contents durable (before a rename publishes them)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, description: dict) -> None:
-  """Writes the cache folder whole, then moves it into place (another process that finished
-  first wins; a killed build leaves only a temporary folder)."""
+  """Writes the cache folder whole and durably, then moves it into place (another process
+  that finished first wins; a killed build leaves only a temporary folder)."""
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   building = f'{folder}.tmp-{uuid.uuid4().hex[:8]}'
   os.makedirs(building)
@@ -142,7 +180,10 @@ def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, descriptio
     with open(os.path.join(building, 'tokens.json'), 'w') as f:
       json.dump({'dtype': np.dtype(dtype).name, 'vocabulary': vocabulary, 'tokens': counts,
                  'crc32': crcs, 'corpus': description}, f, indent=2)
+    for name in [*(f'{split}.bin' for split in splits), 'tokens.json', '']:
+      _synced(os.path.join(building, name))  # the files, then the folder
     os.rename(building, folder)
+    _synced(os.path.dirname(folder))
   except OSError:
     if not os.path.isfile(os.path.join(folder, 'tokens.json')):
       raise
