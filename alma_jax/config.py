@@ -231,6 +231,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   from alma_jax.learners import base
   c = learners.with_defaults(c)  # imports the config's extensions first
   _finite(c)
+  if not 0 <= c.seed < 2 ** 32:  # (a key's seed, and with the arrival a replay draw's)
+    fail('seed', c.seed, 'must be in [0, 2**32)')
   data.check(c.data)
   stream.check(c.stream)
   language_model = c.data.task == 'language_model'

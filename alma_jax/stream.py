@@ -39,9 +39,10 @@ class Stream:
 
 def make_stream(num_examples: int, num_megabatches: int, seed: int = 432,
                 validation_fraction: float = 0.1) -> Stream:
-  if num_megabatches > num_examples:
-    raise ValueError(f'config.stream.num_megabatches={num_megabatches}: more mega-batches than '
-                     f'the {num_examples} training examples')
+  if 2 * num_megabatches > num_examples:
+    raise ValueError(f'config.stream.num_megabatches={num_megabatches}: mega-batches of '
+                     f'{num_examples // num_megabatches} of the {num_examples} training examples; '
+                     f'each needs at least 2 (one to validate on, one to train on)')
   permutation = np.random.RandomState(seed).permutation(num_examples).astype(np.int32)
   train, valid = [], []
   for k, chunk in enumerate(np.array_split(permutation, num_megabatches)):
@@ -70,10 +71,17 @@ def check(c) -> None:
   for key in ('replay_fraction', 'validation_replay_fraction'):
     if c.get(key) is not None and not 0.0 <= c[key] <= 1.0:
       fail(f'stream.{key}', c[key], 'must be in [0, 1]')
-  if c.reservoir_size < 1:
-    fail('stream.reservoir_size', c.reservoir_size, 'must be >= 1')
+  if c.replay == 'reservoir' and reservoir_split(c)[0] < 1:
+    fail('stream.reservoir_size', c.reservoir_size, 'leaves no room for training examples '
+         f'beside the validation share (stream.validation_fraction={c.validation_fraction})')
   if not 0.0 < c.validation_fraction < 1.0:
     fail('stream.validation_fraction', c.validation_fraction, 'must be in (0, 1)')
+
+
+def reservoir_split(c) -> tuple[int, int]:
+  """The reservoir's places for training and for validation examples."""
+  size_valid = max(1, int(round(c.validation_fraction * c.reservoir_size)))
+  return c.reservoir_size - size_valid, size_valid
 
 
 def should_train(t: int, waiting_time: int, num_megabatches: int, train_on_last: bool) -> bool:
@@ -166,9 +174,8 @@ def next_round(state: StreamState, stream: Stream, config,
   elif policy == 'reservoir':
     train = np.concatenate([new_train, old_train])
     valid = np.concatenate([new_valid, old_valid])
-    size_valid = max(1, int(round(config.validation_fraction * config.reservoir_size)))
-    kept_train, seen_train = _reservoir(old_train, seen_train, new_train,
-                                        config.reservoir_size - size_valid, rng)
+    size_train, size_valid = reservoir_split(config)
+    kept_train, seen_train = _reservoir(old_train, seen_train, new_train, size_train, rng)
     kept_valid, seen_valid = _reservoir(old_valid, seen_valid, new_valid, size_valid, rng)
     memory[:] = False
     memory[kept_train] = memory[kept_valid] = True

@@ -60,6 +60,25 @@ def test_bad_values_name_the_key(key, value, message):
     validate(c)
 
 
+@pytest.mark.parametrize('updates, message', [
+    ({'seed': -1}, r'config\.seed=-1: must be in \[0, 2\*\*32\)'),
+    ({'seed': 2 ** 32}, r'config\.seed=4294967296'),
+    ({'stream.replay': 'reservoir', 'stream.reservoir_size': 1},
+     r'config\.stream\.reservoir_size=1: leaves no room for training examples'),
+])
+def test_values_that_fail_later_in_a_run_are_refused_before_it(updates, message):
+  """(a negative seed failed at the first replay draw; a reservoir of 1 replayed nothing)"""
+  c = load_config_file(os.path.join(REPO, 'configs', 'fashion_mnist.py'))
+  for key, value in updates.items():
+    *section, name = key.split('.')
+    (c[section[0]] if section else c)[name] = value
+  with pytest.raises(ValueError, match=message):
+    validate(c)
+  c.update(seed=2 ** 32 - 1)
+  c.stream.reservoir_size = 2
+  validate(c)
+
+
 @pytest.mark.parametrize('learner, kept', [('finetune', True), ('k_ensemble', True),
                                            ('agg_ensemble', True), ('from_scratch', False),
                                            ('gens', False), ('bagging', False),
