@@ -126,3 +126,23 @@ def test_labels_beyond_num_classes_and_channels_beyond_the_images_are_refused(co
   config.data.update(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3))
   with pytest.raises(ValueError, match=r'config.data.mean=.*3 values for the 1-channel'):
     data.load(config.data)
+
+
+def test_an_unprepared_tfds_set_is_refused_in_a_multi_process_run(monkeypatch):
+  """Every process would download and write it into the same folder at once."""
+  import importlib.util
+  import jax
+  import tensorflow_datasets as tfds
+
+  def data_source(name, split, data_dir, download):
+    if download:
+      pytest.fail('downloaded in a multi-process run')
+    raise FileNotFoundError('not prepared')
+
+  monkeypatch.setattr(tfds, 'data_source', data_source)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: object() if name == 'tensorflow' else find_spec(name, *a))
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(data.DataNotFoundError, match='prepare it once before a multi-process run'):
+    tfds_source._split('lm1b', 'train', '/data/tfds')

@@ -23,6 +23,13 @@ def _split(name: str, split: str, data_dir: str | None):
           f'{data_dir or "the default TFDS data_dir"}, and preparing it needs TensorFlow and '
           f'internet. Install the optional extra (pip install tensorflow) and run again, or use '
           f'an offline config such as configs/fashion_mnist.py.') from not_prepared
+    import jax
+    if jax.process_count() > 1:  # N processes would download and write it all at once
+      raise DataNotFoundError(
+          f'TFDS data set {name!r} ({split}) is not prepared in '
+          f'{data_dir or "the default TFDS data_dir"}: prepare it once before a multi-process '
+          f'run (tfds build {name} --data_dir=DIR, then --config.data.tfds_data_dir=DIR, a '
+          f'folder every host reads)') from not_prepared
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
   except Exception as failed:
