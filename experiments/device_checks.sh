@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 540 s of
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 570 s of
 # benchmarks, about 9.5 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
 # accelerator benchmark's sections add up to about 370 s, with train_ahead's (0.9.4) perhaps
-# 15 s more). Two steps:
+# 15 s more, and the other two steps to about 90 s). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
@@ -44,7 +44,7 @@ case "${1:-}" in
     backend=$(python3 -c 'import jax; print(jax.default_backend())')
     profile=$(mktemp -d)
     stopped() { echo "$1 stopped early: exit $2 (124: its time limit)"; }
-    timeout 390 python3 experiments/benchmark_accelerator.py \
+    timeout 420 python3 experiments/benchmark_accelerator.py \
       --out="$out/accelerator_$backend.json" --profile="$profile" || stopped benchmark_accelerator $?
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~20 s)
