@@ -40,11 +40,15 @@ class CorruptCheckpointError(ValueError):
 # What reading damaged files raises (tensorstore and Orbax raise ValueError for undecodable
 # data, JSON metadata raises ValueError, a missing file FileNotFoundError).
 _CORRUPTION = (ValueError, KeyError, EOFError, FileNotFoundError, zlib.error)
+# tensorstore raises ValueError for every failure, its status code first: these say the storage
+# could not be read now (permissions, an outage, memory, time), not that the files are damaged.
+_NOT_DAMAGE = ('PERMISSION_DENIED', 'UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED',
+               'CANCELLED', 'ABORTED', 'UNAUTHENTICATED')
 
 
 def is_corruption(error: BaseException) -> bool:
-  """Whether a restore failed on the files themselves (not memory, I/O or a library)."""
-  return isinstance(error, _CORRUPTION)
+  """Whether a restore failed on the files themselves (not memory, I/O, access or a library)."""
+  return isinstance(error, _CORRUPTION) and not str(error).startswith(_NOT_DAMAGE)
 
 
 @jax.jit
@@ -124,7 +128,10 @@ class Checkpointer:
                else sharding.replicated(self.mesh))
       return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=where)
 
-    abstract = jax.tree_util.tree_map_with_path(target, self.manager.item_metadata(step).tree)
+    metadata = self.manager.item_metadata(step)
+    if metadata is None:
+      raise CorruptCheckpointError(f'checkpoint {step}: its metadata is missing')
+    abstract = jax.tree_util.tree_map_with_path(target, metadata.tree)
     tree = dict(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
     if CHECKSUM in tree:  # (checkpoints of earlier versions have none)
       saved = int(tree.pop(CHECKSUM))

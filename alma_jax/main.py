@@ -170,10 +170,14 @@ def main(argv):
       raise
     _mistake(f'{error} (--verbose for the traceback)')
   except OSError as error:
-    if _VERBOSE.value or error.errno != errno.ENOSPC:
+    where = repr(error.filename or _WORKDIR.value)
+    said = {errno.ENOSPC: f'no space left on the device of {where}: free some',
+            errno.EACCES: f'no permission to write {where}: grant it, or choose another --workdir',
+            errno.EROFS: f'{where} is on a read-only file system: choose another --workdir'}
+    if _VERBOSE.value or error.errno not in said:
       raise
-    _mistake(f'no space left on the device of {error.filename or _WORKDIR.value!r}: free some '
-             f'and run the same command to resume from the last checkpoint')
+    _mistake(f'{said[error.errno]}, and run the same command to resume from the last '
+             f'checkpoint (--verbose for the traceback)')
 
 
 def cli():

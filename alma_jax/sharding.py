@@ -41,6 +41,9 @@ def make_mesh(data: int = 0, member: int = 1) -> jax.sharding.Mesh:
   if member * data > total:
     raise ValueError(f'config.mesh.data={data} x config.mesh.member={member}: only {total} '
                      f'devices are present')
+  if member * data < total and jax.process_count() > 1:  # (processes without a device in it)
+    raise ValueError(f'config.mesh.data={data} x config.mesh.member={member}: a run of '
+                     f'{jax.process_count()} processes uses all their {total} devices')
   return jax.make_mesh((member, data), (MEMBER, DATA), axis_types=(AxisType.Auto,) * 2,
                        devices=jax.devices()[:member * data])
 

@@ -68,21 +68,27 @@ def locked(workdir: str):
   try:
     yield
   finally:
-    if sharding.is_main_process():
+    if sharding.is_main_process() and os.path.exists(path):
       os.remove(path)
 
 
 def _acquire(path: str) -> None:
   holder = {'host': socket.gethostname(), 'pid': os.getpid(),
             'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-  for _ in range(2):
+  for _ in range(3):
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
+      judged = _identity(path)
       other = _holder(path)
-      gone = other.get('host') == holder['host'] and not _alive(other.get('pid'))
-      if gone or (not other and _seconds_since_written(path) > UNWRITTEN_LOCK_SECONDS):
-        os.remove(path)  # stale: its process is gone, or died before writing its name
+      if judged is None or _identity(path) != judged:  # replaced while read: look again
+        continue
+      gone = other.get('host') == holder['host'] and (
+          other.get('pid') == holder['pid'] or not _alive(other.get('pid')))
+      # Stale: its process is gone (its PID may be ours again, in a restarted container), or
+      # died before writing its name.
+      if ((gone or (not other and _seconds_since_written(path) > UNWRITTEN_LOCK_SECONDS))
+          and _take_away(path, judged)):
         continue
       who = (f"host {other.get('host')}, PID {other.get('pid')}, started "
              f"{other.get('started')}" if other else
@@ -90,14 +96,18 @@ def _acquire(path: str) -> None:
              f'{UNWRITTEN_LOCK_SECONDS} s')
       raise WorkdirError(f'workdir {os.path.dirname(path)!r} is in use by another run ({who}); '
                          f'if that process is gone, delete {path}') from None
-    with os.fdopen(fd, 'w') as f:
-      json.dump(holder, f)
-    return
+    else:
+      with os.fdopen(fd, 'w') as f:
+        json.dump(holder, f)
+      return
+  raise WorkdirError(f'workdir {os.path.dirname(path)!r}: its lock file {path} keeps changing '
+                     f'(other runs starting on it?)')
 
 
 # A lock file still empty or unreadable this long after it was created was left by a process
 # killed between creating and writing it (which takes microseconds).
 UNWRITTEN_LOCK_SECONDS = 30
+STALE_LOCK = '.stale-'  # a stale lock file being removed: LOCK_FILE + this + 8 hex digits
 
 
 def _seconds_since_written(path: str) -> float:
@@ -105,6 +115,34 @@ def _seconds_since_written(path: str) -> float:
     return time.time() - os.path.getmtime(path)
   except OSError:  # removed meanwhile
     return 0.0
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+  """Which file `path` is (inode, modification time), or None if there is none."""
+  try:
+    status = os.stat(path)
+  except FileNotFoundError:
+    return None
+  return status.st_ino, status.st_mtime_ns
+
+
+def _take_away(path: str, judged: tuple[int, int]) -> bool:
+  """Removes the stale lock file `judged`; False where another start had taken the lock over
+  meanwhile (its file, renamed away by mistake, is put back)."""
+  aside = f'{path}{STALE_LOCK}{uuid.uuid4().hex[:8]}'
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:  # another start removed it first
+    return True
+  if _identity(aside) == judged:
+    os.remove(aside)
+    return True
+  try:
+    os.link(aside, path)
+  except OSError:  # a third start holds it now (or the file system has no hard links)
+    pass
+  os.remove(aside)
+  return False
 
 
 def _holder(path: str) -> dict:
@@ -143,7 +181,8 @@ def check(config, workdir: str) -> None:
           f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
           f'--workdir, or resume it with the command that started it (its config is in {path}).')
     return
-  ours = lambda name: name == LOCK_FILE or _killed_write(name)
+  ours = lambda name: (name == LOCK_FILE or name.startswith(LOCK_FILE + STALE_LOCK)
+                       or _killed_write(name))
   if os.path.isdir(workdir) and not all(map(ours, os.listdir(workdir))):
     if _has_results(workdir):
       raise WorkdirError(f'workdir {workdir!r} holds checkpoints or results but no '
@@ -191,6 +230,8 @@ def write_atomic(path: str, text: str) -> None:
   temporary = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
   with open(temporary, 'w') as f:
     f.write(text)
+    f.flush()
+    os.fsync(f.fileno())  # (else a crash of the machine may leave the renamed file empty)
   os.replace(temporary, path)
 
 

@@ -154,11 +154,29 @@ def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(config, tmp_pat
   config.stream.num_megabatches = 2
   workdirs.prepare(config, str(tmp_path))
   lock = tmp_path / run.LOCK_FILE
-  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+  alive = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': alive.pid,
                               'started': 'earlier'}))
-  with pytest.raises(run.WorkdirError, match=f'in use by another run .*PID {os.getpid()}'):
+  with pytest.raises(run.WorkdirError, match=f'in use by another run .*PID {alive.pid}'):
     run.run(config, str(tmp_path))
+  alive.kill()
+  alive.wait()
   assert not os.path.exists(tmp_path / run.METRICS_FILE)
+  # Another start that took the stale lock over first keeps it: taking away a lock file that
+  # is not the one judged stale puts it back.
+  judged = workdirs._identity(str(lock))
+  lock.write_text(json.dumps({'host': 'another', 'pid': 1}))
+  os.utime(lock, ns=(1, 1))
+  assert not workdirs._take_away(str(lock), judged)
+  assert json.loads(lock.read_text()) == {'host': 'another', 'pid': 1}
+  assert sorted(os.listdir(tmp_path)) == sorted([run.LOCK_FILE, run.CONFIG_FILE])
+  # A lock holding this process's PID was left by an earlier process of that PID (a restarted
+  # container's entry point): stale.
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+  assert run.run(config, str(tmp_path))['arrivals'] == 2
+  shutil.rmtree(tmp_path / 'checkpoints')
+  for name in (run.METRICS_FILE, run.SUMMARY_FILE):
+    os.remove(tmp_path / name)
   gone = subprocess.Popen([sys.executable, '-c', 'pass'])
   gone.wait()  # a process that held the lock and was killed
   lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': gone.pid}))
@@ -360,17 +378,33 @@ def test_a_flipped_bit_is_found_and_the_checkpoint_before_used(config, tmp_path)
   assert errors(workdir) == errors(tmp_path / 'a')
 
 
+@pytest.mark.parametrize('failure', [
+    MemoryError('injected'),
+    # tensorstore's ValueErrors of storage that cannot be read now, not of damaged files
+    ValueError('PERMISSION_DENIED: Error opening file: Permission denied'),
+    ValueError('UNAVAILABLE: gcs endpoint unreachable')])
 def test_a_failure_that_is_not_corruption_stops_the_run_and_moves_nothing(config, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, failure):
   config.stream.num_megabatches = 2
   run.run(config, str(tmp_path))
-  def out_of_memory(self, step):
-    raise MemoryError('injected')
-  monkeypatch.setattr(checkpoint.Checkpointer, 'restore', out_of_memory)
-  with pytest.raises(MemoryError):
+  def fails(self, step):
+    raise failure
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore', fails)
+  with pytest.raises(type(failure), match=str(failure)):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
   assert not os.path.exists(tmp_path / 'checkpoints_corrupt')
+
+
+def test_a_checkpoint_without_its_metadata_is_corrupt(config, tmp_path):
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  os.remove(tmp_path / 'checkpoints' / '2' / 'default' / '_METADATA')
+  with checkpoint.Checkpointer(str(tmp_path / 'checkpoints')) as checkpointer:
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='metadata is missing'):
+      checkpointer.restore(2)
+    assert checkpointer.restore_latest()[0] == 1
+  assert os.listdir(tmp_path / 'checkpoints_corrupt') == ['2']
 
 
 def write_config(config, path):

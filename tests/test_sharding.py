@@ -414,3 +414,13 @@ def test_processes_that_disagree_on_the_stream_stop_with_a_clear_error(idx_dir, 
   assert all(p.returncode != 0 for p in processes)
   assert all('processes disagree on the config, the stream and the data' in e for e in errors)
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_a_multi_process_mesh_uses_every_device(monkeypatch):
+  """A process whose devices are all left out of the mesh owns no shard of anything: it failed
+  deep into the run, alone, while the others waited for it."""
+  monkeypatch.setattr(jax, 'device_count', lambda: 16)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'config\.mesh\.data=8 x config\.mesh\.member=1: a run '
+                                       r'of 2 processes uses all their 16 devices'):
+    sharding.make_mesh(data=8)
