@@ -22,7 +22,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from alma_jax import backend, config as alma_config, data, learners, models, run
+from alma_jax import backend, config as alma_config, data, learners, models, run, sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                           lock_config=True)
@@ -42,7 +42,7 @@ flags.mark_flags_as_required(['config'])
 # What a user's mistake raises. An internal error of one of these types is also shown as one
 # line; --verbose shows its traceback.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, run.WorkdirError,
-               data.DataNotFoundError)
+               data.DataNotFoundError, sharding.FailedElsewhere)
 
 
 def _mistake(message: str):

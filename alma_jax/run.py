@@ -268,9 +268,8 @@ def _run(config, workdir: str, began: float,
   """The arrivals left; the history, the seconds from `began` to the first arrival, where the
   data was read from ('device' or 'host'), and the arrival the run was resumed after."""
   workdirs.check(config, workdir)  # before creating anything
-  if sharding.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-  sharding.barrier('alma_jax.workdir.exists')
+  sharding.on_every_process(f'creating {workdir}', lambda: sharding.is_main_process() and
+                            os.makedirs(workdir, exist_ok=True))  # (then it exists for all)
   with workdirs.locked(workdir):
     workdirs.prepare(config, workdir)  # checks again, now that no other run can change it
     return _run_locked(config, workdir, began, stop_requested)
@@ -284,7 +283,8 @@ def _run_locked(config, workdir: str, began: float,
   workdirs.check_checkpoints(steps, workdir, num_arrivals)
   workdirs.check_results_are_checkpointed(workdir, max(steps, default=0))
   mesh = _mesh(config)
-  dataset, stream, learner, where = _build(config, mesh)
+  dataset, stream, learner, where = sharding.on_every_process(
+      'reading the data or building the learner', lambda: _build(config, mesh))
   data_checksums = dataset.checksums()
   workdirs.check_same_data(workdir, dataset, config.data, data_checksums)
   sharding.check_hosts_agree('the config, the stream and the data',
@@ -326,5 +326,6 @@ def _run_locked(config, workdir: str, began: float,
         checkpointer.save(t, sharding.checkpointable(
             {'stream': stream_state.to_tree(), 'learner': base.to_tree(learner_state),
              'history': history}))
-        writers.arrival(history, t)
+        sharding.on_every_process(f"writing arrival {t}'s row",  # (process 0 writes it)
+                                  lambda: writers.arrival(history, t))
   return history, startup, where, start

@@ -153,6 +153,25 @@ def worst(value: int) -> int:
   return int(np.max(np.asarray(seen)))
 
 
+class FailedElsewhere(RuntimeError):
+  """What another process raised stopped this one too (that process says what it was)."""
+
+
+def on_every_process(what: str, fn):
+  """`fn()`, run by every process; where it raised on any, raises on all (its own error
+  where it raised, elsewhere FailedElsewhere naming `what`), so that no process waits at a
+  collective for one that has stopped."""
+  try:
+    result, failed = fn(), None
+  except Exception as error:  # re-raised below, once every process knows
+    result, failed = None, error
+  if worst(int(failed is not None)):
+    if failed is not None:
+      raise failed
+    raise FailedElsewhere(f'{what} failed on another process (its output says why)')
+  return result
+
+
 def check_hosts_agree(name: str, fingerprint: int) -> None:
   """Raises on every process unless all processes computed the same `fingerprint`."""
   if jax.process_count() == 1:

@@ -61,7 +61,7 @@ def locked(workdir: str):
   if sharding.is_main_process():
     try:
       _acquire(path)
-    except WorkdirError as e:
+    except (WorkdirError, OSError) as e:  # (an unwritable workdir: every process stops)
       error = e
   if sharding.worst(int(error is not None)):
     raise error or WorkdirError(f'workdir {workdir!r} is locked by another run (see process 0)')

@@ -416,6 +416,24 @@ def test_processes_that_disagree_on_the_stream_stop_with_a_clear_error(idx_dir, 
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
+def test_a_process_that_cannot_read_the_data_stops_the_others_too(idx_dir, tmp_path):
+  """Process 1's data path does not exist: it stops naming it, and process 0, which read its
+  data, stops too instead of waiting for process 1 at the next collective."""
+  coordinator = f'127.0.0.1:{free_port()}'
+  processes = [subprocess.Popen(command(data_dir, tmp_path / 'run', coordinator=coordinator,
+                                        processes=2, process=i),
+                                cwd=REPO, env=env(2), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+               for i, data_dir in enumerate([idx_dir, str(tmp_path / 'missing')])]
+  try:
+    errors = [p.communicate(timeout=60)[1] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert all(p.returncode != 0 for p in processes)
+  assert 'failed on another process' in errors[0] and 'missing' in errors[1]
+
+
 def test_a_multi_process_mesh_uses_every_device(monkeypatch):
   """A process whose devices are all left out of the mesh owns no shard of anything: it failed
   deep into the run, alone, while the others waited for it."""
