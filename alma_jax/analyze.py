@@ -169,8 +169,8 @@ def pareto_front(costs: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _curve(group: list[Run], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Arrivals, mean and standard deviation of `field` over the runs of `group` (seeds of one
-  setting) that have logged any, over the arrivals all of those have logged."""
-  rows = [x for x in (r.rows() for r in group) if x]  # (a seed that has logged nothing yet)
+  setting), over the arrivals all of them have logged."""
+  rows = [r.rows() for r in group]
   n = min(len(x) for x in rows)
   values = np.array([[row[field] for row in x[:n]] for x in rows], float).reshape(len(rows), n)
   return np.arange(1, n + 1), values.mean(0), values.std(0)
@@ -206,7 +206,10 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
   from matplotlib.ticker import MaxNLocator
 
   os.makedirs(out, exist_ok=True)
-  groups = [list(r) if isinstance(r, (list, tuple)) else [r] for r in runs]
+  groups = [[r for r in (g if isinstance(g, (list, tuple)) else [g]) if r.arrivals()]
+            for g in runs]  # (a run with no checkpoint yet has nothing to draw)
+  labels = [label for label, g in zip(labels, groups) if g]
+  groups = [g for g in groups if g]
   lm = _language_models(sum(groups, []))
   metric, axis_label, title = (
       ('test_bits', 'test bits per byte', 'Anytime test bits per byte') if lm else
@@ -230,7 +233,7 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(8.5, 4.5))
   trained_values, untrained_values = [], []
   for i, (label, group) in enumerate(zip(labels, groups)):
-    if not any(r.rows() for r in group):
+    if not group[0].rows():
       continue
     t, mean, std = _curve(group, metric)
     held, until = (lambda a: np.append(a, a[-1])), np.append(t, t[-1] + 1)
@@ -293,7 +296,7 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
 
   fig, ax = plt.subplots(figsize=(8.5, 4.5))
   for i, (label, group) in enumerate(zip(labels, groups)):
-    if not any(r.rows() for r in group):
+    if not group[0].rows():
       continue
     t, mean, _ = _curve(group, 'params')
     ax.step(np.append(t, t[-1] + 1), np.append(mean, mean[-1]), where='post', color=color(i),

@@ -170,14 +170,18 @@ def main(argv):
       raise
     _mistake(f'{error} (--verbose for the traceback)')
   except OSError as error:
-    where = repr(error.filename or _WORKDIR.value)
-    said = {errno.ENOSPC: f'no space left on the device of {where}: free some',
-            errno.EACCES: f'no permission to write {where}: grant it, or choose another --workdir',
-            errno.EROFS: f'{where} is on a read-only file system: choose another --workdir'}
+    where = error.filename or _WORKDIR.value
+    said = {errno.ENOSPC: f'no space left on the device of {where!r}: free some',
+            errno.EACCES: f'no permission to use {where!r}: grant it',
+            errno.EROFS: f'{where!r} is on a read-only file system'}
     if _VERBOSE.value or error.errno not in said:
       raise
-    _mistake(f'{said[error.errno]}, and run the same command to resume from the last '
-             f'checkpoint (--verbose for the traceback)')
+    in_workdir = bool(where and _WORKDIR.value) and os.path.abspath(where).startswith(
+        os.path.abspath(_WORKDIR.value))
+    _mistake(f'{said[error.errno]}' + (', or choose another --workdir' if in_workdir and
+                                       error.errno != errno.ENOSPC else '') +
+             ', and run the same command to resume from the last checkpoint (--verbose for '
+             'the traceback)')
 
 
 def cli():

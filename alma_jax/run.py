@@ -33,8 +33,9 @@ from alma_jax.workdir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F40
                               SUMMARY_FILE, WorkdirError)
 
 
-class Interrupted(Exception):
-  """The run was asked to stop (SIGTERM: a preemption notice; SIGINT: Ctrl-C)."""
+class Interrupted(BaseException):
+  """The run was asked to stop (SIGTERM: a preemption notice; SIGINT: Ctrl-C). Not an
+  Exception, as KeyboardInterrupt is not: no handler of failures takes it for one."""
 
   def __init__(self, signal_name: str):
     super().__init__(signal_name)
@@ -220,7 +221,7 @@ def _build(config, mesh):
     raise ValueError(f'config.train.batch_size={config.train.batch_size}: its '
                      f'{config.train.microbatches} microbatch(es) of {microbatch} must divide '
                      f'evenly over the {data_devices} devices of the data axis')
-  dataset = data.load(config.data)
+  dataset = sharding.on_every_process('reading the data', lambda: data.load(config.data))
   stream = alma_stream.make_stream(len(dataset.train_labels), config.stream.num_megabatches,
                                    config.stream.permutation_seed,
                                    config.stream.validation_fraction)
@@ -283,8 +284,7 @@ def _run_locked(config, workdir: str, began: float,
   workdirs.check_checkpoints(steps, workdir, num_arrivals)
   workdirs.check_results_are_checkpointed(workdir, max(steps, default=0))
   mesh = _mesh(config)
-  dataset, stream, learner, where = sharding.on_every_process(
-      'reading the data or building the learner', lambda: _build(config, mesh))
+  dataset, stream, learner, where = _build(config, mesh)
   data_checksums = dataset.checksums()
   workdirs.check_same_data(workdir, dataset, config.data, data_checksums)
   sharding.check_hosts_agree('the config, the stream and the data',

@@ -47,7 +47,7 @@ def make_stream(num_examples: int, num_megabatches: int, seed: int = 432,
   train, valid = [], []
   for k, chunk in enumerate(np.array_split(permutation, num_megabatches)):
     held_out = np.random.RandomState([seed, k]).permutation(len(chunk))
-    n_valid = max(1, int(round(validation_fraction * len(chunk))))
+    n_valid = min(max(1, int(round(validation_fraction * len(chunk)))), len(chunk) - 1)
     valid.append(np.sort(chunk[held_out[:n_valid]]))
     train.append(np.sort(chunk[held_out[n_valid:]]))
   return Stream(tuple(train), tuple(valid))
@@ -71,11 +71,11 @@ def check(c) -> None:
   for key in ('replay_fraction', 'validation_replay_fraction'):
     if c.get(key) is not None and not 0.0 <= c[key] <= 1.0:
       fail(f'stream.{key}', c[key], 'must be in [0, 1]')
+  if not 0.0 < c.validation_fraction < 1.0:
+    fail('stream.validation_fraction', c.validation_fraction, 'must be in (0, 1)')
   if c.replay == 'reservoir' and reservoir_split(c)[0] < 1:
     fail('stream.reservoir_size', c.reservoir_size, 'leaves no room for training examples '
          f'beside the validation share (stream.validation_fraction={c.validation_fraction})')
-  if not 0.0 < c.validation_fraction < 1.0:
-    fail('stream.validation_fraction', c.validation_fraction, 'must be in (0, 1)')
 
 
 def reservoir_split(c) -> tuple[int, int]:

@@ -57,14 +57,8 @@ def locked(workdir: str):
   that no longer exists (killed), or left empty for UNWRITTEN_LOCK_SECONDS, is stale and taken
   over."""
   path = os.path.join(workdir, LOCK_FILE)
-  error = None
-  if sharding.is_main_process():
-    try:
-      _acquire(path)
-    except (WorkdirError, OSError) as e:  # (an unwritable workdir: every process stops)
-      error = e
-  if sharding.worst(int(error is not None)):
-    raise error or WorkdirError(f'workdir {workdir!r} is locked by another run (see process 0)')
+  sharding.on_every_process(f'locking workdir {workdir!r}',
+                            lambda: sharding.is_main_process() and _acquire(path))
   try:
     yield
   finally:
@@ -73,7 +67,7 @@ def locked(workdir: str):
 
 
 def _acquire(path: str) -> None:
-  holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+  holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'pids': _pid_namespace(),
             'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
   for _ in range(3):
     try:
@@ -83,10 +77,10 @@ def _acquire(path: str) -> None:
       other = _holder(path)
       if judged is None or _identity(path) != judged:  # replaced while read: look again
         continue
-      gone = other.get('host') == holder['host'] and (
-          other.get('pid') == holder['pid'] or not _alive(other.get('pid')))
-      # Stale: its process is gone (its PID may be ours again, in a restarted container), or
-      # died before writing its name.
+      ours = other.get('pid') == holder['pid'] and other.get('pids') == holder['pids'] != 0
+      gone = other.get('host') == holder['host'] and (ours or not _alive(other.get('pid')))
+      # Stale: its process is gone (or had our PID, in our PID namespace: an earlier process of
+      # it), or died before writing its name.
       if ((gone or (not other and _seconds_since_written(path) > UNWRITTEN_LOCK_SECONDS))
           and _take_away(path, judged)):
         continue
@@ -117,6 +111,15 @@ def _seconds_since_written(path: str) -> float:
     return 0.0
 
 
+def _pid_namespace() -> int:
+  """Which PID namespace this process is in (Linux; 0 elsewhere): containers that share a
+  host name may each have a process of any one PID."""
+  try:
+    return os.stat('/proc/self/ns/pid').st_ino
+  except OSError:
+    return 0
+
+
 def _identity(path: str) -> tuple[int, int] | None:
   """Which file `path` is (inode, modification time), or None if there is none."""
   try:
@@ -137,11 +140,7 @@ def _take_away(path: str, judged: tuple[int, int]) -> bool:
   if _identity(aside) == judged:
     os.remove(aside)
     return True
-  try:
-    os.link(aside, path)
-  except OSError:  # a third start holds it now (or the file system has no hard links)
-    pass
-  os.remove(aside)
+  os.rename(aside, path)  # (never deleted: it is another start's)
   return False
 
 

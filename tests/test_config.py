@@ -207,7 +207,7 @@ def test_configs_resolve_from_any_directory(tmp_path):
 
 
 @pytest.mark.parametrize('code, said', [('ENOSPC', 'no space left on the device of'),
-                                         ('EACCES', 'no permission to write'),
+                                         ('EACCES', 'no permission to use'),
                                          ('EROFS', 'is on a read-only file system')])
 def test_a_full_or_unwritable_disk_is_one_line(tmp_path, code, said):
   code = ('import errno, sys; from alma_jax import main, run\n'

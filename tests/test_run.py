@@ -172,7 +172,11 @@ def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(config, tmp_pat
   assert sorted(os.listdir(tmp_path)) == sorted([run.LOCK_FILE, run.CONFIG_FILE])
   # A lock holding this process's PID was left by an earlier process of that PID (a restarted
   # container's entry point): stale.
-  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+  holder = {'host': socket.gethostname(), 'pid': os.getpid()}
+  lock.write_text(json.dumps(holder))  # (in another PID namespace, it may be alive)
+  with pytest.raises(run.WorkdirError, match='in use by another run'):
+    run.run(config, str(tmp_path))
+  lock.write_text(json.dumps({**holder, 'pids': workdirs._pid_namespace()}))
   assert run.run(config, str(tmp_path))['arrivals'] == 2
   shutil.rmtree(tmp_path / 'checkpoints')
   for name in (run.METRICS_FILE, run.SUMMARY_FILE):

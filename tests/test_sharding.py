@@ -421,7 +421,7 @@ def test_a_process_that_cannot_read_the_data_stops_the_others_too(idx_dir, tmp_p
   data, stops too instead of waiting for process 1 at the next collective."""
   coordinator = f'127.0.0.1:{free_port()}'
   processes = [subprocess.Popen(command(data_dir, tmp_path / 'run', coordinator=coordinator,
-                                        processes=2, process=i),
+                                        processes=2, process=i, placement='auto'),
                                 cwd=REPO, env=env(2), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
                for i, data_dir in enumerate([idx_dir, str(tmp_path / 'missing')])]

@@ -112,5 +112,6 @@ def test_rounds_are_deterministic():
 def test_every_megabatch_has_an_example_to_validate_on_and_one_to_train_on():
   with pytest.raises(ValueError, match='num_megabatches=10: mega-batches of 1 of the 15'):
     alma_stream.make_stream(15, 10)  # (five would have trained on nothing)
-  s = alma_stream.make_stream(20, 10)
-  assert all(len(t) == 1 for t in s.train) and all(len(v) == 1 for v in s.valid)
+  for fraction in (0.1, 0.8):  # (0.8 of 2 rounds to both)
+    s = alma_stream.make_stream(20, 10, validation_fraction=fraction)
+    assert all(len(t) == 1 for t in s.train) and all(len(v) == 1 for v in s.valid)

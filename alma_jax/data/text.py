@@ -108,11 +108,12 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
   digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
   folder = os.path.join(cache_dir or default_cache_dir(), digest)
   meta = _whole(folder)
-  if meta is None:
-    _discard(folder)
+  if meta in (None, DAMAGED):
+    if meta is DAMAGED:
+      _discard(folder)
     _build(folder, splits, encode, vocabulary, dtype, description)
     meta = _whole(folder)
-    if meta is None:
+    if meta in (None, DAMAGED):
       raise OSError(f'the token cache {folder} was written but does not read back whole')
   tokens = {split: (np.memmap(os.path.join(folder, f'{split}.bin'), np.dtype(meta['dtype']), 'r',
                               shape=(count,)) if count else np.zeros(0, meta['dtype']))
@@ -125,19 +126,27 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
   return tokens, meta['vocabulary'], f"{meta['dtype']}/{content}"
 
 
-def _whole(folder: str) -> dict | None:
-  """The cache folder's tokens.json if it and every token file it counts are whole (the
-  files' sizes as counted), else None (not built, or cut short by a crash of the machine)."""
+DAMAGED = 'damaged'
+
+
+def _whole(folder: str) -> dict | str | None:
+  """The cache folder's tokens.json if it and every token file it counts are whole; None if
+  there is none; DAMAGED if a file is cut short (a crash of the machine) or unreadable as
+  written. Other errors of the file system are raised."""
   try:
     with open(os.path.join(folder, 'tokens.json')) as f:
       meta = json.load(f)
+  except FileNotFoundError:
+    return None
+  except ValueError:  # (not JSON)
+    return DAMAGED
+  try:
     size = np.dtype(meta['dtype']).itemsize
-    if all(os.path.getsize(os.path.join(folder, f'{split}.bin')) == count * size
-           for split, count in meta['tokens'].items()):
-      return meta
-  except (OSError, ValueError, KeyError, TypeError):
-    pass
-  return None
+    whole = all(os.path.getsize(os.path.join(folder, f'{split}.bin')) == count * size
+                for split, count in meta['tokens'].items())
+  except (KeyError, TypeError, ValueError, FileNotFoundError):
+    return DAMAGED
+  return meta if whole else DAMAGED
 
 
 def _discard(folder: str) -> None:
