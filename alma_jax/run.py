@@ -286,7 +286,8 @@ def _run_locked(config, workdir: str, began: float,
   mesh = _mesh(config)
   dataset, stream, learner, where = _build(config, mesh)
   data_checksums = dataset.checksums()
-  workdirs.check_same_data(workdir, dataset, config.data, data_checksums)
+  sharding.on_every_process('checking the data against the run\'s', lambda: (
+      workdirs.check_same_data(workdir, dataset, config.data, data_checksums)))
   sharding.check_hosts_agree('the config, the stream and the data',
                              _fingerprint(config, stream, data_checksums))
   key = jax.random.key(config.seed)
@@ -308,7 +309,8 @@ def _run_locked(config, workdir: str, began: float,
 
     startup = time.perf_counter() - began
     split = _split_over_data(config, mesh, learner_state)
-    with _Writers(workdir, config.log.tensorboard, history) as writers:
+    with sharding.on_every_process('starting the outputs', lambda: _Writers(
+        workdir, config.log.tensorboard, history)) as writers:
       for t in range(start + 1, num_arrivals + 1):
         stopping = stop_requested()
         if stopping:

@@ -37,17 +37,18 @@ def prepare(config, workdir: str) -> None:
   """Checks that `workdir` is new, holds a run of the same protocol (a resume) or a start that
   got no results, on every process; then process 0 removes what killed writes left and writes
   the config there."""
-  check(config, workdir)
-  sharding.barrier('alma_jax.workdir.checked')
-  path = os.path.join(workdir, CONFIG_FILE)
-  if sharding.is_main_process():
+  sharding.on_every_process(f'checking workdir {workdir!r}', lambda: check(config, workdir))
+
+  def write():
     for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
       if _killed_write(name):
         os.remove(os.path.join(workdir, name))
     if not _has_results(workdir):  # new, or a start that failed
       os.makedirs(workdir, exist_ok=True)
-      write_atomic(path, json.dumps(config_dict(config), indent=2, sort_keys=True))
-  sharding.barrier('alma_jax.workdir.created')
+      write_atomic(os.path.join(workdir, CONFIG_FILE),
+                   json.dumps(config_dict(config), indent=2, sort_keys=True))
+  sharding.on_every_process(f'writing the config into {workdir!r}',
+                            lambda: sharding.is_main_process() and write())
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ if {coordinator!r}:
   jax.distributed.initialize({coordinator!r}, {processes}, {process})
 from conftest import tiny_config
 from alma_jax import run
+{prelude}
 config = tiny_config({data!r})
 config.stream.num_megabatches = 3
 config.train.update(max_epochs=3, patience=3)
@@ -45,11 +46,11 @@ if jax.process_index() == 0:
 
 
 def command(idx_dir, workdir, learner='finetune', member=1, coordinator='', processes=1,
-            process=0, shard_params=False, placement='device'):
+            process=0, shard_params=False, placement='device', prelude=''):
   script = SCRIPT.format(tests=os.path.join(REPO, 'tests'), data=idx_dir, workdir=str(workdir),
                          learner=learner, member=member, coordinator=coordinator,
                          processes=processes, process=process, shard_params=shard_params,
-                         placement=placement)
+                         placement=placement, prelude=prelude)
   return [sys.executable, '-c', script]
 
 
@@ -416,22 +417,37 @@ def test_processes_that_disagree_on_the_stream_stop_with_a_clear_error(idx_dir, 
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
-def test_a_process_that_cannot_read_the_data_stops_the_others_too(idx_dir, tmp_path):
-  """Process 1's data path does not exist: it stops naming it, and process 0, which read its
-  data, stops too instead of waiting for process 1 at the next collective."""
+FULL_DISK = '''
+from alma_jax import workdir
+def full(path, text):
+  raise OSError(28, 'No space left on device (injected)', path)
+workdir.write_atomic = full
+'''
+
+
+@pytest.mark.parametrize('failing, data, prelude', [
+    (1, 'missing', ''),      # process 1's data path does not exist
+    (0, '', FULL_DISK)],     # process 0 cannot write the config into the workdir
+    ids=['data', 'config'])
+def test_a_process_that_fails_alone_stops_the_others_too(idx_dir, tmp_path, failing, data,
+                                                         prelude):
+  """The failing process stops naming its error; the other stops too, instead of waiting for
+  it at the next collective."""
   coordinator = f'127.0.0.1:{free_port()}'
-  processes = [subprocess.Popen(command(data_dir, tmp_path / 'run', coordinator=coordinator,
-                                        processes=2, process=i, placement='auto'),
-                                cwd=REPO, env=env(2), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-               for i, data_dir in enumerate([idx_dir, str(tmp_path / 'missing')])]
+  processes = [subprocess.Popen(
+      command(str(tmp_path / data) if i == failing and data else idx_dir, tmp_path / 'run',
+              coordinator=coordinator, processes=2, process=i, placement='auto',
+              prelude=prelude if i == failing else ''),
+      cwd=REPO, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
   try:
     errors = [p.communicate(timeout=60)[1] for p in processes]
   finally:
     for p in processes:
       p.kill()
   assert all(p.returncode != 0 for p in processes)
-  assert 'failed on another process' in errors[0] and 'missing' in errors[1]
+  assert 'failed on another process' in errors[1 - failing]
+  assert (data or 'injected') in errors[failing]
 
 
 def test_a_multi_process_mesh_uses_every_device(monkeypatch):
