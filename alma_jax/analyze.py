@@ -85,7 +85,7 @@ class Run:
 
   @functools.cached_property
   def _checkpointer(self) -> checkpoint.Checkpointer:
-    return checkpoint.Checkpointer(os.path.join(self.directory, 'checkpoints'),
+    return checkpoint.Checkpointer(os.path.join(self.directory, alma_run.CHECKPOINTS_DIR),
                                    mesh=self._mesh,
                                    shard_params=self.config.mesh.shard_params)
 
@@ -95,7 +95,7 @@ class Run:
 
   def arrivals(self) -> list[int]:
     """The arrivals whose run state is checkpointed (read without writing anything)."""
-    return checkpoint.saved_steps(os.path.join(self.directory, 'checkpoints'))
+    return checkpoint.saved_steps(os.path.join(self.directory, alma_run.CHECKPOINTS_DIR))
 
   def state(self, t: int) -> dict:
     """The run state {stream, learner, history} checkpointed after arrival `t`."""

@@ -29,8 +29,8 @@ from alma_jax import placement
 from alma_jax import sharding, stream as alma_stream, workdir as workdirs
 from alma_jax.learners import base
 # The workdir's file names and refusals, as callers of the driver know them.
-from alma_jax.workdir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE,  # noqa: F401
-                              SUMMARY_FILE, WorkdirError)
+from alma_jax.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, LOCK_FILE,  # noqa: F401
+                              METRICS_FILE, SUMMARY_FILE, WorkdirError)
 
 
 class Interrupted(BaseException):
@@ -188,7 +188,7 @@ def run(config, workdir: str) -> dict:
                                                              stop_requested)
   except Interrupted as stop:
     # (a signal during a save still lets that checkpoint finish: ask the directory)
-    last = max(checkpoint.saved_steps(os.path.join(workdir, 'checkpoints')), default=0)
+    last = max(checkpoint.saved_steps(os.path.join(workdir, CHECKPOINTS_DIR)), default=0)
     where = f'after arrival {last}, its checkpoint written' if last else 'before any checkpoint'
     _say(f'{stop.signal_name}: interrupted {where}; run the same command to resume.')
     raise
@@ -278,7 +278,7 @@ def _run(config, workdir: str, began: float,
 
 def _run_locked(config, workdir: str, began: float,
                 stop_requested) -> tuple[dict, float, str, int]:
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = os.path.join(workdir, CHECKPOINTS_DIR)
   num_arrivals = config.stream.num_megabatches
   steps = checkpoint.saved_steps(directory)  # the refusals that need no data come first
   workdirs.check_checkpoints(steps, workdir, num_arrivals)

@@ -23,6 +23,7 @@ LOCK_FILE = 'lock'
 DATA_FILE = 'data.json'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
+CHECKPOINTS_DIR = 'checkpoints'
 
 
 class WorkdirError(ValueError):
@@ -82,7 +83,8 @@ def _acquire(path: str) -> None:
       gone = other.get('host') == holder['host'] and (ours or not _alive(other.get('pid')))
       # Stale: its process is gone (or had our PID, in our PID namespace: an earlier process of
       # it), or died before writing its name.
-      if ((gone or (not other and _seconds_since_written(path) > UNWRITTEN_LOCK_SECONDS))
+      unwritten_for = time.time_ns() - judged[1]  # (its modification time)
+      if ((gone or (not other and unwritten_for > UNWRITTEN_LOCK_SECONDS * 10 ** 9))
           and _take_away(path, judged)):
         continue
       who = (f"host {other.get('host')}, PID {other.get('pid')}, started "
@@ -103,13 +105,6 @@ def _acquire(path: str) -> None:
 # killed between creating and writing it (which takes microseconds).
 UNWRITTEN_LOCK_SECONDS = 30
 STALE_LOCK = '.stale-'  # a stale lock file being removed: LOCK_FILE + this + 8 hex digits
-
-
-def _seconds_since_written(path: str) -> float:
-  try:
-    return time.time() - os.path.getmtime(path)
-  except OSError:  # removed meanwhile
-    return 0.0
 
 
 def _pid_namespace() -> int:
@@ -203,7 +198,7 @@ def _saved_config(path: str) -> dict:
 def _has_results(workdir: str) -> bool:
   """Whether a start in `workdir` got as far as a committed checkpoint or a row of results;
   until then a corrected command may start it afresh."""
-  checkpoints = os.path.join(workdir, 'checkpoints')
+  checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
   committed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
   return committed or os.path.exists(os.path.join(workdir, METRICS_FILE))
 
