@@ -12,7 +12,10 @@ arrays are restored replicated; host arrays (stream, history) come back as numpy
 Every checkpoint holds a checksum of the tree it saved, checked on restore, so flipped bits are
 found. A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
 and the one before it is used; any other failure to restore (memory, I/O, a library) stops the
-run with its error, and all processes take the same decision.
+run with its error. With several processes, each reads its own shards with no collective, then
+all agree on the outcome before the checksum's collective: a checkpoint damaged in one host's
+files is passed over by every process, where one process alone failing used to leave the others
+waiting in a barrier for ever.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import shutil
 import zlib
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +35,7 @@ from alma_jax import sharding
 
 CHECKSUM = 'checksum'
 MEMBER_STACKS = ('variables', 'opt_state')  # of the run state's 'learner'
+ITEM = 'default'  # the folder of a step where a manager of one unnamed item keeps it
 
 
 class CorruptCheckpointError(ValueError):
@@ -48,6 +53,8 @@ _NOT_DAMAGE = ('PERMISSION_DENIED', 'UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'DEADLI
 
 def is_corruption(error: BaseException) -> bool:
   """Whether a restore failed on the files themselves (not memory, I/O, access or a library)."""
+  while type(error) is Exception and error.__cause__ is not None:  # Orbax's wrap of a read
+    error = error.__cause__
   return isinstance(error, _CORRUPTION) and not str(error).startswith(_NOT_DAMAGE)
 
 
@@ -106,10 +113,11 @@ class Checkpointer:
     _check_directory(self.directory)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.shard_params = shard_params
+    self.handler = ocp.StandardCheckpointHandler()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True),
-        item_handlers=ocp.StandardCheckpointHandler())
+        item_handlers=self.handler)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -119,6 +127,33 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.StandardSave(tree))
 
   def restore(self, step: int):
+    """The tree saved at `step`, checked against its checksum. Every process calls it and
+    learns the same outcome: the tree, or an error of the same kind (corrupt or not)."""
+    try:
+      tree, error = self._read(step), None
+    except Exception as e:  # classified below, the same way on every process
+      tree, error = None, e
+      logging.warning('checkpoint %d could not be read on process %d: %s: %s', step,
+                      jax.process_index(), type(e).__name__, e)
+    status = 0 if error is None else 1 if is_corruption(error) else 2
+    worst = sharding.worst(status)
+    if worst == 2 and status != 2:
+      raise RuntimeError(f'checkpoint {step} could not be restored on another process (its '
+                         f'log says why)')
+    if worst:
+      raise error or CorruptCheckpointError(f'checkpoint {step}: its files could not be read '
+                                            f'on another process (its log says why)')
+    if CHECKSUM in tree:  # (checkpoints of earlier versions have none)
+      saved = int(tree.pop(CHECKSUM))
+      if checksum(tree) != saved:
+        raise CorruptCheckpointError(f'checkpoint {step}: its data does not match the '
+                                     f'checksum saved with it')
+    return tree
+
+  def _read(self, step: int):
+    """The tree saved at `step`, as this process reads it. Through the handler, not the
+    manager: the manager's restore ends in a barrier that a process whose files fail never
+    reaches, so the others would wait there for ever."""
     def target(path, meta):
       if meta.sharding is None:  # saved from a host (numpy) array
         return np.empty(meta.shape, meta.dtype)
@@ -128,36 +163,25 @@ class Checkpointer:
                else sharding.replicated(self.mesh))
       return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=where)
 
-    metadata = self.manager.item_metadata(step)
-    if metadata is None:
-      raise CorruptCheckpointError(f'checkpoint {step}: its metadata is missing')
+    item = epath.Path(self.directory) / str(step) / ITEM
+    try:
+      metadata = self.handler.metadata(item)
+    except FileNotFoundError as e:
+      raise CorruptCheckpointError(f'checkpoint {step}: its metadata is missing') from e
     abstract = jax.tree_util.tree_map_with_path(target, metadata.tree)
-    tree = dict(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
-    if CHECKSUM in tree:  # (checkpoints of earlier versions have none)
-      saved = int(tree.pop(CHECKSUM))
-      if checksum(tree) != saved:
-        raise CorruptCheckpointError(f'checkpoint {step}: its data does not match the '
-                                     f'checksum saved with it')
-    return tree
+    return dict(self.handler.restore(item, args=ocp.args.StandardRestore(abstract)))
 
   def restore_latest(self):
     """(step, tree) of the newest checkpoint that restores, or (0, None) if there is none."""
     for step in reversed(self.steps()):
       try:
-        tree, error = self.restore(step), None
-      except Exception as e:  # classified below, the same way on every process
-        tree, error = None, e
-      status = 0 if error is None else 1 if is_corruption(error) else 2
-      worst = sharding.worst(status)
-      if worst == 0:
-        return step, tree
-      if worst == 2:
-        if status == 2:
-          raise error
-        raise RuntimeError(f'checkpoint {step} could not be restored on another process')
+        return step, self.restore(step)
+      except Exception as error:  # the same kind on every process (see `restore`)
+        if not is_corruption(error):
+          raise
+        shown = f'{type(error).__name__}: {error}'
       if sharding.is_main_process():
         aside = self._move_aside(step)
-        shown = f'{type(error).__name__}: {error}' if error else 'on another process'
         logging.warning('checkpoint %d is corrupt (%s); moved it to %s and falling back to '
                         'the one before it', step, shown, aside)
         print(f'WARNING: checkpoint {step} is corrupt ({shown[:200]}); kept it at {aside} and '

@@ -382,6 +382,20 @@ def test_a_flipped_bit_is_found_and_the_checkpoint_before_used(config, tmp_path)
   assert errors(workdir) == errors(tmp_path / 'a')
 
 
+def test_a_truncated_data_file_is_corruption(config, tmp_path):
+  """Orbax wraps a failed read of an array in a bare Exception; what it wraps decides."""
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  with open(_data_files(tmp_path / 'checkpoints' / '2')[0], 'r+b') as f:
+    f.truncate(7)
+  with checkpoint.Checkpointer(str(tmp_path / 'checkpoints')) as checkpointer:
+    with pytest.raises(Exception, match='Encountered error while reading') as raised:
+      checkpointer.restore(2)
+    assert checkpoint.is_corruption(raised.value)
+    assert checkpointer.restore_latest()[0] == 1
+  assert os.listdir(tmp_path / 'checkpoints_corrupt') == ['2']
+
+
 @pytest.mark.parametrize('failure', [
     MemoryError('injected'),
     # tensorstore's ValueErrors of storage that cannot be read now, not of damaged files
@@ -393,7 +407,7 @@ def test_a_failure_that_is_not_corruption_stops_the_run_and_moves_nothing(config
   run.run(config, str(tmp_path))
   def fails(self, step):
     raise failure
-  monkeypatch.setattr(checkpoint.Checkpointer, 'restore', fails)
+  monkeypatch.setattr(checkpoint.Checkpointer, '_read', fails)
   with pytest.raises(type(failure), match=str(failure)):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']

@@ -417,6 +417,33 @@ def test_processes_that_disagree_on_the_stream_stop_with_a_clear_error(idx_dir, 
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
+def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_every_process(idx_dir,
+                                                                               tmp_path):
+  """Process 1's shards of the newest checkpoint are garbage: its restore fails while process
+  0's succeeds, and both fall back to the checkpoint before (they used to wait for each other
+  in different collectives, for ever)."""
+  workdir = tmp_path / 'two'
+  processes = start_processes(idx_dir, workdir, shard_params=True)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  assert all(p.returncode == 0 for p in processes)
+  uninterrupted = json.loads(outputs[0].strip().splitlines()[-1])
+  shards = workdir / 'checkpoints' / '3' / 'default' / 'ocdbt.process_1' / 'd'
+  assert os.listdir(shards)
+  for name in os.listdir(shards):
+    (shards / name).write_bytes(b'garbage')
+
+  processes = start_processes(idx_dir, workdir, shard_params=True)
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert all(p.returncode == 0 for p in processes)
+  assert 'WARNING: checkpoint 3 is corrupt' in outputs[0]
+  assert os.listdir(workdir / 'checkpoints_corrupt') == ['3']
+  assert json.loads(outputs[0].strip().splitlines()[-1]) == uninterrupted
+
+
 FULL_DISK = '''
 from alma_jax import workdir
 def full(path, text):
