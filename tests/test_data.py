@@ -128,6 +128,20 @@ def test_labels_beyond_num_classes_and_channels_beyond_the_images_are_refused(co
     data.load(config.data)
 
 
+def test_a_tfds_set_prepared_as_tfrecord_names_the_format_to_prepare_it_in(monkeypatch):
+  """`tfds build` writes tfrecord files by default, which `tfds.data_source` cannot read."""
+  import tensorflow_datasets as tfds
+
+  def data_source(name, split, data_dir, download):
+    raise NotImplementedError('Random access data source for file format tfrecord is not '
+                              'supported.')
+  monkeypatch.setattr(tfds, 'data_source', data_source)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
+  with pytest.raises(data.DataNotFoundError, match='tfds build lm1b --data_dir=DIR '
+                                                   '--file_format=array_record'):
+    tfds_source._split('lm1b', 'train', '/data/tfds')
+
+
 def test_an_unprepared_tfds_set_is_refused_in_a_multi_process_run(monkeypatch):
   """Every process would download and write it into the same folder at once."""
   import importlib.util

@@ -1,4 +1,5 @@
 """Language modeling: the transformer, byte data, the LM metrics, ensembles, runs and resume."""
+import concurrent.futures
 import functools
 import glob
 import json
@@ -338,6 +339,33 @@ def test_lm1b_through_tfds_is_tokenized_into_the_cache(tmp_path, monkeypatch):
   np.testing.assert_array_equal(again.test_images, dataset.test_images)
 
 
+def cache_folders(cache_dir):
+  return sorted(name for name in os.listdir(cache_dir) if os.path.isdir(cache_dir / name))
+
+
+def test_processes_that_need_one_token_cache_at_once_tokenize_the_corpus_once(tmp_path,
+                                                                              monkeypatch):
+  """One builds it; the others wait for it (an flock on the cache folder), then map it."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f'doc{i}.txt').write_text(f'document {i} ' * 40)
+  built, build = [], text._build
+
+  def slow_build(*args):
+    built.append(args[0])
+    time.sleep(0.5)  # (the others arrive while it builds)
+    build(*args)
+  monkeypatch.setattr(text, '_build', slow_build)
+  c = lm_config(str(corpus))
+  c.data.update(cache_dir=str(tmp_path / 'cache'), max_train_examples=0, max_test_examples=0)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # (each its own lock file handle)
+    loaded = list(pool.map(lambda _: data.load(c.data), range(3)))
+  assert len(built) == 1 and len(cache_folders(tmp_path / 'cache')) == 1
+  for dataset in loaded[1:]:
+    np.testing.assert_array_equal(dataset.train_images, loaded[0].train_images)
+
+
 def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
     tmp_path, monkeypatch):
   corpus = tmp_path / 'corpus'
@@ -347,7 +375,7 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   c = lm_config(str(corpus))
   c.data.update(cache_dir=str(tmp_path / 'cache'), max_train_examples=0, max_test_examples=0)
   first = data.load(c.data)
-  folders = os.listdir(tmp_path / 'cache')
+  folders = cache_folders(tmp_path / 'cache')
   assert len(folders) == 1 and not folders[0].count('.tmp-')
   # A cache cut short (the machine crashed before its files reached the disk) is built again.
   train_file = tmp_path / 'cache' / folders[0] / 'train.bin'
@@ -356,7 +384,7 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   train_file.write_bytes(whole[:len(whole) // 2])
   first = data.load(c.data)
   np.testing.assert_array_equal(first.train_images, expected)
-  assert os.listdir(tmp_path / 'cache') == folders and train_file.read_bytes() == whole
+  assert cache_folders(tmp_path / 'cache') == folders and train_file.read_bytes() == whole
   monkeypatch.setattr(text, '_build', lambda *args: pytest.fail('tokenized again'))
   meta_path = tmp_path / 'cache' / folders[0] / 'tokens.json'
   meta = json.loads(meta_path.read_text())
@@ -399,11 +427,11 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   c_copy = lm_config(str(copy))
   c_copy.data.update(cache_dir=str(tmp_path / 'cache'), max_train_examples=0, max_test_examples=0)
   copied = data.load(c_copy.data)
-  assert len(os.listdir(tmp_path / 'cache')) == 2
+  assert len(cache_folders(tmp_path / 'cache')) == 2
   workdirs.check_same_data(str(workdir), copied, c.data, copied.checksums())
   (corpus / 'doc0.txt').write_text('changed ' * 40)
   changed = data.load(c.data)
-  assert len(os.listdir(tmp_path / 'cache')) == 3
+  assert len(cache_folders(tmp_path / 'cache')) == 3
   with pytest.raises(workdirs.WorkdirError, match='train_images, train_labels, test_images'):
     workdirs.check_same_data(str(workdir), changed, c.data, changed.checksums())
 

@@ -10,6 +10,8 @@ tokens shifted by one (every token is a target once). The stream then permutes a
 examples like images. A corpus larger than memory is read from the page cache as batches ask
 for it (`alma_jax/placement.py`).
 """
+import contextlib
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -109,12 +111,15 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
   folder = os.path.join(cache_dir or default_cache_dir(), digest)
   meta = _whole(folder)
   if meta in (None, DAMAGED):
-    if meta is DAMAGED:
-      _discard(folder)
-    _build(folder, splits, encode, vocabulary, dtype, description)
-    meta = _whole(folder)
-    if meta in (None, DAMAGED):
-      raise OSError(f'the token cache {folder} was written but does not read back whole')
+    with _one_builder(folder):
+      meta = _whole(folder)  # (built meanwhile by the process this one waited for?)
+      if meta in (None, DAMAGED):
+        if meta is DAMAGED:
+          _discard(folder)
+        _build(folder, splits, encode, vocabulary, dtype, description)
+        meta = _whole(folder)
+        if meta in (None, DAMAGED):
+          raise OSError(f'the token cache {folder} was written but does not read back whole')
   tokens = {split: (np.memmap(os.path.join(folder, f'{split}.bin'), np.dtype(meta['dtype']), 'r',
                               shape=(count,)) if count else np.zeros(0, meta['dtype']))
             for split, count in meta['tokens'].items()}
@@ -127,6 +132,29 @@ def cached_tokens(description: dict, splits: dict, tokenizer: str, cache_dir: st
 
 
 DAMAGED = 'damaged'
+
+
+@contextlib.contextmanager
+def _one_builder(folder: str):
+  """Held while a process builds the cache `folder`: the other processes that need it (of this
+  run, on one host or sharing the cache's file system, or other runs) wait, then map what it
+  built, instead of each tokenizing the whole corpus. An flock: released when its holder ends,
+  however it ends. Where the file system has no locks, each builds and the first to finish
+  provides the cache."""
+  os.makedirs(os.path.dirname(folder), exist_ok=True)
+  fd = os.open(folder + '.lock', os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'waiting for another process to finish the token cache {folder}', file=sys.stderr,
+            flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # no locks on this file system
+      pass
+    yield
+  finally:
+    os.close(fd)  # (releases the lock)
 
 
 def _whole(folder: str) -> dict | str | None:

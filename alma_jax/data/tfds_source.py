@@ -12,11 +12,24 @@ import numpy as np
 from alma_jax.data import DataNotFoundError
 
 
+def prepare_command(name: str) -> str:
+  """The command that prepares `name` once, in the random-access format this module reads
+  (`tfds build` writes tfrecord files by default, which `tfds.data_source` cannot read)."""
+  return f'tfds build {name} --data_dir=DIR --file_format=array_record'
+
+
 def _split(name: str, split: str, data_dir: str | None):
   import tensorflow_datasets as tfds
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as not_prepared:  # TFDS raises several types for "not prepared here".
+    if (isinstance(not_prepared, NotImplementedError)
+        and tfds.builder(name, data_dir=data_dir).is_prepared()):  # in a sequential format
+      raise DataNotFoundError(
+          f'TFDS data set {name!r} ({split}) is prepared in '
+          f'{data_dir or "the default TFDS data_dir"} in a format that cannot be read at random '
+          f'(tfrecord, the default of `tfds build`): prepare it into another folder with '
+          f'`{prepare_command(name)}` and set --config.data.tfds_data_dir=DIR') from not_prepared
     if importlib.util.find_spec('tensorflow') is None:
       raise DataNotFoundError(
           f'TFDS data set {name!r} ({split}) is not prepared in '
@@ -28,8 +41,8 @@ def _split(name: str, split: str, data_dir: str | None):
       raise DataNotFoundError(
           f'TFDS data set {name!r} ({split}) is not prepared in '
           f'{data_dir or "the default TFDS data_dir"}: prepare it once before a multi-process '
-          f'run (tfds build {name} --data_dir=DIR, then --config.data.tfds_data_dir=DIR, a '
-          f'folder every host reads)') from not_prepared
+          f'run (`{prepare_command(name)}`, then --config.data.tfds_data_dir=DIR, a folder '
+          f'every host reads)') from not_prepared
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
   except Exception as failed:
