@@ -154,14 +154,20 @@ def main(argv):
         config.model[key] = value
     config = learners.with_defaults(config)
     backend.configure(config.backend)  # XLA flags are read when the backend starts
-    if _DRY_RUN.value:
-      print(json.dumps({'config': json.loads(config.to_json_best_effort()),
-                        'plan': run.plan(config)}, indent=2))
-      return
-    if not _WORKDIR.value:
+    multihost = _MULTIHOST.value or _COORDINATOR.value
+    if not multihost and (_NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None):
+      _mistake('--num_processes and --process_id need --coordinator_address (process 0\'s '
+               'HOST:PORT), or --multihost where JAX finds all three itself (TPU, SLURM)')
+    if not _DRY_RUN.value and not _WORKDIR.value:
       _mistake('--workdir is required (a directory for the run\'s outputs and checkpoints)')
-    if _MULTIHOST.value or _COORDINATOR.value:
+    if multihost:
       jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DRY_RUN.value:  # (every process loads the data: a dry run prepares each host's)
+      plan = run.plan(config)
+      if jax.process_index() == 0:
+        print(json.dumps({'config': json.loads(config.to_json_best_effort()), 'plan': plan},
+                         indent=2))
+      return
     run.run(config, _WORKDIR.value)
   except run.Interrupted as stop:  # said on the console; the usual status of that signal
     sys.exit(128 + signal.Signals[stop.signal_name].value)

@@ -268,7 +268,8 @@ def _run(config, workdir: str, began: float,
          stop_requested) -> tuple[dict, float, str, int]:
   """The arrivals left; the history, the seconds from `began` to the first arrival, where the
   data was read from ('device' or 'host'), and the arrival the run was resumed after."""
-  workdirs.check(config, workdir)  # before creating anything
+  sharding.on_every_process(f'checking workdir {workdir!r}',  # before creating anything
+                            lambda: workdirs.check(config, workdir))
   sharding.on_every_process(f'creating {workdir}', lambda: sharding.is_main_process() and
                             os.makedirs(workdir, exist_ok=True))  # (then it exists for all)
   with workdirs.locked(workdir):
@@ -280,9 +281,15 @@ def _run_locked(config, workdir: str, began: float,
                 stop_requested) -> tuple[dict, float, str, int]:
   directory = os.path.join(workdir, CHECKPOINTS_DIR)
   num_arrivals = config.stream.num_megabatches
-  steps = checkpoint.saved_steps(directory)  # the refusals that need no data come first
-  workdirs.check_checkpoints(steps, workdir, num_arrivals)
-  workdirs.check_results_are_checkpointed(workdir, max(steps, default=0))
+
+  def checked_steps():  # the refusals that need no data come first
+    steps = checkpoint.saved_steps(directory)
+    workdirs.check_checkpoints(steps, workdir, num_arrivals)
+    workdirs.check_results_are_checkpointed(workdir, max(steps, default=0))
+    return steps
+  steps = sharding.on_every_process(f'checking the checkpoints in {directory!r}', checked_steps)
+  sharding.check_hosts_agree(f'the checkpoints in {directory!r}',
+                             zlib.crc32(json.dumps(steps).encode()), workdirs.SHARED_WORKDIR)
   mesh = _mesh(config)
   dataset, stream, learner, where = _build(config, mesh)
   data_checksums = dataset.checksums()

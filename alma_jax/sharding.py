@@ -172,7 +172,9 @@ def on_every_process(what: str, fn):
   return result
 
 
-def check_hosts_agree(name: str, fingerprint: int) -> None:
+def check_hosts_agree(name: str, fingerprint: int,
+                      remedy: str = 'every host must run the same code, config and data'
+                      ) -> None:
   """Raises on every process unless all processes computed the same `fingerprint`."""
   if jax.process_count() == 1:
     return
@@ -180,5 +182,4 @@ def check_hosts_agree(name: str, fingerprint: int) -> None:
   seen = seen.reshape(-1)
   if np.any(seen != seen[0]):
     raise RuntimeError(f'the {jax.process_count()} processes disagree on {name} '
-                       f'(fingerprints by process: {seen.tolist()}): every host must run the '
-                       f'same code, config and data')
+                       f'(fingerprints by process: {seen.tolist()}): {remedy}')

@@ -15,6 +15,9 @@ import socket
 import string
 import time
 import uuid
+import zlib
+
+import jax
 
 from alma_jax import config as alma_config, sharding
 
@@ -62,10 +65,37 @@ def locked(workdir: str):
   sharding.on_every_process(f'locking workdir {workdir!r}',
                             lambda: sharding.is_main_process() and _acquire(path))
   try:
+    if jax.process_count() > 1:
+      seen = sharding.on_every_process(f'reading the lock file of {workdir!r}',
+                                       lambda: _read_shared(path))
+      sharding.check_hosts_agree(f'the lock file {path} that process 0 wrote', seen,
+                                 SHARED_WORKDIR)
     yield
   finally:
     if sharding.is_main_process() and os.path.exists(path):
       os.remove(path)
+
+
+SHARED_WORKDIR = ('every process must see one workdir, on a file system that all hosts share '
+                  '(docs/macroscale.md#on-a-pod-or-a-cluster)')
+SHARED_WAIT_SECONDS = 60  # (a shared file system may show another host's new file late)
+
+
+def _read_shared(path: str) -> int:
+  """A checksum of the lock file process 0 wrote, as this process sees it."""
+  deadline = time.monotonic() + SHARED_WAIT_SECONDS
+  while True:
+    try:
+      with open(path, 'rb') as f:
+        content = f.read()
+      if content:
+        return zlib.crc32(content)
+    except FileNotFoundError:
+      pass
+    if time.monotonic() > deadline:
+      raise WorkdirError(f'process {jax.process_index()} does not see the lock file {path} that '
+                         f'process 0 wrote: {SHARED_WORKDIR}')
+    time.sleep(0.5)
 
 
 def _acquire(path: str) -> None:

@@ -123,6 +123,8 @@ def test_a_config_mistake_is_one_line_naming_it_and_status_2(args, line, capsys,
      'error: config.stream.waiting_time=20: the waiting time must be between 1 and'),
     (('--config.stream.waiting_time=abc',), "error: flag --config.stream.waiting_time=abc"),
     (('--config.data.path=/nowhere',), "error: idx data set not found"),
+    (('--num_processes=2', '--process_id=1'),  # (each would run alone on one workdir)
+     'error: --num_processes and --process_id need --coordinator_address'),
 ])
 def test_a_mistake_is_one_line_and_status_2_before_any_work(tmp_path, args, line):
   out = run_main('--config=configs/fashion_mnist.py', *args, f'--workdir={tmp_path}/run')

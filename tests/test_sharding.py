@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from alma_jax import analyze, checkpoint, config as alma_config, run, sharding
+from alma_jax import workdir as workdirs
 from conftest import REPO, tiny_config
 
 SCRIPT = '''
@@ -442,6 +443,29 @@ def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_every_process(i
   assert 'WARNING: checkpoint 3 is corrupt' in outputs[0]
   assert os.listdir(workdir / 'checkpoints_corrupt') == ['3']
   assert json.loads(outputs[0].strip().splitlines()[-1]) == uninterrupted
+
+
+def test_processes_that_do_not_share_the_workdir_stop_before_any_work(idx_dir, tmp_path):
+  """Process 1 is given a workdir of its own (a host-local path, say): it would write its
+  shards of every checkpoint where process 0 never looks."""
+  coordinator = f'127.0.0.1:{free_port()}'
+  prelude = 'from alma_jax import workdir\nworkdir.SHARED_WAIT_SECONDS = 1'
+  processes = [subprocess.Popen(
+      command(idx_dir, tmp_path / f'run{i}', coordinator=coordinator, processes=2, process=i,
+              prelude=prelude),
+      cwd=REPO, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=60)[1] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert all(p.returncode != 0 for p in processes)
+  assert 'process 1 does not see the lock file' in errors[1]
+  assert 'failed on another process' in errors[0]
+  assert 'every process must see one workdir' in errors[1]
+  assert not os.path.exists(tmp_path / 'run0' / 'checkpoints')
+  assert not os.path.exists(tmp_path / 'run0' / workdirs.LOCK_FILE)
 
 
 FULL_DISK = '''
