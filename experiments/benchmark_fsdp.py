@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import common
@@ -103,6 +104,7 @@ def main():
   parser.add_argument('--train_steps', type=int, default=4,
                       help='then train the last setting, sharded, for this many steps')
   args = parser.parse_args()
+  began = time.perf_counter()
   results = {}
   for setting, overrides in SETTINGS:
     for shard in (False, True):
@@ -121,6 +123,8 @@ def main():
       total(results['as_configured_sharded']) / total(results['unscanned_replicated']))
   if args.train_steps:
     results['short_sequences_sharded_trained'] = train(config, args.train_steps)
+  results['script_seconds'] = time.perf_counter() - began
+  results['peak_host_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   common.write_result({**common.environment(), 'config': args.config, **results}, args.out)
 
 
