@@ -123,7 +123,7 @@ class Run:
 
 
 COLUMNS = ('run', 'learner', 'arrivals', 'final error', 'CER/T', 'final loss', 'loss area/T',
-           'params', 'training FLOPs', 'seconds')
+           'params', 'peak buffer bytes', 'peak optimizer bytes', 'training FLOPs', 'seconds')
 
 
 def table_rows(runs: list[Run], labels: list[str]) -> list[tuple]:
@@ -135,17 +135,19 @@ def table_rows(runs: list[Run], labels: list[str]) -> list[tuple]:
     done = f"{s['arrivals']}/{s['num_megabatches']}" + ('' if r.finished else ' (partial)')
     out.append((label, r.config.learner.name, done, s['final_error'], s['cer_per_t'],
                 s['final_test_loss'], s['cumulative_loss_per_t'], int(s['params']),
-                s['train_flops'], s['seconds']))
+                s['max_buffer_bytes'], s['max_optimizer_bytes'], s['train_flops'],
+                s['seconds']))
   return out
 
 
 def table(runs: list[Run], labels: list[str]) -> str:
   """A markdown comparison table of finished (and partial, marked) runs."""
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|---|---|---' + '|---:' * 7 + '|']
-  for (label, learner, done, error, cer, loss, loss_area, params, flops,
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|---|---|---' + '|---:' * 9 + '|']
+  for (label, learner, done, error, cer, loss, loss_area, params, buffer, optimizer, flops,
        seconds) in table_rows(runs, labels):
     lines.append(f'| {label} | {learner} | {done} | {error:.4f} | {cer:.4f} | {loss:.4f} | '
-                 f'{loss_area:.4f} | {params:,d} | {flops:.3g} | {seconds:.0f} |')
+                 f'{loss_area:.4f} | {params:,d} | {buffer:.3g} | {optimizer:.3g} | '
+                 f'{flops:.3g} | {seconds:.0f} |')
   return '\n'.join(lines)
 
 

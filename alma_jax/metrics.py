@@ -28,6 +28,8 @@ HISTORY_FIELDS = {
     'train_tokens': np.float64,     # targets trained on this round: examples x tokens per example
     'epochs': np.float64,           # epochs run this round
     'params': np.float64,           # parameters of the predictor after this arrival
+    'buffer_bytes': np.float64,     # training examples held for rounds to come, after it
+    'optimizer_bytes': np.float64,  # optimizer state this arrival's round trained with
     'inference_flops': np.float64,  # forward FLOPs per test example of the predictor
     'seconds': np.float64,          # wall time of this arrival (training + evaluation)
 }
@@ -171,7 +173,8 @@ def rows(history: dict) -> list[dict]:
 
 def summary(history: dict) -> dict:
   """Final error and loss, CER, CER/T, the area under the test loss curve (the language
-  model's CER), total training FLOPs (both conventions), params, wall time."""
+  model's CER), total training FLOPs (both conventions), params, the peak bytes of the data
+  buffer and of the optimizer state, wall time."""
   errors = history['test_error']
   done = errors[~np.isnan(errors)]
   total = len(errors)
@@ -196,9 +199,19 @@ def summary(history: dict) -> dict:
       'train_examples': float(np.nansum(history['train_examples'])),
       'train_tokens': float(np.nansum(history.get('train_tokens', np.nan))),
       'params': float(history['params'][len(done) - 1]) if len(done) else math.nan,
+      # the most memory the data buffer and the optimizer state took at any arrival
+      'max_buffer_bytes': _peak(history.get('buffer_bytes'), len(done)),
+      'max_optimizer_bytes': _peak(history.get('optimizer_bytes'), len(done)),
       'inference_flops': float(history['inference_flops'][len(done) - 1]) if len(done) else math.nan,
       'seconds': float(np.nansum(history['seconds'])),
   }
+
+
+def _peak(values, done: int) -> float:
+  """The largest of the first `done` values recorded (NaN if none was: a run of an earlier
+  version)."""
+  values = np.asarray(values if values is not None else [], np.float64)[:done]
+  return float(np.nanmax(values)) if np.any(~np.isnan(values)) else math.nan
 
 
 def format_row(row: dict) -> str:
@@ -222,7 +235,13 @@ def format_summary(s: dict) -> str:
           f"{s['cumulative_loss_per_t']:.4f} | "
           f"training FLOPs {_count(s['train_flops'])} (+ validation {_count(s['valid_flops'])}; "
           f"reference convention {s['reference_flops']:.3e}) | params {int(s['params']):,d} | "
+          f"peak bytes held: data {_megabytes(s.get('max_buffer_bytes'))}, optimizer state "
+          f"{_megabytes(s.get('max_optimizer_bytes'))} | "
           f"{s['rounds']} rounds in {s['seconds']:.1f} s" + _timings(s))
+
+
+def _megabytes(count) -> str:
+  return 'not recorded' if count is None or math.isnan(count) else f'{count / 1e6:.3g} MB'
 
 
 def _timings(s: dict) -> str:

@@ -92,6 +92,9 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
       reference_flops=report.reference_flops, train_examples=report.train_examples,
       train_tokens=report.train_examples * dataset.targets_per_example,
       epochs=report.epochs, params=learner.params(learner_state),
+      buffer_bytes=alma_stream.held_examples(stream_state, stream, config.stream.replay)
+      * dataset.example_bytes,
+      optimizer_bytes=report.optimizer_bytes,
       inference_flops=learner.inference_flops(learner_state),
       seconds=time.perf_counter() - began)
   return stream_state, learner_state, history
@@ -123,7 +126,8 @@ class _Writers:
   the console. Only process 0 writes. A restart rewrites `metrics.jsonl` and the TensorBoard
   events from the restored history, so a damaged file is repaired and no point is lost or
   doubled; the events of earlier starts are replaced by one file."""
-  _SCALARS = ('test_error', 'test_loss', 'test_bits', 'cumulative_flops', 'params', 'epochs')
+  _SCALARS = ('test_error', 'test_loss', 'test_bits', 'cumulative_flops', 'params', 'epochs',
+              'buffer_bytes', 'optimizer_bytes')
 
   def __init__(self, workdir: str, tensorboard: bool, history: dict):
     self.workdir = workdir

@@ -118,6 +118,17 @@ def arrive(state: StreamState) -> StreamState:
   return state.replace(arrivals=np.int64(state.arrivals + 1))
 
 
+def held_examples(state: StreamState, stream: Stream, replay: str) -> int:
+  """Examples (training and validation) a learner holds after the arrivals of `state` for
+  the rounds to come: the mega-batches waiting for their round, and the replay memory (with
+  replay='all', every example arrived so far)."""
+  t, last = int(state.arrivals), int(state.last_round)
+  if replay == 'all':
+    return sum(len(x) for x in stream.train[:t] + stream.valid[:t])
+  waiting = sum(len(x) for x in stream.train[last:t] + stream.valid[last:t])
+  return waiting + int(np.sum(state.memory))
+
+
 def _subsample(indices: np.ndarray, fraction: float, rng) -> np.ndarray:
   return rng.choice(indices, int(round(fraction * len(indices))), replace=False)
 

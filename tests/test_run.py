@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from alma_jax import checkpoint, metrics, run, workdir as workdirs
+from alma_jax import checkpoint, data, metrics, run, stream as alma_stream, workdir as workdirs
 from conftest import REPO, make_idx_dataset
 
 
@@ -31,7 +31,19 @@ def test_tiny_run_end_to_end(config, tmp_path):
   assert rows[0]['train_flops'] == 0 and rows[1]['train_flops'] > 0
   assert rows[-1]['test_error'] < 0.5
   assert summary['cer'] == pytest.approx(sum(r['test_error'] for r in rows))
-  assert summary['rounds'] == 3 and summary['params'] == 144 * 16 + 16 + 16 * 16 + 16 + 170
+  params = 144 * 16 + 16 + 16 * 16 + 16 + 170
+  assert summary['rounds'] == 3 and summary['params'] == params
+  # Memory: the examples waiting for their round (12x12 bytes and an int32 label each), and
+  # Adadelta's two float32 accumulators per parameter (and its step counts) while training.
+  dataset = data.load(config.data)
+  stream = alma_stream.make_stream(len(dataset.train_labels), 5, config.stream.permutation_seed,
+                                   config.stream.validation_fraction)
+  arrived = [len(a) + len(b) for a, b in zip(stream.train, stream.valid)]
+  waiting = [arrived[0], 0, arrived[2], 0, 0]
+  assert [r['buffer_bytes'] for r in rows] == [n * (144 + 4) for n in waiting]
+  assert [r['optimizer_bytes'] == 0 for r in rows] == [not r['trained'] for r in rows]
+  assert all(8 * params <= r['optimizer_bytes'] <= 8 * params + 64 for r in rows if r['trained'])
+  assert summary['max_buffer_bytes'] == max(r['buffer_bytes'] for r in rows)
   assert os.path.exists(tmp_path / run.SUMMARY_FILE)
   assert sorted(os.listdir(tmp_path / 'checkpoints'))[-1] == '5'
 

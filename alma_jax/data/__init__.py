@@ -42,6 +42,12 @@ class Dataset:
     """1 for a classifier; the sequence length for a language model (a target per token)."""
     return int(np.prod(self.train_labels.shape[1:], dtype=np.int64))
 
+  @property
+  def example_bytes(self) -> int:
+    """Bytes of one training example as a learner holding it stores it (input and targets)."""
+    return sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+               for a in (self.train_images, self.train_labels))
+
   def checksums(self, read: bool = False) -> dict[str, int | str]:
     """{array: its crc32}, or, where `content_id` is known (unless `read`), that and its shape:
     a corpus larger than memory is then not read through at every start."""

@@ -36,6 +36,7 @@ class RoundReport:
   train_flops: float = 0.0
   valid_flops: float = 0.0
   reference_flops: float = 0.0
+  optimizer_bytes: float = 0.0  # of the optimizer state the round trained with
 
   def __add__(self, other: 'RoundReport') -> 'RoundReport':
     return RoundReport(*(a + b for a, b in zip(dataclasses.astuple(self),

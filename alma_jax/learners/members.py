@@ -231,7 +231,9 @@ class MemberLearner:
           self.trainer, self.validator, start, opt_state, self.data, work.train, round.valid,
           key, self.config.train, self.flops(work.start), work.weights, progress, work.resample,
           work.anchor)
-    return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops)
+    held = sum(x.nbytes for x in jax.tree.leaves(opt_state))
+    return variables, opt_state, report + base.RoundReport(train_flops=work.extra_flops,
+                                                           optimizer_bytes=held)
 
   def train_round(self, state, round, key):
     work_key, fit_key = jax.random.split(key)
