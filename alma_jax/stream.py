@@ -155,7 +155,7 @@ def next_round(state: StreamState, stream: Stream, config,
     fraction   the new mega-batches plus a fresh sample of `replay_fraction` of the replay memory's
                training examples (`validation_replay_fraction` of its validation examples; None:
                the same fraction), which then becomes this round's data, so old data decays
-               geometrically (reference: crlapi/sl/clmodels/core.py:126-139);
+               geometrically (reference: crlapi/sl/clmodels/core.py:126-142);
     reservoir  the new mega-batches plus a uniform reservoir of at most `reservoir_size` past
                examples (ours).
   Validation examples stay validation examples when replayed.

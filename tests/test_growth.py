@@ -184,6 +184,22 @@ def test_firefly_learner_grows_by_the_reference_rule(config, grow_every):
   assert flops[grow_every] > flops[0]  # choosing the candidates is counted
 
 
+def test_firefly_candidates_are_optimized_unclipped(config):
+  """The reference defines a clip of the new neurons' outgoing weights to +-0.01
+  (sp/conv.py:193-195) but never calls it: they start within it and may leave it."""
+  config.learner.update(name='firefly', new_neurons=4)
+  dataset = alma_data.load(config.data)
+  mesh = sharding.make_mesh()
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
+  one = jax.tree.map(lambda a: a[0], learner.init(jax.random.key(0)).variables)
+  layers = learner.model.neuron_layers()
+  cands = firefly.candidates(jax.random.key(2), one, tuple(layers), 4)
+  assert max(float(jnp.max(jnp.abs(c['new_out']))) for c in cands) <= 0.01
+  optimized, _, _ = firefly_learner.score(learner, one, layers, cands,
+                                          first_round(dataset, config).train, jax.random.key(3))
+  assert max(float(jnp.max(jnp.abs(c['new_out']))) for c in optimized) > 0.01
+
+
 def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):
   config.learner.update(name='firefly', new_neurons=4)
   dataset = alma_data.load(config.data)

@@ -46,15 +46,14 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
   def penalty(cands):
     return 1e-2 * sum(jnp.sum(c['split'] ** 2) + 1e-2 * jnp.sum(c['new_in'] ** 2) for c in cands)
 
-  optimizer = optax.rmsprop(1e-3, decay=0.9, momentum=0.1)
+  # PyTorch's RMSprop (clmodels/firefly.py:201): eps added to the root, not under it.
+  optimizer = optax.rmsprop(1e-3, decay=0.9, momentum=0.1, eps_in_sqrt=False)
 
   @jax.jit
   def optimize_step(cands, opt_state, batch):
     grads = jax.grad(lambda c: loss(c, ones, batch) + penalty(c))(cands)
     updates, opt_state = optimizer.update(grads, opt_state, cands)
-    cands = optax.apply_updates(cands, updates)
-    clip = lambda c: {**c, 'new_out': jnp.clip(c['new_out'], -0.01, 0.01)}
-    return [clip(c) for c in cands], opt_state
+    return optax.apply_updates(cands, updates), opt_state
 
   gate_grads = jax.jit(jax.grad(loss, argnums=1))
   rows = _batches(indices, learner.config.train.batch_size, key)
@@ -79,7 +78,8 @@ def score(learner, variables, layers, cands, indices: np.ndarray, key):
 def neurons_to_add(neurons: int, rounds: int, growth_rate: float) -> int:
   """How many neurons a model of `neurons` gains after `rounds` rounds trained: the reference's
   growth ratio and truncation, in its order of operations
-  (crlapi/sl/clmodels/firefly.py:79-80, 246)."""
+  (crlapi/sl/clmodels/firefly.py:79-80, 246); its threshold then grows one more
+  (docs/configuration.md)."""
   ratio = (growth_rate * rounds + 1) / (growth_rate * (rounds - 1) + 1) - 1
   return int(neurons * ratio)
 
