@@ -26,6 +26,7 @@ try:
 except ImportError:
   sys.exit('benchmark_torch.py needs PyTorch, which is not a dependency of alma_jax. '
            'Install it with: pip install torch==2.13.0')
+import common
 import numpy as np
 
 from alma_jax import config as alma_config, data, learners, stream as alma_stream
@@ -181,9 +182,8 @@ def main():
              'torch, index batches': bench_torch(config, _index_batches)}
   print('\n' + table(results))
   if args.out:
-    with open(args.out, 'w') as f:
-      json.dump({'variant': args.variant, 'torch_version': torch.__version__,
-                 'cpu_count': os.cpu_count(), 'results': results}, f, indent=2)
+    common.write_result({**common.environment(), 'variant': args.variant, 'results': results},
+                        args.out, show=False)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from alma_jax import backend, config as alma_config, data  # noqa: E402
 
@@ -34,16 +35,25 @@ def environment() -> dict:
   import importlib.metadata
   import platform
 
+  import subprocess
+
   import jax
-  versions = {}
+
+  import alma_jax
+  versions = {'alma_jax': alma_jax.__version__}
   for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'torch'):
     try:
       versions[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
       pass
+  try:  # the commit measured, '+' when the tree had changes (None: not a git checkout)
+    commit = subprocess.run(['git', 'describe', '--always', '--dirty=+'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+  except OSError:
+    commit = None
   return {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
           'devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'python': platform.python_version(), 'versions': versions}
+          'python': platform.python_version(), 'versions': versions, 'commit': commit}
 
 
 def error(error: Exception) -> dict:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 570 s of
-# benchmarks, about 9.5 minutes with set-up, of the 15 an H100/H200 is lent for; on an H100 the
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 620 s of
+# time limits, past the tool's 600 s: the steps are ordered so that what matters most comes
+# first, and what a stopped call wrote still comes back; on an H100 the
 # accelerator benchmark's sections add up to about 370 s, with train_ahead's (0.9.4) perhaps
 # 15 s more, and the other two steps to about 90 s). Two steps:
 #
@@ -11,7 +12,8 @@
 # `prepare` runs ../shared/device/prepare.sh (data sets, ml-collections, tensorboardX), leaves out
 # MNIST (unused here; the carry must stay under 64 MiB) and adds the wheels the streamed path
 # needs there (Grain and its compiled dependency, for the device's Python 3.12). `run` writes
-# into $OUT (which the device tool brings back; else experiments/results):
+# into $OUT (which the device tool brings back; else a new temporary folder, which it names;
+# never over the committed results):
 # accelerator_<backend>.json (benchmark_accelerator.py: FLOPs, identical rows of repeated and
 # resumed runs, start-up, GPT-2 small's MFU, the PyTorch demo) and
 # streaming_<backend>.json (the default LM streamed vs device-resident), then prints the targets
@@ -37,7 +39,8 @@ case "${1:-}" in
     du -sh .device
     ;;
   run)
-    out=${OUT:-experiments/results}
+    out=${OUT:-$(mktemp -d)}
+    echo "writing into $out"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     # setup.sh hides pip's errors: say here what failed to install, if anything did.
     python3 -c 'import grain, ml_collections, tensorboardX, alma_jax' || echo "MISSING PACKAGES" >&2
@@ -46,17 +49,19 @@ case "${1:-}" in
     stopped() { echo "$1 stopped early: exit $2 (124: its time limit)"; }
     timeout 420 python3 experiments/benchmark_accelerator.py \
       --out="$out/accelerator_$backend.json" --profile="$profile" || stopped benchmark_accelerator $?
+    python3 experiments/device_summary.py "$out"  # the targets, early in the call's output
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
       --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~20 s)
-    timeout 90 python3 experiments/benchmark_attention.py --steps=0 \
+    python3 experiments/device_summary.py "$out" | grep -i stream
+    timeout 80 python3 experiments/benchmark_attention.py --steps=0 \
       --out="$out/attention_$backend.json" > "$out/attention_log.txt" 2>&1 \
       || stopped benchmark_attention $?  # (H100: ~70 s)
-    python3 experiments/device_summary.py "$out"  # the targets, in the call's output
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
     # deterministic kernels and without, and the traces.
     for run in lm_gpt2 lm_gpt2_nondeterministic; do  # (the last: GPUs only)
       [ -d "$profile/$run" ] || continue
-      python3 experiments/profile_summary.py "$profile/$run" --out="$out/${run}_profile.json"
+      timeout 30 python3 experiments/profile_summary.py "$profile/$run" \
+        --out="$out/${run}_profile.json" || stopped profile_summary $?
       find "$profile/$run" -name '*.trace.json.gz' -exec cp {} "$out/$run.trace.json.gz" \;
     done
     ;;

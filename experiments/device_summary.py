@@ -65,8 +65,9 @@ def main():
                                                     'accelerator_cpu.json'))
   args = parser.parse_args()
   read = lambda path: json.load(open(path)) if os.path.exists(path) else {}
-  accelerators = sorted(glob.glob(os.path.join(args.folder, 'accelerator_*.json')))
-  result = read(accelerators[-1]) if accelerators else {}
+  written = [os.path.join(args.folder, f'accelerator_{backend}.json')  # (what `run` writes)
+             for backend in ('gpu', 'tpu', 'cpu')]
+  result = next((read(path) for path in written if os.path.exists(path)), {})
   print(f"device: {result.get('device', 'no accelerator_*.json')}")
   for what, value in targets(result.get('sections', {}), read(args.cpu).get('sections', {})):
     try:

@@ -112,7 +112,7 @@ def write_table(path: str, points: list[str], summaries: dict, language_model: b
   final, final_name = (('final_bits', 'final bits/byte') if language_model
                        else ('final_error', 'final error'))
   lines = [f'| run | seeds | {final_name} | {area_name} | training FLOPs | reference FLOPs | '
-           f'params | wall time (s) |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+           f'params | seconds in rounds |', '|---|---:|---:|---:|---:|---:|---:|---:|']
   for point in points:
     s = summaries[point]
     lines.append(
