@@ -41,8 +41,7 @@ class DataArrays:
   def batch(self, indices: np.ndarray, mesh) -> tuple[jax.Array, jax.Array]:
     """The training examples at `indices` (images, labels) on the mesh, split over the `data`
     axis where their count divides it (from the hosts, each process reads its rows)."""
-    where = (sharding.batch_sharded(mesh) if len(indices) % mesh.shape[sharding.DATA] == 0
-             else sharding.replicated(mesh))
+    where = sharding.examples_sharded(mesh, len(indices))
     if self.on_host:
       return global_examples(self.train_images, self.train_labels, indices, where)
     return _gather(self.train_images, self.train_labels, indices, where)

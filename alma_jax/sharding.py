@@ -57,6 +57,12 @@ def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def examples_sharded(mesh, count: int) -> NamedSharding:
+  """`count` examples (leading axis) split over the `data` axis where it divides them, else
+  whole on every device."""
+  return batch_sharded(mesh) if count % mesh.shape[DATA] == 0 else replicated(mesh)
+
+
 def members_batch_sharded(mesh, members: int, steps: bool = False) -> NamedSharding:
   """Batches of a stack of members (member, example, ...), or with `steps` several steps'
   batches (member, step, example, ...): members split over `member` where their count divides

@@ -108,7 +108,7 @@ class Evaluator:
     if not placement.on_host(images):
       return self.sums(model, images, labels, *pad_indices(indices, self.batch_size))
     fed_blocks, n = blocks(indices, self.batch_size)
-    where = sharding.batch_sharded(self.mesh)
+    where = sharding.examples_sharded(self.mesh, self.batch_size)
     fed = placement.prefetched(
         lambda i: placement.global_examples(images, labels, fed_blocks[i], where),
         len(fed_blocks), self.prefetch)
@@ -267,6 +267,12 @@ class Trainer:
         total, collections = carry
         i, *batch = micro
         grads, updated = gradients(collections, *batch, jax.random.fold_in(key, i))
+        # A slice of padding alone (the end of an epoch's last batch) adds nothing and keeps
+        # the statistics: BatchNorm's over no example are NaN.
+        real = jnp.any(batch[-1] > 0)
+        grads = jax.tree.map(lambda g: jnp.where(real, g, 0), grads)
+        updated = jax.tree.map(lambda new, old: jnp.where(real, new, old), updated,
+                               {k: collections[k] for k in updated})
         return (jax.tree.map(jnp.add, total, grads), {**collections, **updated}), None
 
       split = sharding.microbatch_sharded(self.mesh)

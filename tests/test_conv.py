@@ -125,6 +125,26 @@ def test_host_driven_and_compiled_epochs_train_alike(config):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_microbatches_of_padding_alone_leave_batchnorm_and_the_update_alone(config):
+  """An epoch of 140 examples in batches of 128 cut in 2 microbatches: the last batch's second
+  microbatch is all padding. Its BatchNorm statistics over no example were NaN, and made the
+  whole member NaN."""
+  config = conv_config(config)
+  config.train.update(batch_size=128, microbatches=2)
+  dataset = data.load(config.data)
+  mesh = sharding.make_mesh()
+  learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
+  variables = learner.new_members(jax.random.key(0), 1)
+  idx, n = steps.pad_indices(np.arange(140)[None], 128)
+  weights = (np.arange(idx.shape[1]) < n).astype(np.float32)[None]
+  trained, _ = learner.trainer.train_epoch(
+      variables, learner.init_optimizer(variables), learner.data.train_images,
+      learner.data.train_labels, idx, weights, n, jax.random.split(jax.random.key(1), 1), 0)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(trained))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained),
+                                                      jax.tree.leaves(variables)))
+
+
 def test_cifar10_config_reads_tfds_cifar10():
   import tensorflow_datasets as tfds
   c = alma_config.load(os.path.join(REPO, 'configs', 'cifar10.py:tiny'))

@@ -130,3 +130,63 @@ except ValueError as error:
                        timeout=120, check=True)
   assert 'config.train.eval_batch_size=1001' in out.stdout
   assert 'the 8 devices of the data axis' in out.stdout
+
+
+HOST_BLOCKS = '''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from alma_jax import sharding, steps
+from alma_jax.placement import DataArrays
+mesh = sharding.make_mesh()
+metric = lambda model, images, labels, weights: {
+    'sum': jnp.sum(weights * labels), 'count': jnp.sum(weights)}
+evaluator = steps.Evaluator(metric, 10, mesh)  # blocks of 10 over 4 devices
+images, labels = np.zeros((100, 2), np.float32), np.arange(100, dtype=np.int32)
+indices = np.arange(3, 40)
+on_devices = [sharding.global_array(a, sharding.replicated(mesh)) for a in (images, labels)]
+print(json.dumps({'host': {k: int(v) for k, v in evaluator({}, images, labels, indices).items()},
+                  'device': {k: int(v) for k, v in evaluator({}, *on_devices, indices).items()}}))
+'''
+
+
+def test_blocks_that_do_not_split_over_the_devices_are_evaluated_from_the_host_too():
+  """Analysis evaluates given (host) data on whatever mesh it has: a block of 10 on 4 devices
+  is evaluated whole on each, as device-resident data is (it failed to split)."""
+  out = subprocess.run([sys.executable, '-c', HOST_BLOCKS], cwd=REPO,
+                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+                       capture_output=True, text=True, timeout=120, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['host'] == result['device'] == {'sum': sum(range(3, 40)), 'count': 37}
+
+
+GROWING = '''
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax, numpy as np
+from conftest import tiny_config
+from alma_jax import backend, data, learners, placement, sharding
+config = tiny_config({idx_dir!r})
+config.learner.update(name='k_ensemble', num_members=3)
+config.mesh.member = 2
+dataset = data.load(config.data)
+mesh = sharding.make_mesh(member=2)
+learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
+state = learner.init(jax.random.key(0))
+learner.evaluate(state)  # 3 members, padded to 4
+grown = state.replace(variables=learner.new_members(jax.random.key(1), 4),
+                      member_weights=np.ones(4, np.float32))
+with backend.Compilations() as compiled:
+  learner.evaluate(grown)
+print(json.dumps({{'members': [3, int(grown.member_weights.shape[0])],
+                   'compiled': compiled.count}}))
+'''
+
+
+def test_a_stack_grown_within_its_power_of_two_evaluates_without_compiling(idx_dir):
+  """Over a member axis of 2, 3 members padded to 4 came out whole on every device and 4
+  split over the axis: two shardings, two compilations of one evaluation."""
+  script = GROWING.format(tests=os.path.join(REPO, 'tests'), idx_dir=idx_dir)
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO,
+                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+                       capture_output=True, text=True, timeout=120, check=True)
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {'members': [3, 4], 'compiled': 0}

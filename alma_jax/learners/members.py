@@ -254,7 +254,8 @@ class MemberLearner:
     else:
       images = self._as_held(images, labels)
       indices = np.arange(len(labels))
-    padded = padded_members(state.variables, state.member_weights)
+    # Placed as trained stacks are, so that a stack of 3 and one of 4 compile one evaluation.
+    padded = self.trainer.place_members(padded_members(state.variables, state.member_weights))
     return base.error_and_loss(self.tester(padded, images, labels, indices))
 
   def _as_held(self, images, labels):
@@ -394,7 +395,9 @@ def padded_members(variables, member_weights):
   """(variables, member_weights) padded to a power of two members with copies of the first, of
   weight 0: what compiled work over a growing stack takes, so it compiles once per doubling."""
   m = member_weights.shape[0]
-  return _pad_members(variables, member_weights, 1 << (m - 1).bit_length())
+  size = 1 << (m - 1).bit_length()
+  return (variables, member_weights) if size == m else _pad_members(variables, member_weights,
+                                                                     size)
 
 
 @functools.partial(jax.jit, static_argnums=2)
