@@ -445,22 +445,28 @@ def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_every_process(i
   assert json.loads(outputs[0].strip().splitlines()[-1]) == uninterrupted
 
 
-def test_processes_that_do_not_share_the_workdir_stop_before_any_work(idx_dir, tmp_path):
-  """Process 1 is given a workdir of its own (a host-local path, say): it would write its
-  shards of every checkpoint where process 0 never looks."""
-  coordinator = f'127.0.0.1:{free_port()}'
-  prelude = 'from alma_jax import workdir\nworkdir.SHARED_WAIT_SECONDS = 1'
-  processes = [subprocess.Popen(
-      command(idx_dir, tmp_path / f'run{i}', coordinator=coordinator, processes=2, process=i,
-              prelude=prelude),
-      cwd=REPO, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
+def errors_of_failed_processes(commands: list[list[str]]) -> list[str]:
+  """The standard errors of the processes of `commands`, run together (2 devices each), once
+  all have failed: within 60 s, not hanging at a collective."""
+  processes = [subprocess.Popen(c, cwd=REPO, env=env(2), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for c in commands]
   try:
     errors = [p.communicate(timeout=60)[1] for p in processes]
   finally:
     for p in processes:
       p.kill()
   assert all(p.returncode != 0 for p in processes)
+  return errors
+
+
+def test_processes_that_do_not_share_the_workdir_stop_before_any_work(idx_dir, tmp_path):
+  """Process 1 is given a workdir of its own (a host-local path, say): it would write its
+  shards of every checkpoint where process 0 never looks."""
+  coordinator = f'127.0.0.1:{free_port()}'
+  prelude = 'from alma_jax import workdir\nworkdir.SHARED_WAIT_SECONDS = 1'
+  errors = errors_of_failed_processes([
+      command(idx_dir, tmp_path / f'run{i}', coordinator=coordinator, processes=2, process=i,
+              prelude=prelude) for i in range(2)])
   assert 'process 1 does not see the lock file' in errors[1]
   assert 'failed on another process' in errors[0]
   assert 'every process must see one workdir' in errors[1]
@@ -485,18 +491,10 @@ def test_a_process_that_fails_alone_stops_the_others_too(idx_dir, tmp_path, fail
   """The failing process stops naming its error; the other stops too, instead of waiting for
   it at the next collective."""
   coordinator = f'127.0.0.1:{free_port()}'
-  processes = [subprocess.Popen(
+  errors = errors_of_failed_processes([
       command(str(tmp_path / data) if i == failing and data else idx_dir, tmp_path / 'run',
               coordinator=coordinator, processes=2, process=i, placement='auto',
-              prelude=prelude if i == failing else ''),
-      cwd=REPO, env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  try:
-    errors = [p.communicate(timeout=60)[1] for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-  assert all(p.returncode != 0 for p in processes)
+              prelude=prelude if i == failing else '') for i in range(2)])
   assert 'failed on another process' in errors[1 - failing]
   assert (data or 'injected') in errors[failing]
 
