@@ -94,13 +94,20 @@ def _flops(analysis) -> float | None:
 
 def equations(fn, *args):
   """(equation, how many times it runs) for every equation of `fn(*args)`'s jaxpr, those inside
-  nested jaxprs (jit, vmap, ...) too; a scan's body runs `length` times."""
+  nested jaxprs (jit, vmap, ...) too; a scan's body runs `length` times. Of a choice made by
+  platform (`lax.platform_dependent`), only the default branch, which a CPU runs: the same
+  count on every backend."""
 
   def walk(jaxpr, times):
     for eqn in jaxpr.eqns:
       yield eqn, times
       inner = times * eqn.params['length'] if eqn.primitive.name == 'scan' else times
-      for value in eqn.params.values():
+      params = dict(eqn.params)
+      if params.get('branches_platforms'):
+        params['branches'] = [branch for branch, platforms in
+                              zip(params['branches'], params['branches_platforms'])
+                              if platforms is None]
+      for value in params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
           sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds its Jaxpr
           if hasattr(sub, 'eqns'):

@@ -109,3 +109,14 @@ def test_flops_do_not_depend_on_where_the_arguments_live(config):
   x = jnp.ones((64, 32))
   placed = jax.device_put(x, sharding.replicated(sharding.make_mesh()))
   assert metrics.cost_flops(f, x, x.T) == metrics.cost_flops(f, placed, placed.T) >= 2 * 64 ** 2 * 32
+
+
+def test_reference_flops_count_the_default_branch_of_a_choice_by_platform():
+  """A GPU program's choice of kernel by platform (the one-hot lookup, Pallas's attention) holds
+  both branches in its jaxpr: the reference convention counts what a CPU runs, 0 here (an add),
+  not the CUDA branch's matmul as well."""
+  def chosen(x):
+    return jax.lax.platform_dependent(x, cuda=lambda x: x @ x, default=lambda x: x + 1)
+  x = jnp.ones((3, 3))
+  assert metrics.reference_flops(chosen, x) == 0
+  assert metrics.reference_flops(lambda x: x @ x, x) == 27
