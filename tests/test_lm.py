@@ -312,6 +312,18 @@ def test_test_documents_are_held_out_whole(corpus):
     assert document[20:60] not in train_text
 
 
+def test_a_capped_test_set_samples_every_test_document(corpus):
+  """Sequences are packed in document order: the first 8 would all be one document's."""
+  c = lm_config(corpus)
+  c.data.update(test_fraction=0.2, max_test_examples=8)
+  _, test = text.split_documents([text.read(p) for p in text.document_paths(corpus)], 0.2)
+  dataset = data.load(c.data)
+  assert len(dataset.test_labels) == 8
+  sampled = {d for sequence in dataset.test_images for d, document in enumerate(test)
+             if bytes(sequence.tolist()) in document}
+  assert sampled == {0, 1}
+
+
 def test_shakespeare_default_reads_one_copy_of_each_work():
   documents = [text.read(p) for p in text.document_paths(text.shakespeare_glob())]
   assert len(documents) == 42

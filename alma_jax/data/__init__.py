@@ -93,8 +93,13 @@ def random_crop_flip(images, key, padding: int = 4):
   return jnp.where(flip, crops[:, :, ::-1], crops)
 
 
-def _subset(images, labels, limit):
+def _subset(images, labels, limit, spread: bool = False):
+  """The first `limit` examples (0: all); with `spread`, `limit` examples evenly spaced over
+  all of them (a corpus's sequences are in document order: its first ones are one document)."""
   if limit and limit < len(labels):
+    if spread:
+      kept = np.arange(limit) * len(labels) // limit
+      return images[kept], labels[kept]
     return images[:limit], labels[:limit]
   return images, labels
 
@@ -219,8 +224,10 @@ def _load_text(config) -> TextDataset:
   else:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")
-  train = _subset(*text.pack(tokens['train'], config.sequence_length), config.max_train_examples)
-  test = _subset(*text.pack(tokens['test'], config.sequence_length), config.max_test_examples)
+  train = _subset(*text.pack(tokens['train'], config.sequence_length), config.max_train_examples,
+                  spread=True)
+  test = _subset(*text.pack(tokens['test'], config.sequence_length), config.max_test_examples,
+                 spread=True)
   return TextDataset(name=config.name, train_images=train[0], train_labels=train[1],
                      test_images=test[0], test_labels=test[1], num_classes=vocabulary, mean=(),
                      std=(), content_id=content_id)
