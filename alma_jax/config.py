@@ -73,7 +73,10 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adadelta', learning_rate=1.0, momentum=0.9, weight_decay=0.0, nesterov=False,
       warmup_steps=0,   # linear warm-up from 0 over the first steps of every round
-      decay_steps=0))   # then cosine decay to 0 over this many steps (0: constant)
+      decay_steps=0,    # then cosine decay to 0 over this many steps (0: constant)
+      # Or, measured in rounds: a warm-up over this fraction of each round's steps, then a
+      # cosine decay to 0 at its last possible step (train.max_epochs epochs of the round).
+      round_schedule=False, warmup_fraction=0.0))
   # patience and patience_delta: None takes the learner's own default (the reference's setting
   # for that learner; see learners.TRAIN_DEFAULTS); a value given here or on the command line wins.
   c.train = ml_collections.ConfigDict(dict(

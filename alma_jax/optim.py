@@ -1,13 +1,19 @@
 """Optimizers by config name, through optax.
 
 The reference resets the optimizer every round and uses no schedule (the default here). With
-`warmup_steps` / `decay_steps` the learning rate warms up and decays within each round: a fresh
-optimizer state starts its step count at 0, and a continued one (`learner.reset_optimizer=False`)
-has its schedule's count restarted (`restart_schedule`), its moments kept.
+`warmup_steps` / `decay_steps` the learning rate warms up and decays within each round over
+those many steps; with `round_schedule` it warms up over `warmup_fraction` of each round's
+steps and decays by a cosine to 0 at the round's last possible step (`train.max_epochs` epochs),
+whatever the round's size (a waiting time or replay makes rounds longer). Every round starts
+its schedule (`start_round`): a continued optimizer (`learner.reset_optimizer=False`) keeps its
+moments.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -26,17 +32,57 @@ def check(c) -> None:
   for key in ('warmup_steps', 'decay_steps'):
     if c[key] < 0:
       fail(f'optimizer.{key}', c[key], 'must be >= 0')
+    if c.round_schedule and c[key]:
+      fail(f'optimizer.{key}', c[key], 'counts steps, which optimizer.round_schedule measures '
+           'in rounds: leave it 0 (the warm-up is optimizer.warmup_fraction of a round)')
+  if not 0 <= c.warmup_fraction < 1:
+    fail('optimizer.warmup_fraction', c.warmup_fraction, 'must be in [0, 1)')
 
 
-def restart_schedule(opt_state):
-  """`opt_state` with the step count of its learning-rate schedule back at 0 (the round's
-  first step), everything else (moments, Adam's own count for bias correction) as it was."""
-  def restart(state):
+class RoundScheduleState(NamedTuple):
+  count: jax.Array  # steps taken in this round
+  steps: jax.Array  # the steps the round may take (set by `start_round`)
+
+
+def round_rate(count, steps, peak: float, warmup_fraction: float):
+  """The learning rate at step `count` of a round of `steps`: from 0 up to `peak` over its
+  first `warmup_fraction`, then a cosine down to 0 at its last step."""
+  steps = jnp.maximum(steps, 1).astype(jnp.float32)
+  warm = jnp.floor(warmup_fraction * steps)
+  t = jnp.asarray(count, jnp.float32)
+  progress = jnp.clip((t - warm) / jnp.maximum(steps - warm, 1.0), 0.0, 1.0)
+  return jnp.where(t < warm, peak * t / jnp.maximum(warm, 1.0),
+                   peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+
+
+def _scale_by_round_schedule(peak: float, warmup_fraction: float):
+  def init(params):
+    del params
+    return RoundScheduleState(jnp.zeros([], jnp.int32), jnp.ones([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    rate = round_rate(state.count, state.steps, peak, warmup_fraction)
+    updates = jax.tree.map(lambda u: (rate * u).astype(u.dtype), updates)
+    return updates, state._replace(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def start_round(opt_state, steps: int):
+  """`opt_state` at the start of a round of at most `steps` steps: its schedule's count back at
+  0 (the round's first step) and, for a round schedule, the round's length; everything else
+  (moments, Adam's own count for bias correction) as it was."""
+  schedules = (optax.ScaleByScheduleState, RoundScheduleState)
+
+  def start(state):
+    if isinstance(state, RoundScheduleState):
+      return RoundScheduleState(np.zeros(np.shape(state.count), np.int32),
+                                np.full(np.shape(state.steps), steps, np.int32))
     if isinstance(state, optax.ScaleByScheduleState):
       return state._replace(count=np.zeros(np.shape(state.count), state.count.dtype))
     return state
-  return jax.tree.map(restart, opt_state,
-                      is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+  return jax.tree.map(start, opt_state, is_leaf=lambda x: isinstance(x, schedules))
 
 
 def learning_rate(c):
@@ -47,20 +93,19 @@ def learning_rate(c):
       0.0, c.learning_rate, c.warmup_steps, c.warmup_steps + (c.decay_steps or 10 ** 12))
 
 
-def _adadelta(c):
+def _adadelta(c, rate):
   # PyTorch's Adadelta defaults, which the reference used: rho 0.9, eps 1e-6.
-  return optax.adadelta(learning_rate(c), rho=0.9, eps=1e-6, weight_decay=c.weight_decay)
+  return optax.adadelta(rate, rho=0.9, eps=1e-6, weight_decay=c.weight_decay)
 
 
-def _sgd(c):
+def _sgd(c, rate):
   # PyTorch-style coupled weight decay: the decay term is added to the gradient before momentum.
   return optax.chain(optax.add_decayed_weights(c.weight_decay),
-                     optax.sgd(learning_rate(c), momentum=c.momentum or None,
-                               nesterov=c.nesterov))
+                     optax.sgd(rate, momentum=c.momentum or None, nesterov=c.nesterov))
 
 
-def _adamw(c):
-  return optax.adamw(learning_rate(c), weight_decay=c.weight_decay)
+def _adamw(c, rate):
+  return optax.adamw(rate, weight_decay=c.weight_decay)
 
 
 _OPTIMIZERS = {'adadelta': _adadelta, 'sgd': _sgd, 'adamw': _adamw}
@@ -71,5 +116,9 @@ def names() -> tuple[str, ...]:
 
 
 def build(config) -> optax.GradientTransformation:
-  """The optax optimizer that `config` (the `optimizer` section) names."""
-  return _OPTIMIZERS[config.name](config)
+  """The optax optimizer that `config` (the `optimizer` section) names. A round schedule scales
+  the updates of the optimizer at rate 1 (each applies its rate last)."""
+  if config.round_schedule:
+    return optax.chain(_OPTIMIZERS[config.name](config, 1.0),
+                       _scale_by_round_schedule(config.learning_rate, config.warmup_fraction))
+  return _OPTIMIZERS[config.name](config, learning_rate(config))

@@ -29,8 +29,10 @@ def get_config(variant: str = ''):
   c.model = ml_collections.ConfigDict(dict(name='transformer', context=128, width=128, depth=4,
                                            heads=4, tied_embeddings=True, dtype='float32',
                                            attention='auto', remat=False, scan_blocks=False))
-  c.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=0.01, warmup_steps=100,
-                     decay_steps=1600)
+  # Within each round: warm-up over its first 1/16 of steps, then a cosine decay to 0 at its
+  # last (2 epochs; a round of w mega-batches, or with replay, is longer and so is its decay).
+  c.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=0.01, round_schedule=True,
+                     warmup_fraction=1 / 16)
   c.train.update(batch_size=16, max_epochs=2, patience=1, patience_delta=0.0, stop_on='loss',
                  eval_batch_size=512)
   c.log.epochs = True
@@ -67,6 +69,5 @@ def _tiny(c):
   c.stream.num_megabatches = 5
   c.data.update(sequence_length=32, max_train_examples=800, max_test_examples=128)
   c.model.update(width=32, depth=1, heads=2)
-  c.optimizer.update(warmup_steps=5, decay_steps=40)
   c.train.max_epochs = 2
   c.log.epochs = False

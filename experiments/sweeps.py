@@ -54,7 +54,7 @@ REFERENCE_ROWS = [
 # The reference normalizes every 28x28 gray data set with MNIST's statistics.
 MNIST_NORMALIZATION = {'data.mean': (0.1307,), 'data.std': (0.3081,)}
 
-# sweep -> (config file, [(grid point, {dotted config key: value, or function of its value})])
+# sweep -> (config file, [(grid point, {dotted config key: value})])
 SWEEPS = {
     'waiting_time': (FMNIST, [
         (f'w{w}_replay_{replay}', {**T10, 'stream.waiting_time': w, 'stream.replay': replay})
@@ -68,10 +68,8 @@ SWEEPS = {
     'replay': (FMNIST, [(f'replay_{replay}', {'stream.replay': replay})
                         for replay in ('none', 'all', 'fraction', 'reservoir')]),
     'learners': (FMNIST, LEARNER_ROWS),
-    # Each round's cosine decay spans its two epochs: decay_steps is one mega-batch's, times w.
-    'lm_waiting_time': (LM, [(f'w{w}', {'stream.waiting_time': w,
-                                        'optimizer.decay_steps': lambda steps, w=w: w * steps})
-                             for w in (1, 2, 5)]),
+    # (Each round's cosine decay spans its two epochs, however many mega-batches it has.)
+    'lm_waiting_time': (LM, [(f'w{w}', {'stream.waiting_time': w}) for w in (1, 2, 5)]),
 }
 SWEEPS['reference_mnist'] = (MNIST, REFERENCE_ROWS)
 SWEEPS['reference_fmnist'] = (FMNIST, [(point, {**overrides, **MNIST_NORMALIZATION})
@@ -93,7 +91,7 @@ def point_config(config_file: str, variant: str, overrides: dict, seed: int):
   config = alma_config.load(f'{config_file}:{variant}')
   for key, value in overrides.items():
     section, name = key.split('.')
-    config[section][name] = value(config[section][name]) if callable(value) else value
+    config[section][name] = value
   config.seed = seed
   config.log.update(tensorboard=False, epochs=False)
   return config

@@ -51,6 +51,7 @@ def test_config_files_exist():
     ('stream.permutation_seed', -1, 'config.stream.permutation_seed'),
     ('learner.name', 'moe', "config.learner.name='moe': a fixed mixture of experts is now a model"),
     ('model.num_experts', 3, "config.model.num_experts=3: model 'mlp' has no key"),
+    ('optimizer.warmup_fraction', 1.0, 'config.optimizer.warmup_fraction'),
 ])
 def test_bad_values_name_the_key(key, value, message):
   c = load_config_file(os.path.join(REPO, 'configs', 'fashion_mnist.py'))
@@ -65,6 +66,8 @@ def test_bad_values_name_the_key(key, value, message):
     ({'seed': 2 ** 32}, r'config\.seed=4294967296'),
     ({'stream.replay': 'reservoir', 'stream.reservoir_size': 1},
      r'config\.stream\.reservoir_size=1: leaves no room for training examples'),
+    ({'optimizer.round_schedule': True, 'optimizer.decay_steps': 1600},
+     r'config\.optimizer\.decay_steps=1600: counts steps, which optimizer\.round_schedule'),
 ])
 def test_values_that_fail_later_in_a_run_are_refused_before_it(updates, message):
   """(a negative seed failed at the first replay draw; a reservoir of 1 replayed nothing)"""
@@ -76,6 +79,7 @@ def test_values_that_fail_later_in_a_run_are_refused_before_it(updates, message)
     validate(c)
   c.update(seed=2 ** 32 - 1)
   c.stream.reservoir_size = 2
+  c.optimizer.decay_steps = 0
   validate(c)
 
 

@@ -1,6 +1,7 @@
 """Ensembles and growing learners: growth, parameter counts, vmapped members, resume."""
 import contextlib
 import json
+import math
 import os
 import shutil
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from alma_jax import backend, config as alma_config, data as alma_data, learners, run, sharding
-from alma_jax import steps, stream as alma_stream
+from alma_jax import optim, steps, stream as alma_stream
 from alma_jax.learners import base, boosting, members, moe as moe_learner
 from alma_jax.models import moe as moe_model
 from alma_jax.placement import device_data
@@ -320,6 +321,21 @@ def test_majority_vote_breaks_ties_by_confidence():
   logits = jnp.array([[[0.0, 2.0, 0.0]], [[0.0, 2.0, 0.0]], [[0.0, 0.0, 3.0]],
                       [[0.0, 0.0, 3.0]], [[9.0, 0.0, 0.0]]])
   assert int(members.majority_vote(logits, jnp.ones(5))[1][0]) == 1
+
+
+def test_a_round_schedule_spans_the_rounds_own_steps(config):
+  config.optimizer.update(name='adamw', learning_rate=0.01, round_schedule=True,
+                          warmup_fraction=0.1)
+  config.train.update(max_epochs=3, patience=3)
+  learner, dataset = make_learner(config, 'finetune', reset_optimizer=False)
+  r = first_round(dataset, config)
+  state, report = learner.train_round(learner.init(jax.random.key(0)), r, jax.random.key(1))
+  (schedule,) = [s for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, optim.RoundScheduleState))
+                 if isinstance(s, optim.RoundScheduleState)]
+  steps = 3 * math.ceil(len(r.train) / config.train.batch_size)
+  # (the optimizer state kept is the best epoch's: its count may stop short)
+  assert report.steps == int(schedule.steps[0]) == steps >= int(schedule.count[0]) > 0
 
 
 def test_a_continued_optimizer_restarts_its_learning_rate_schedule_every_round(config):

@@ -523,12 +523,27 @@ def test_loss_is_the_mean_over_tokens(corpus):
     learner.evaluate(state, np.where(tokens == tokens.max(), 300, tokens), labels)
 
 
-def test_warmup_then_cosine_decay_within_a_round():
+@pytest.mark.parametrize('round_steps', [16, 160])
+def test_a_round_schedule_warms_up_then_decays_to_0_over_each_rounds_steps(round_steps):
+  """Plain SGD at the LM's round schedule: each step moves the parameter by the rate, which
+  rises over the round's first 1/16 and falls by a cosine to 0 at its last step, whatever
+  the round's length (a fixed count of steps left large rounds at rate 0 for most of them)."""
   c = alma_config.load(LM_CONFIG).optimizer
-  lr = optim.learning_rate(c)
-  assert float(lr(0)) == 0.0
-  assert float(lr(c.warmup_steps)) == pytest.approx(c.learning_rate)
-  assert float(lr(c.warmup_steps + c.decay_steps)) == pytest.approx(0.0, abs=1e-9)
+  c.update(name='sgd', momentum=0.0, weight_decay=0.0)
+  optimizer = optim.build(c)
+  params = jnp.zeros(())
+  state = optim.start_round(optimizer.init(params), round_steps)
+  rates = []
+  for _ in range(round_steps + 1):
+    updates, state = optimizer.update(jnp.ones(()), state, params)
+    rates.append(-float(updates))
+  warm = round_steps // 16
+  assert rates[0] == 0.0 and rates[warm] == pytest.approx(c.learning_rate)
+  assert all(a < b for a, b in zip(rates[:warm], rates[1:warm + 1]))  # warming up
+  assert all(a > b for a, b in zip(rates[warm:round_steps], rates[warm + 1:round_steps + 1]))
+  assert rates[round_steps] == pytest.approx(0.0, abs=1e-9)
+  again = optim.start_round(state, round_steps)  # the next round starts over
+  assert -float(optimizer.update(jnp.ones(()), again, params)[0]) == 0.0
 
 
 @pytest.mark.parametrize('key, value', [('model.name', 'mlp'), ('learner.name', 'boosting'),

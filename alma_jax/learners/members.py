@@ -222,8 +222,11 @@ class MemberLearner:
   # Training.
   def fit(self, work: Work, round, key):
     """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
-    opt_state = (optim.restart_schedule(work.opt_state) if work.opt_state is not None
+    opt_state = (work.opt_state if work.opt_state is not None
                  else self.init_optimizer(work.start))
+    batch = self.config.train.batch_size
+    opt_state = optim.start_round(opt_state, self.config.train.max_epochs
+                                  * -(-work.train.shape[-1] // batch))
     # Fresh buffers: training donates them, and the state may still hold `work.start`.
     start, opt_state = self.trainer.place(work.start, opt_state, copy=True)
     with RoundProgress(self.config, work.train.size) as progress:
