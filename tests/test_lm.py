@@ -59,12 +59,16 @@ def test_future_tokens_do_not_change_past_logits():
   assert not np.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
 
 
-def test_bfloat16_compute_keeps_float32_parameters_and_logits():
-  model = Transformer(width=32, depth=1, heads=2, dtype='bfloat16', tied_embeddings=False)
-  tokens = jnp.zeros((1, 8), jnp.int32)
+@pytest.mark.parametrize('tied', [True, False])
+def test_bfloat16_compute_keeps_float32_parameters_and_logits(tied):
+  """The logits are the output product's float32 accumulation, not bfloat16 values cast."""
+  model = Transformer(width=32, depth=1, heads=2, dtype='bfloat16', tied_embeddings=tied)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
   variables = model.init(jax.random.key(0), tokens)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
-  assert model.apply(variables, tokens).dtype == jnp.float32
+  logits = model.apply(variables, tokens)
+  assert logits.dtype == jnp.float32
+  assert jnp.any(logits != logits.astype(jnp.bfloat16).astype(jnp.float32))
 
 
 def test_bfloat16_gradients_accumulate_over_the_batch_in_float32():
