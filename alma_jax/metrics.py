@@ -39,13 +39,18 @@ def empty_history(num_arrivals: int) -> dict[str, np.ndarray]:
   return {name: np.full(num_arrivals, np.nan, dtype) for name, dtype in HISTORY_FIELDS.items()}
 
 
+def completed(history: dict) -> dict:
+  """A copy of `history` with the fields a run of an earlier version lacks (NaN)."""
+  return {**empty_history(len(history['test_error'])),
+          **{k: np.array(v, copy=True) for k, v in history.items()}}
+
+
 def record(history: dict, t: int, **values) -> dict:
   """A copy of `history` with arrival `t` (1-based) filled in."""
   unknown = set(values) - set(HISTORY_FIELDS)
   if unknown:
     raise KeyError(f'unknown history fields {sorted(unknown)}')
-  new = {**empty_history(len(history['test_error'])),  # fields a run of an older version lacks
-         **{k: v.copy() for k, v in history.items()}}
+  new = completed(history)
   for name, value in values.items():
     new[name][t - 1] = value
   return new

@@ -313,7 +313,7 @@ def _run_locked(config, workdir: str, began: float,
       learner_state = learner.init(jax.random.fold_in(key, 0))
     else:
       stream_state = alma_stream.StreamState.from_tree(tree['stream'])
-      history = tree['history']
+      history = metrics.completed(tree['history'])  # (a run of an earlier version's too)
       learner_state = learner.restore(tree['learner'])
       _say(f'{workdir} is finished: its {num_arrivals} arrivals are done.' if start == num_arrivals
            else f'Resuming {workdir} after arrival {start} of {num_arrivals}.')

@@ -214,3 +214,9 @@ def test_a_grown_run_written_by_an_earlier_version_is_read_back(tmp_path):
   # Its summary.json has no loss area (added since): the table computes it from the history.
   area = sum(row['test_loss'] for row in r.rows()) / 3
   assert f'| {area:.4f} |' in analyze.table([r], ['old'])
+  # Run again (it is finished), with TensorBoard: the history it restores lacks the fields
+  # added since (the bytes held), and its rows are written again without them.
+  config = alma_config.from_saved(json.load(open(workdir / run.CONFIG_FILE)))
+  config.log.tensorboard = True
+  assert run.run(config, str(workdir))['arrivals'] == 3
+  assert [row['test_error'] for row in analyze.Run(str(workdir)).rows()] == logged
