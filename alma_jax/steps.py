@@ -254,8 +254,8 @@ class Trainer:
       def loss(p):
         total, updated = self.loss_fn({**collections, 'params': p}, images, labels, weights, key)
         mean = total / count
-        if self.penalty is not None:  # once per batch: split evenly over its slices
-          mean = mean + self.penalty(p, anchor) / self.microbatches
+        if self.penalty is not None and self.microbatches == 1:
+          mean = mean + self.penalty(p, anchor)
         return mean, updated
       return jax.grad(loss, has_aux=True)(params)
 
@@ -282,6 +282,8 @@ class Trainer:
       (grads, updated), _ = jax.lax.scan(
           accumulate, (jax.tree.map(jnp.zeros_like, params), collections),
           (jnp.arange(self.microbatches), *slices))
+      if self.penalty is not None:  # once per batch, whatever its slices hold
+        grads = jax.tree.map(jnp.add, grads, jax.grad(self.penalty)(params, anchor))
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return {**variables, **updated, 'params': optax.apply_updates(params, updates)}, opt_state
 

@@ -15,9 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from alma_jax import config as alma_config, data, learners, metrics, optim, placement, run, sharding
+from alma_jax import steps
 from alma_jax import workdir as workdirs
 from alma_jax.data import text
 from alma_jax.models import Transformer
@@ -236,7 +238,7 @@ def test_microbatches_accumulate_the_full_batch_update(corpus):
   """Gradient accumulation over 4 slices gives the update of the whole batch (padding
   examples included in the batch but not in the mean)."""
   c = lm_config(corpus)
-  c.optimizer.warmup_steps = 0  # a first step of learning rate 0 would update nothing
+  c.optimizer.warmup_fraction = 0.0  # a first step of learning rate 0 would update nothing
   dataset = data.load(c.data)
   mesh = sharding.make_mesh()
   updated = []
@@ -254,6 +256,22 @@ def test_microbatches_accumulate_the_full_batch_update(corpus):
     updated.append(new)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *updated)
   assert not np.allclose(updated[0]['params']['positions'], one['params']['positions'])
+
+
+@pytest.mark.parametrize('microbatches', [1, 2])
+def test_a_penalty_counts_once_a_batch_whatever_its_microbatches_hold(microbatches):
+  """A penalty (docs/extending.md) of w**2 with no data loss: one SGD step at rate 1 from w=1
+  lands at -1, even when the second microbatch holds padding alone (it landed at 0)."""
+  loss_fn = lambda variables, images, labels, weights, key: (
+      jnp.sum(weights) * 0.0 * variables['params']['w'], {})
+  trainer = steps.Trainer(loss_fn, optax.sgd(1.0), 4, sharding.make_mesh(),
+                          microbatches=microbatches,
+                          penalty=lambda params, anchor: jnp.sum(params['w'] ** 2))
+  variables = {'params': {'w': jnp.ones(())}}
+  new, _ = trainer.train_step(variables, trainer.optimizer.init(variables['params']),
+                              jnp.zeros((4, 1)), jnp.zeros(4, jnp.int32),
+                              jnp.array([1.0, 1.0, 0.0, 0.0]), jax.random.key(0))
+  assert float(new['params']['w']) == -1.0
 
 
 def test_microbatches_count_the_flops_of_the_whole_batch(corpus):
