@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
       task='classification',  # or 'language_model' (byte sequences, next-byte targets)
       source='idx', name='', path='', tfds_data_dir='', num_classes=10,
       mean=(0.1307,), std=(0.3081,), max_train_examples=0, max_test_examples=0,
+      subset='first',    # which max_*_examples: the 'first', or 'spread' evenly over all
       pad_to=0,          # zero-pad images to pad_to x pad_to (0: as they are)
       augmentation='',   # '' or 'crop_flip' (random crop with padding 4, horizontal flip)
       sequence_length=128,  # language models: tokens per example (the model's context)

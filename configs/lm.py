@@ -24,7 +24,8 @@ from alma_jax import config as alma_config
 def get_config(variant: str = ''):
   c = alma_config.base()
   c.data.update(task='language_model', source='text', name='shakespeare', path='',
-                sequence_length=64, test_fraction=0.1, max_test_examples=2048, mean=(), std=())
+                sequence_length=64, test_fraction=0.1, max_test_examples=2048, mean=(), std=(),
+                subset='spread')  # (the sequences are in document order)
   c.stream.num_megabatches = 5
   c.model = ml_collections.ConfigDict(dict(name='transformer', context=128, width=128, depth=4,
                                            heads=4, tied_embeddings=True, dtype='float32',

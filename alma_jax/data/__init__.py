@@ -93,11 +93,11 @@ def random_crop_flip(images, key, padding: int = 4):
   return jnp.where(flip, crops[:, :, ::-1], crops)
 
 
-def _subset(images, labels, limit, spread: bool = False):
-  """The first `limit` examples (0: all); with `spread`, `limit` examples evenly spaced over
-  all of them (a corpus's sequences are in document order: its first ones are one document)."""
+def _subset(images, labels, limit, how: str):
+  """The first `limit` examples (0: all), or (how='spread') `limit` evenly spaced over all of
+  them (a corpus's sequences are in document order: its first ones are one document)."""
   if limit and limit < len(labels):
-    if spread:
+    if how == 'spread':
       kept = np.arange(limit) * len(labels) // limit
       return images[kept], labels[kept]
     return images[:limit], labels[:limit]
@@ -170,6 +170,8 @@ def check(c) -> None:
   for key in ('max_train_examples', 'max_test_examples'):
     if c[key] < 0:
       fail(f'data.{key}', c[key], 'must be >= 0 (0: all)')
+  if c.subset not in ('first', 'spread'):
+    fail('data.subset', c.subset, "must be 'first' or 'spread'")
   if c.pad_to < 0:
     fail('data.pad_to', c.pad_to, 'must be >= 0 (0: no padding)')
   if c.placement not in placement.PLACEMENTS:
@@ -188,8 +190,8 @@ def load(config) -> Dataset:
   if config.source not in SOURCES:
     raise ValueError(f'config.data.source={config.source!r}: must be one of {sorted(SOURCES)}')
   arrays = SOURCES[config.source](config)
-  train = _subset(*arrays['train'], config.max_train_examples)
-  test = _subset(*arrays['test'], config.max_test_examples)
+  train = _subset(*arrays['train'], config.max_train_examples, config.subset)
+  test = _subset(*arrays['test'], config.max_test_examples, config.subset)
   if config.pad_to:
     train = (pad_images(train[0], config.pad_to), train[1])
     test = (pad_images(test[0], config.pad_to), test[1])
@@ -225,9 +227,9 @@ def _load_text(config) -> TextDataset:
     raise ValueError(f"config.data.source={config.source!r}: a language model reads 'text' "
                      f"files or a 'tfds' text data set")
   train = _subset(*text.pack(tokens['train'], config.sequence_length), config.max_train_examples,
-                  spread=True)
+                  config.subset)
   test = _subset(*text.pack(tokens['test'], config.sequence_length), config.max_test_examples,
-                 spread=True)
+                 config.subset)
   return TextDataset(name=config.name, train_images=train[0], train_labels=train[1],
                      test_images=test[0], test_labels=test[1], num_classes=vocabulary, mean=(),
                      std=(), content_id=content_id)
