@@ -100,8 +100,13 @@ def _flops(analysis) -> float | None:
 def equations(fn, *args):
   """(equation, how many times it runs) for every equation of `fn(*args)`'s jaxpr, those inside
   nested jaxprs (jit, vmap, ...) too; a scan's body runs `length` times. Of a choice made by
-  platform (`lax.platform_dependent`), only the default branch, which a CPU runs: the same
-  count on every backend."""
+  platform (`lax.platform_dependent`), only the branch a CPU runs (its own, else the default):
+  the same count on every backend."""
+
+  def cpu_branch(branches, platforms):
+    chosen = [i for i, p in enumerate(platforms) if p is not None and 'cpu' in p]
+    chosen = chosen or [i for i, p in enumerate(platforms) if p is None]
+    return [branches[i] for i in chosen[:1]]
 
   def walk(jaxpr, times):
     for eqn in jaxpr.eqns:
@@ -109,9 +114,7 @@ def equations(fn, *args):
       inner = times * eqn.params['length'] if eqn.primitive.name == 'scan' else times
       params = dict(eqn.params)
       if params.get('branches_platforms'):
-        params['branches'] = [branch for branch, platforms in
-                              zip(params['branches'], params['branches_platforms'])
-                              if platforms is None]
+        params['branches'] = cpu_branch(params['branches'], params['branches_platforms'])
       for value in params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
           sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr holds its Jaxpr

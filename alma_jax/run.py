@@ -92,7 +92,7 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
       reference_flops=report.reference_flops, train_examples=report.train_examples,
       train_tokens=report.train_examples * dataset.targets_per_example,
       epochs=report.epochs, params=learner.params(learner_state),
-      buffer_bytes=alma_stream.held_examples(stream_state, stream, config.stream.replay)
+      buffer_bytes=alma_stream.held_examples(stream_state, stream, config.stream)
       * dataset.example_bytes,
       optimizer_bytes=report.optimizer_bytes,
       inference_flops=learner.inference_flops(learner_state),

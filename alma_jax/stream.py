@@ -118,12 +118,16 @@ def arrive(state: StreamState) -> StreamState:
   return state.replace(arrivals=np.int64(state.arrivals + 1))
 
 
-def held_examples(state: StreamState, stream: Stream, replay: str) -> int:
+def held_examples(state: StreamState, stream: Stream, config) -> int:
   """Examples (training and validation) a learner holds after the arrivals of `state` for
-  the rounds to come: the mega-batches waiting for their round, and the replay memory (with
-  replay='all', every example arrived so far)."""
+  the rounds to come (`config`: the `stream` section): the mega-batches waiting for their
+  round, and the replay memory (with replay='all', every example arrived so far); none once
+  no round is to come."""
   t, last = int(state.arrivals), int(state.last_round)
-  if replay == 'all':
+  if not any(should_train(u, config.waiting_time, stream.num_megabatches, config.train_on_last)
+             for u in range(t + 1, stream.num_megabatches + 1)):
+    return 0
+  if config.replay == 'all':
     return sum(len(x) for x in stream.train[:t] + stream.valid[:t])
   waiting = sum(len(x) for x in stream.train[last:t] + stream.valid[last:t])
   return waiting + int(np.sum(state.memory))

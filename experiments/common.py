@@ -49,7 +49,7 @@ def environment() -> dict:
   try:  # the commit measured, '+' when the tree had changes (None: not a git checkout)
     commit = subprocess.run(['git', 'describe', '--always', '--dirty=+'], cwd=ROOT,
                             capture_output=True, text=True, timeout=10).stdout.strip() or None
-  except OSError:
+  except (OSError, subprocess.SubprocessError):  # no git, or it hung
     commit = None
   return {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
           'devices': jax.device_count(), 'cpu_count': os.cpu_count(),

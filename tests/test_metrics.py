@@ -120,3 +120,5 @@ def test_reference_flops_count_the_default_branch_of_a_choice_by_platform():
   x = jnp.ones((3, 3))
   assert metrics.reference_flops(chosen, x) == 0
   assert metrics.reference_flops(lambda x: x @ x, x) == 27
+  cpu_matmul = lambda x: jax.lax.platform_dependent(x, cpu=lambda x: x @ x, cuda=lambda x: x + 1)
+  assert metrics.reference_flops(cpu_matmul, x) == 27  # a CPU's own branch, where there is one

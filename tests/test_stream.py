@@ -118,20 +118,22 @@ def test_every_megabatch_has_an_example_to_validate_on_and_one_to_train_on():
 
 
 @pytest.mark.parametrize('policy,w,expected', [
-    ('none', 2, [100, 0, 100, 0, 100, 0]),      # what waits for its round
-    ('all', 2, [100, 200, 300, 400, 500, 600]),  # everything, round or not
-    ('reservoir', 1, [50] * 6),                  # the reservoir (45 + 5), refilled each round
-    ('fraction', 1, None)])                      # the last round's data, to resample from
+    ('none', 2, [100, 0, 100, 0, 100, 0]),    # what waits for its round
+    ('all', 2, [100, 200, 300, 400, 500, 0]),  # everything, round or not, while one is to come
+    ('all', 4, [100, 200, 300, 0, 0, 0]),      # (arrivals 5 and 6 wait for no round)
+    ('reservoir', 1, [50] * 5 + [0]),          # the reservoir (45 + 5), refilled each round
+    ('fraction', 1, None)])                    # the last round's data, to resample from
 def test_the_examples_held_are_those_waiting_and_the_replay_memory(policy, w, expected):
   s = alma_stream.make_stream(600, 6, seed=432)
-  c = stream_config(replay=policy, reservoir_size=50)
-  state, held, last = alma_stream.init_state(600), [], None
+  c = stream_config(replay=policy, reservoir_size=50, waiting_time=w, train_on_last=False)
+  state, held, rounds = alma_stream.init_state(600), [], []
   for t in range(1, 7):
     state = alma_stream.arrive(state)
     if alma_stream.should_train(t, w, 6, False):
-      last, state = alma_stream.next_round(state, s, c, 0)
-    held.append(alma_stream.held_examples(state, s, policy))
+      r, state = alma_stream.next_round(state, s, c, 0)
+      rounds.append(r)
+    held.append(alma_stream.held_examples(state, s, c))
   if expected is None:
-    assert held[-1] == len(last.train) + len(last.valid) and held[-1] > 100
+    assert held[-2] == len(rounds[-2].train) + len(rounds[-2].valid) > 100 and held[-1] == 0
   else:
     assert held == expected
