@@ -22,6 +22,7 @@ import os
 import sys
 
 from absl import logging
+import ml_collections
 import numpy as np
 
 from alma_jax import checkpoint, config as alma_config, data, learners, metrics
@@ -39,12 +40,18 @@ class Run:
     self.directory = directory
     path = os.path.join(directory, alma_run.CONFIG_FILE)
     if not os.path.isdir(directory):
-      raise NotARunError(f'{directory!r}: no such directory')
+      raise NotARunError(f'{directory!r}: ' + ('a file, not a run directory'
+                                              if os.path.exists(directory)
+                                              else 'no such directory'))
     if not os.path.isfile(path):
       raise NotARunError(f'{directory!r} is not an alma_jax run: it holds no '
                          f'{alma_run.CONFIG_FILE}')
     with open(path) as f:
-      self.config = alma_config.from_saved(json.load(f))
+      saved = json.load(f)
+    # The run's own learners, models and data sources register before its config is read.
+    alma_config.import_extensions(ml_collections.ConfigDict({'extensions': saved.get(
+        'extensions', ())}))
+    self.config = alma_config.from_saved(saved)
 
   @property
   def name(self) -> str:
@@ -55,12 +62,14 @@ class Run:
     return self.config.data.get('task', 'classification') == 'language_model'
 
   def rows(self) -> list[dict]:
-    """One dict per arrival logged so far (metrics.jsonl)."""
+    """One dict per arrival logged and checkpointed so far (metrics.jsonl; a run killed
+    between writing a row and committing its checkpoint redoes that arrival on resume)."""
     path = os.path.join(self.directory, alma_run.METRICS_FILE)
     if not os.path.exists(path):
       return []
     with open(path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:max(self.arrivals(), default=0)]
 
   def summary(self) -> dict:
     """summary.json of a finished run (the keys added since an earlier version wrote it
@@ -327,7 +336,8 @@ def cli(argv: list[str] | None = None) -> None:
     runs = [Run(d) for d in args.runs]
     labels = args.labels.split(',') if args.labels else [r.name for r in runs]
     if len(labels) != len(runs):
-      raise ValueError(f'--labels names {len(labels)} runs, but {len(runs)} were given')
+      raise ValueError(f'--labels names {len(labels)} run(s), but {len(runs)} run(s) were '
+                       f'given')
     started = [bool(r.arrivals()) for r in runs]
     if not any(started):
       raise NotARunError('none of the runs has a checkpoint yet (each has yet to finish its '

@@ -200,12 +200,13 @@ def summary(history: dict) -> dict:
       'num_megabatches': total,
       'final_error': float(done[-1]) if len(done) else math.nan,
       'cer': cer(done),
-      'cer_per_t': cer(done) / total,
+      # over the arrivals done: T for a finished run, fewer for one stopped (not comparable)
+      'cer_per_t': cer(done) / len(done) if len(done) else math.nan,
       'final_test_loss': final_loss,
       'final_perplexity': math.exp(min(final_loss, 700.0)),
       'final_bits': final_loss / math.log(2),
       'cumulative_loss': float(np.sum(losses)),
-      'cumulative_loss_per_t': float(np.sum(losses)) / total,
+      'cumulative_loss_per_t': float(np.sum(losses)) / len(done) if len(done) else math.nan,
       'rounds': int(np.nansum(history['trained'])),
       # NaN where a backend gave no count: a sum over the arrivals done, never a silent 0.
       'train_flops': float(np.sum(history['train_flops'][:len(done)])),

@@ -83,6 +83,10 @@ def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_p
   assert finished.finished and not stopped.finished
   total = stopped.summary()['num_megabatches']
   assert f'| 2/{total} (partial) |' in analyze.table([finished, stopped], ['a', 'b'])
+  # Its rows and numbers are those of the arrivals checkpointed (its metrics.jsonl holds all
+  # 5: a run killed before committing a row's checkpoint redoes that arrival on resume).
+  errors = [row['test_error'] for row in stopped.rows()]
+  assert len(errors) == 2 and stopped.summary()['cer_per_t'] == pytest.approx(sum(errors) / 2)
   analyze.plot([finished, stopped], ['a', 'b'], str(tmp_path / 'plots'))  # draws; b left out
   (tmp_path / 'empty').mkdir()
   shutil.copy(partial / run.CONFIG_FILE, tmp_path / 'empty')

@@ -66,3 +66,36 @@ def test_a_strong_anchor_keeps_the_second_round_near_the_first(config, tmp_path)
         jax.tree.leaves(first.variables['params']),
         jax.tree.leaves(second.variables['params'])))
   assert moved[10.0] < 0.1 * moved[0.0]
+
+
+SOURCE = '''
+from alma_jax import data
+data.register_source('mirrored', lambda c: {
+    split: (images[:, :, ::-1], labels) for split, (images, labels) in data.SOURCES['idx'](c).items()})
+'''
+
+READ_BACK = '''
+import json, sys
+from alma_jax import analyze
+run = analyze.Run({workdir!r})  # a fresh process: nothing imported the source but this
+print(json.dumps({{'logged': run.rows()[-1]['test_error'], 'evaluated': run.evaluate(2)['error']}}))
+'''
+
+
+def test_a_run_over_a_data_source_from_outside_is_read_back(config, tmp_path):
+  """(analysis loaded the data before importing the run's extensions: an unknown source)"""
+  folder = tmp_path / 'my_code'
+  folder.mkdir()
+  (folder / 'mirrored_source.py').write_text(SOURCE)
+  config.extensions = ('mirrored_source',)
+  config.data.source = 'mirrored'
+  config.stream.num_megabatches = 2
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(folder), REPO])}
+  script = ('import ml_collections\nfrom alma_jax import run\n'
+            f'run.run(ml_collections.ConfigDict({config.to_dict()!r}), {str(tmp_path / "run")!r})')
+  for code in (script, READ_BACK.format(workdir=str(tmp_path / 'run'))):
+    done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+  read = json.loads(done.stdout.strip().splitlines()[-1])
+  assert read['evaluated'] == read['logged']
