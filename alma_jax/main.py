@@ -20,6 +20,7 @@ import sys
 
 from absl import app, flags, logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from alma_jax import backend, config as alma_config, data, learners, models, run, sharding
@@ -78,6 +79,18 @@ def _model_value(text: str, default):
   return text
 
 
+def _extensions(argv: list[str], in_file) -> tuple[str, ...]:
+  """The modules `--config.extensions=...` names (a tuple, or one name), else the file's."""
+  given = [a.split('=', 1)[1] for a in argv if a.startswith('--config.extensions=')]
+  if not given:
+    return tuple(in_file)
+  try:
+    value = ast.literal_eval(given[-1])
+  except (ValueError, SyntaxError):
+    value = given[-1]
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
 def check_arguments(argv: list[str]) -> list[str]:
   """Before absl parses the flags: the config file exists (as given, or in the repository) and
   loads, and every `--config.KEY` override names a key of it or of the model it names (else
@@ -98,6 +111,11 @@ def check_arguments(argv: list[str]) -> list[str]:
   except ValueError as error:
     _mistake(f'--config={specs[-1]}: {error}')
   keys = _flat_keys(loaded.to_dict())
+  try:  # the user's models (and their keys) registered before the model keys are looked up
+    alma_config.import_extensions(ml_collections.ConfigDict(
+        {'extensions': _extensions(argv, loaded.get('extensions', ()))}))
+  except ValueError as error:
+    _mistake(str(error))
   names = [a.split('=', 1)[1] for a in argv if a.startswith('--config.model.name=')]
   model_defaults = models.defaults(names[-1] if names else loaded.model.get('name', ''))
   if names and names[-1] != loaded.model.get('name'):

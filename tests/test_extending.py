@@ -99,3 +99,43 @@ def test_a_run_over_a_data_source_from_outside_is_read_back(config, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
   read = json.loads(done.stdout.strip().splitlines()[-1])
   assert read['evaluated'] == read['logged']
+
+
+MODEL = '''
+import flax.linen as nn
+from alma_jax import models
+
+class Deep(nn.Module):
+  num_classes: int = 10
+  depth: int = 1
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x.reshape((x.shape[0], -1))
+    for _ in range(self.depth):
+      x = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(self.num_classes)(x)
+
+models.register('deep', Deep)
+'''
+
+
+def test_a_models_own_keys_from_outside_are_set_on_the_command_line(config, tmp_path):
+  """(the command line looked up `model.depth` before importing the module that registers
+  the model: 'has no key')"""
+  folder = tmp_path / 'my_code'
+  folder.mkdir()
+  (folder / 'deep_model.py').write_text(MODEL)
+  config.stream.num_megabatches = 2
+  (folder / 'my_config.py').write_text(
+      'import ml_collections\n'
+      f'def get_config(variant=""):\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(folder), REPO])}
+  done = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=my_config.py',
+                         '--workdir=run', "--config.extensions=('deep_model',)",
+                         '--config.model.name=deep', '--config.model.depth=2', '--dry_run'],
+                        cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  plan = json.loads(done.stdout)
+  assert plan['config']['model'] == {'name': 'deep', 'depth': 2}
+  assert plan['plan']['params_at_start'] == 144 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
