@@ -26,19 +26,25 @@ def outside(tmp_path):
   return folder
 
 
+def main_in(folder, config, *flags: str) -> subprocess.CompletedProcess:
+  """`python -m alma_jax.main --config=my_config.py --workdir=run FLAGS` in `folder` (whose
+  modules are importable), `my_config.py` rebuilding `config`."""
+  (folder / 'my_config.py').write_text(
+      'import ml_collections\n'
+      f'def get_config(variant=""):\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(folder), REPO])}
+  return subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=my_config.py',
+                         '--workdir=run', *flags], cwd=folder, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
 def test_a_learner_from_outside_runs_from_the_command_line_and_is_read_back(config, tmp_path):
   folder = outside(tmp_path)
   config.extensions = ('anchored_finetune',)
   config.learner.name = 'anchored_finetune'
   config.learner.anchor_strength = 0.1
   config.stream.num_megabatches = 3
-  (folder / 'my_config.py').write_text(
-      'import ml_collections\n'
-      f'def get_config(variant=""):\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(folder), REPO])}
-  done = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=my_config.py',
-                         '--workdir=run', '--config.learner.anchor_strength=0.2'], cwd=folder,
-                        env=env, capture_output=True, text=True, timeout=300)
+  done = main_in(folder, config, '--config.learner.anchor_strength=0.2')
   assert done.returncode == 0, done.stderr
   saved = json.load(open(folder / 'run' / 'config.json'))
   assert saved['learner']['anchor_strength'] == 0.2 and saved['train']['patience'] == 2
@@ -127,14 +133,8 @@ def test_a_models_own_keys_from_outside_are_set_on_the_command_line(config, tmp_
   folder.mkdir()
   (folder / 'deep_model.py').write_text(MODEL)
   config.stream.num_megabatches = 2
-  (folder / 'my_config.py').write_text(
-      'import ml_collections\n'
-      f'def get_config(variant=""):\n  return ml_collections.ConfigDict({config.to_dict()!r})\n')
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(folder), REPO])}
-  done = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=my_config.py',
-                         '--workdir=run', "--config.extensions=('deep_model',)",
-                         '--config.model.name=deep', '--config.model.depth=2', '--dry_run'],
-                        cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+  done = main_in(folder, config, "--config.extensions=('deep_model',)",
+                 '--config.model.name=deep', '--config.model.depth=2', '--dry_run')
   assert done.returncode == 0, done.stderr
   plan = json.loads(done.stdout)
   assert plan['config']['model'] == {'name': 'deep', 'depth': 2}
