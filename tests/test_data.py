@@ -96,6 +96,9 @@ def test_tfds_source_reads_catalog_sets_under_mock_data():
 
 
 def test_tfds_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
+  # Imported first: imported while TensorFlow is None in sys.modules, TFDS comes out broken for
+  # the rest of the process (no `data_source`), and the tests after this one fail.
+  import tensorflow_datasets  # noqa: F401
   monkeypatch.setitem(sys.modules, 'tensorflow', None)  # as if TensorFlow were not installed
   monkeypatch.setattr(tfds_source.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(data.DataNotFoundError, match='pip install tensorflow'):

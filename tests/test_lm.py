@@ -506,7 +506,7 @@ def test_lm_metrics_per_token():
   assert row['test_bits'] == pytest.approx(2.0 / math.log(2))
   assert row['test_perplexity'] == pytest.approx(math.exp(2.0))
   summary = metrics.summary(history)
-  assert summary['cumulative_loss_per_t'] == pytest.approx(1.0)  # one of two arrivals so far
+  assert summary['cumulative_loss_per_t'] == pytest.approx(2.0)  # over the one arrival so far
   assert summary['train_tokens'] == 384.0
 
 
