@@ -209,7 +209,7 @@ class Trainer:
         return self._epochs[resample](variables, opt_state, images, labels, indices, weights, n,
                                       keys, epoch, anchor)
       indices, weights = self._orders[resample](indices, weights, n, keys, epoch)
-      for step in range(-(-n // self.batch_size)):
+      for step in range(self.epoch_steps(n)):
         variables, opt_state = self._step(variables, opt_state, images, labels, indices,
                                           weights, step, keys, epoch, anchor)
       return variables, opt_state
@@ -221,7 +221,7 @@ class Trainer:
     compiled call that runs them."""
     order, weights = self._orders[resample](indices, weights, n, keys, epoch)
     order, b = sharding.local_copy(order), self.batch_size
-    feeds = feed_plan(-(-n // b), self.feed_steps)
+    feeds = feed_plan(self.epoch_steps(n), self.feed_steps)
     members = order.shape[0]
     one, several = (sharding.members_batch_sharded(self.mesh, members),
                     sharding.members_batch_sharded(self.mesh, members, steps=True))
@@ -330,8 +330,11 @@ class Trainer:
     indices, weights = self._member_order(indices, weights, n, key, epoch, resample)
     body = lambda step, carry: self._member_step(*carry, images, labels, indices, weights, step,
                                                  key, epoch, anchor)
-    return jax.lax.fori_loop(0, (n + self.batch_size - 1) // self.batch_size, body,
-                             (variables, opt_state))
+    return jax.lax.fori_loop(0, self.epoch_steps(n), body, (variables, opt_state))
+
+  def epoch_steps(self, n):
+    """The steps (batches, the last padded) of an epoch over `n` examples."""
+    return (n + self.batch_size - 1) // self.batch_size
 
   def step_flops(self, variables, opt_state, images, labels) -> float | None:
     """FLOPs of one member's compiled train step on a full batch (forward, backward, update;

@@ -32,8 +32,7 @@ def _member_mistakes(apply_fn, variables, images, labels):
 def mistakes(learner, variables, indices: np.ndarray) -> np.ndarray:
   """(M, n) 1.0 where member m of `variables` misclassifies training example indices[i]."""
   m = jax.tree.leaves(variables)[0].shape[0]
-  padded, _ = learner.trainer.place_members(
-      members.padded_members(variables, jnp.zeros(m, jnp.float32)))
+  padded, _ = learner.padded(variables, jnp.zeros(m, jnp.float32))
   blocks, n = steps.blocks(indices, learner.config.train.eval_batch_size)
   miss = [_member_mistakes(learner.apply_fn, padded, *learner.data.batch(b, learner.trainer.mesh))
           for b in blocks]  # all dispatched before the first is read back

@@ -224,9 +224,8 @@ class MemberLearner:
     """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
     opt_state = (work.opt_state if work.opt_state is not None
                  else self.init_optimizer(work.start))
-    batch = self.config.train.batch_size
     opt_state = optim.start_round(opt_state, self.config.train.max_epochs
-                                  * -(-work.train.shape[-1] // batch))
+                                  * self.trainer.epoch_steps(work.train.shape[-1]))
     # Fresh buffers: training donates them, and the state may still hold `work.start`.
     start, opt_state = self.trainer.place(work.start, opt_state, copy=True)
     with RoundProgress(self.config, work.train.size) as progress:
@@ -257,9 +256,13 @@ class MemberLearner:
     else:
       images = self._as_held(images, labels)
       indices = np.arange(len(labels))
-    # Placed as trained stacks are, so that a stack of 3 and one of 4 compile one evaluation.
-    padded = self.trainer.place_members(padded_members(state.variables, state.member_weights))
+    padded = self.padded(state.variables, state.member_weights)
     return base.error_and_loss(self.tester(padded, images, labels, indices))
+
+  def padded(self, variables, member_weights):
+    """`padded_members`, placed as trained stacks are: a stack of 3 and one of 4 then compile
+    one program over them."""
+    return self.trainer.place_members(padded_members(variables, member_weights))
 
   def _as_held(self, images, labels):
     """`images` as the data set holds its own (integers cast to its dtype), or ValueError if
