@@ -20,8 +20,9 @@
 # read off them (device_summary.py), attention_<backend>.json (benchmark_attention.py: each
 # attention kernel and Pallas tiling, forward and backward, at GPT-2 small's shape), and where a
 # GPT-2-small step's time goes, with deterministic kernels (Pallas's attention) and without
-# (cuDNN's) (profile_summary.py; lm_gpt2[_nondeterministic]_profile.json and the traces,
-# *.trace.json.gz, for Perfetto). Each step has its own time limit, so one that hangs leaves
+# (cuDNN's) (profile_summary.py; lm_gpt2[_nondeterministic]_profile.json, and the traces for
+# Perfetto in traces.tar): 6 files, and the tool brings back at most 8 (with the log that the
+# command tees there, 7). Each step has its own time limit, so one that hangs leaves
 # the others their time.
 # (`run` also runs on a CPU, as a check of the script.)
 set -uo pipefail
@@ -54,16 +55,19 @@ case "${1:-}" in
       --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~20 s)
     python3 experiments/device_summary.py "$out" | grep -i stream
     timeout 80 python3 experiments/benchmark_attention.py --steps=0 \
-      --out="$out/attention_$backend.json" > "$out/attention_log.txt" 2>&1 \
-      || stopped benchmark_attention $?  # (H100: ~70 s)
+      --out="$out/attention_$backend.json" || stopped benchmark_attention $?  # (H100: ~70 s)
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
     # deterministic kernels and without, and the traces.
     for run in lm_gpt2 lm_gpt2_nondeterministic; do  # (the last: GPUs only)
       [ -d "$profile/$run" ] || continue
       timeout 30 python3 experiments/profile_summary.py "$profile/$run" \
         --out="$out/${run}_profile.json" || stopped profile_summary $?
-      find "$profile/$run" -name '*.trace.json.gz' -exec cp {} "$out/$run.trace.json.gz" \;
+      find "$profile/$run" -name '*.trace.json.gz' -exec cp {} "$profile/$run.trace.json.gz" \;
     done
+    # One file for the traces: the device tool brings back at most 8 files (run 5's ninth, the
+    # streamed path's JSON, stayed behind).
+    traces=$(cd "$profile" && ls -- *.trace.json.gz 2>/dev/null)
+    [ -z "$traces" ] || (cd "$profile" && tar -cf "$out/traces.tar" $traces)
     ;;
   *)
     echo "usage: bash experiments/device_checks.sh prepare|run" >&2
