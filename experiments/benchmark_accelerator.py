@@ -22,8 +22,6 @@ section that fails records its error and the others still run):
   nondeterministic  (GPUs) the demo and the GPT-2-small step again with
               config.backend.deterministic=False (kernels XLA autotunes, some accumulating in
               a varying order): the cost of determinism;
-  train_ahead the demo's first round with and without training the next epoch ahead of the
-              host's early-stopping decision (benchmark_train_ahead.py);
   steps       MLP and VGG train-step examples/s (benchmark_steps.py);
   lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU.
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
@@ -50,11 +48,10 @@ import jax
 from alma_jax import backend, config as alma_config, data
 import benchmark_lm
 import benchmark_steps
-import benchmark_train_ahead
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ('peak', 'lm_gpt2', 'demo', 'torch', 'lm_runs', 'nondeterministic', 'train_ahead',
-            'steps', 'lm_default')
+SECTIONS = ('peak', 'lm_gpt2', 'demo', 'torch', 'lm_runs', 'nondeterministic', 'steps',
+            'lm_default')
 ROW_FIELDS = ('t', 'trained', 'test_error', 'test_loss', 'train_flops', 'valid_flops',
               'reference_flops', 'epochs', 'params', 'inference_flops')
 
@@ -216,7 +213,6 @@ def main():
       section('nondeterministic', lambda: nondeterministic(
           demo, tmp, profile('lm_gpt2_nondeterministic')))
     # Last, so that a time limit cuts the figures already measured elsewhere, not the targets.
-    section('train_ahead', lambda: benchmark_train_ahead.compare(3))
     section('steps', lambda: {name: benchmark_steps.examples_per_second(f, 5376, 3, 'auto')
                               for name, f in benchmark_steps.CONFIGS.items()})
 

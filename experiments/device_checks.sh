@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 620 s of
 # time limits, past the tool's 600 s: the steps are ordered so that what matters most comes
-# first, and what a stopped call wrote still comes back; on an H100 the
-# accelerator benchmark's sections add up to about 370 s, with train_ahead's (0.9.4) perhaps
-# 15 s more, and the other two steps to about 90 s). Two steps:
+# first, and what a stopped call wrote still comes back; on an H100, run 5 of
+# experiments/results/h100, the whole call took 434 s, 340 s of it the accelerator benchmark's
+# sections). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:

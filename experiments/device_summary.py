@@ -41,9 +41,6 @@ def targets(sections: dict, cpu_sections: dict) -> list[tuple[str, object]]:
       ('cost of determinism: demo rounds s (empty cache), deterministic / not', lambda: (
           f"{demo['first']['rounds_s']:.1f} / "
           f"{sections['nondeterministic']['demo']['rounds_s']:.1f}")),
-      ('demo round 1, ms an epoch: the next epoch trained ahead / waiting (same round)',
-       lambda: (lambda r: f"{r['ms_per_epoch']['ahead']:.2f} / {r['ms_per_epoch']['waiting']:.2f}"
-                          f" ({r['same_round']})")(sections['train_ahead'])),
       ('demo first arrival, empty / filled cache', lambda: (
           f"{demo['first']['first_arrival_s']:.1f} s / {demo['again']['first_arrival_s']:.1f} s")),
   ]

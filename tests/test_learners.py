@@ -1,5 +1,4 @@
 """Ensembles and growing learners: growth, parameter counts, vmapped members, resume."""
-import contextlib
 import json
 import math
 import os
@@ -12,7 +11,7 @@ import pytest
 
 from alma_jax import backend, config as alma_config, data as alma_data, learners, run, sharding
 from alma_jax import optim, steps, stream as alma_stream
-from alma_jax.learners import base, boosting, members, moe as moe_learner
+from alma_jax.learners import boosting, members, moe as moe_learner
 from alma_jax.models import moe as moe_model
 from alma_jax.placement import device_data
 
@@ -148,50 +147,6 @@ def test_vmapped_members_train_exactly_like_members_alone(config):
   # and the members really differ: each had its own shuffling
   leaves = jax.tree.leaves(together)[0]
   assert not np.allclose(leaves[0], leaves[1])
-
-
-@pytest.mark.parametrize('max_epochs, delta', [(6, 0.5), (4, 0.0)])  # stops at 2; runs all 4
-def test_training_the_next_epoch_ahead_of_the_validation_changes_nothing(
-    config, monkeypatch, max_epochs, delta):
-  config.train.update(max_epochs=max_epochs, patience=1, patience_delta=delta)
-  learner, dataset = make_learner(config, 'k_ensemble', num_members=3)
-  r = first_round(dataset, config)
-  state = learner.init(jax.random.key(0))
-  events = []
-  epoch_of = steps.Trainer.train_epoch
-  monkeypatch.setattr(steps.Trainer, 'train_epoch', lambda self, *a, **k: events.append(
-      ('train', a[8])) or epoch_of(self, *a, **k))
-  scored = lambda epoch, score: events.append(('scored', epoch))
-  monkeypatch.setattr(members, 'RoundProgress', lambda *a: contextlib.nullcontext(scored))
-  # Only on the backends named (by default accelerators, not CPUs), with the data on the
-  # devices and a small state.
-  stack = (state.variables, learner.init_optimizer(state.variables))
-  here = jax.default_backend()
-  assert base._trains_ahead(stack, learner.data.train_images) == (
-      here in base.TRAIN_AHEAD_BACKENDS) and 'cpu' not in base.TRAIN_AHEAD_BACKENDS
-  runs = {}
-  for backends in ((here,), ()):
-    monkeypatch.setattr(base, 'TRAIN_AHEAD_BACKENDS', backends)
-    events.clear()
-    runs[backends] = learner.train_round(state, r, jax.random.key(1)), list(events)
-  assert not base._trains_ahead(stack, learner.data.train_images)
-  monkeypatch.setattr(base, 'TRAIN_AHEAD_BACKENDS', (here,))
-  assert base._trains_ahead(stack, learner.data.train_images)
-  assert not base._trains_ahead(stack, np.asarray(learner.data.train_images))  # host-fed
-  monkeypatch.setattr(base, 'TRAIN_AHEAD_BYTES', 1000)
-  assert not base._trains_ahead(stack, learner.data.train_images)
-  (ahead, report), ahead_events = runs[(here,)]
-  (waited, waited_report), waited_events = runs[()]
-  epochs = report.epochs
-  assert epochs == (2 if delta else max_epochs) and report == waited_report
-  assert ahead_events[:3] == [('train', 0), ('train', 1), ('scored', 0)]
-  assert waited_events[:3] == [('train', 0), ('scored', 0), ('train', 1)]
-  # Trained ahead: the epoch after the one that stopped the round, thrown away, not counted.
-  assert sum(e[0] == 'train' for e in ahead_events) == min(epochs + 1, max_epochs)
-  assert sum(e[0] == 'train' for e in waited_events) == epochs
-  for a, b in zip(jax.tree.leaves((ahead.variables, ahead.opt_state)),
-                  jax.tree.leaves((waited.variables, waited.opt_state))):
-    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize('growth, grow_every', [('usage', 1), ('random', 2)])

@@ -128,23 +128,6 @@ def _keep_improved(improved, new, old):
   return jax.tree.map(pick, new, old)
 
 
-# On an accelerator, with the data on the devices, members whose variables and optimizer state
-# take at most TRAIN_AHEAD_BYTES train their next epoch while the host reads the last one's
-# validation and decides on early stopping (on a copy of them: one more copy in memory), so the
-# device does not wait for the host every epoch (the demo's epochs are about 5 ms of compute on
-# an H100). The epoch after the one that stops a round is trained and thrown away, not counted
-# (a round's FLOPs are those of the epochs it kept). Not on CPUs, where the host and XLA share
-# the cores (1.02x-1.08x for the demo), nor with data fed from the hosts, whose feeding is the
-# host's own work; larger states wait: a copy of them is not free.
-TRAIN_AHEAD_BACKENDS = ('gpu', 'tpu')
-TRAIN_AHEAD_BYTES = 64 << 20
-
-
-def _trains_ahead(stack, images) -> bool:
-  return (jax.default_backend() in TRAIN_AHEAD_BACKENDS and not placement.on_host(images)
-          and sum(a.nbytes for a in jax.tree.leaves(stack)) <= TRAIN_AHEAD_BYTES)
-
-
 def validation_score(sums: dict, stop_on: str) -> np.ndarray:
   """Per member, what early stopping maximizes: validation accuracy, or minus the loss."""
   count = np.asarray(sums['count'])
@@ -172,11 +155,8 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   member has improved on its best by more than `patience_delta` for `patience` epochs, or after
   `max_epochs`. `progress(epoch, scores)`, if given, is called after every epoch. With
   `resample`, epochs draw examples with replacement by weight; `anchor` goes to the trainer's
-  penalty (see `steps.Trainer`). On accelerators small stacks train each epoch ahead of the
-  host's early-stopping decision on the last (`TRAIN_AHEAD_BYTES`); the rounds are the same.
-  `flops` holds
-  'step' (one member's train step) and 'forward' (one member, one example), either may be None,
-  and 'reference' (one member, one example).
+  penalty (see `steps.Trainer`). `flops` holds 'step' (one member's train step) and 'forward'
+  (one member, one example), either may be None, and 'reference' (one member, one example).
   """
   members, n_train = train.shape
   train_idx, _ = steps.pad_indices(train, trainer.batch_size)
@@ -186,19 +166,11 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
   best_score = np.full(members, -np.inf)
   bad_epochs = np.zeros(members, int)
   best, epochs = None, 0
-  ahead = _trains_ahead((variables, opt_state), data.train_images)
-
-  def train_epoch(variables, opt_state, epoch):
-    return trainer.train_epoch(variables, opt_state, data.train_images, data.train_labels,
-                               train_idx, example_weights, n_train, keys, epoch, resample, anchor)
-
-  trained = train_epoch(variables, opt_state, 0)
   for epoch in range(train_config.max_epochs):
-    variables, opt_state = trained
+    variables, opt_state = trainer.train_epoch(
+        variables, opt_state, data.train_images, data.train_labels, train_idx, example_weights,
+        n_train, keys, epoch, resample, anchor)
     sums = validator.device_sums(variables, data.train_images, data.train_labels, valid)
-    last = epoch + 1 == train_config.max_epochs
-    if ahead and not last:  # trains while the host waits for this epoch's validation
-      trained = train_epoch(*trainer.copy((variables, opt_state)), epoch + 1)
     score = validation_score(jax.device_get(sums), train_config.stop_on)
     if progress is not None:
       progress(epoch, score)
@@ -212,8 +184,6 @@ def fit(trainer: steps.Trainer, validator: steps.Evaluator, variables, opt_state
     epochs = epoch + 1
     if np.all(bad_epochs >= train_config.patience):
       break
-    if not ahead and not last:
-      trained = train_epoch(variables, opt_state, epoch + 1)
   steps_per_epoch = -(-n_train // trainer.batch_size)
   forward = counted(flops['forward']) * members
   report = RoundReport(
