@@ -3,6 +3,7 @@
     run = analyze.Run('runs/demo')
     run.config, run.rows(), run.summary(), run.arrivals()
     tree = run.state(4)                  # the checkpointed run state after arrival 4
+    run.history(4)                       # its per-arrival metrics alone (the learner not read)
     run.evaluate(4)                      # its predictor on the test set: {'error', 'loss'}
     run.evaluate(4, images, labels)      # ... or on any data (raw, like the data set's)
 
@@ -81,11 +82,11 @@ class Run:
         saved = json.load(f)
       if set(metrics.summary(metrics.empty_history(1))) <= set(saved):
         return saved
-      return {**metrics.summary(self.state(self.arrivals()[-1])['history']), **saved}
+      return {**metrics.summary(self.history(self.arrivals()[-1])), **saved}
     if not self.arrivals():
       raise NotARunError(f'{self.directory!r} holds no checkpoint yet: the run has not '
                          f'finished its first arrival')
-    return metrics.summary(self.state(self.arrivals()[-1])['history'])
+    return metrics.summary(self.history(self.arrivals()[-1]))
 
   @property
   def finished(self) -> bool:
@@ -106,11 +107,17 @@ class Run:
     """The arrivals whose run state is checkpointed (read without writing anything)."""
     return checkpoint.saved_steps(os.path.join(self.directory, alma_run.CHECKPOINTS_DIR))
 
-  def state(self, t: int) -> dict:
-    """The run state {stream, learner, history} checkpointed after arrival `t`."""
+  def state(self, t: int, parts: tuple[str, ...] | None = None) -> dict:
+    """The run state {stream, learner, history} checkpointed after arrival `t` (only its
+    `parts`, if given: the others are not read)."""
     if t not in self.arrivals():
       raise KeyError(f'{self.directory}: no checkpoint of arrival {t} (kept: {self.arrivals()})')
-    return self._checkpointer.restore(t)
+    return self._checkpointer.restore(t, parts)
+
+  def history(self, t: int) -> dict:
+    """The per-arrival metrics checkpointed after arrival `t` (`metrics.HISTORY_FIELDS`,
+    NaN for arrivals to come and for fields added since the run), read without the learner."""
+    return metrics.completed(self.state(t, ('history',))['history'])
 
   @functools.cached_property
   def learner(self):
@@ -124,7 +131,7 @@ class Run:
 
   def predictor(self, t: int):
     """The learner state (the predictor) held after arrival `t`."""
-    return self.learner.restore(self.state(t)['learner'])
+    return self.learner.restore(self.state(t, ('learner',))['learner'])
 
   def evaluate(self, t: int, images=None, labels=None) -> dict:
     """{'error', 'loss'} of the predictor after arrival `t` on the test set, or on given data."""

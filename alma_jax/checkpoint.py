@@ -9,8 +9,9 @@ whatever the devices that wrote them (a checkpoint written on 8 devices restores
 device reads only its shards, so a state that fits only sharded also resumes. Other device
 arrays are restored replicated; host arrays (stream, history) come back as numpy arrays.
 
-Every checkpoint holds a checksum of the tree it saved, checked on restore, so flipped bits are
-found. A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
+Every checkpoint holds a checksum of each part of the tree it saved (stream, learner, history),
+checked on restore, so flipped bits are found; a part can be read and checked alone (the
+history, for the analysis of a run whose learner is large). A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
 and the one before it is used; any other failure to restore (memory, I/O, a library) stops the
 run with its error. With several processes, each reads its own shards with no collective, then
 all agree on the outcome before the checksum's collective: a checkpoint damaged in one host's
@@ -114,6 +115,7 @@ class Checkpointer:
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.shard_params = shard_params
     self.handler = ocp.StandardCheckpointHandler()
+    self.reader = ocp.PyTreeCheckpointHandler()  # (reads a part of a tree alone too)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True),
@@ -122,15 +124,17 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, tree) -> None:
-    tree = {**tree, CHECKSUM: np.asarray(checksum(tree), np.int64)}
+  def save(self, step: int, tree: dict) -> None:
+    tree = {**tree, CHECKSUM: {part: np.asarray(checksum(value), np.int64)
+                               for part, value in tree.items()}}
     self.manager.save(step, args=ocp.args.StandardSave(tree))
 
-  def restore(self, step: int):
-    """The tree saved at `step`, checked against its checksum. Every process calls it and
-    learns the same outcome: the tree, or an error of the same kind (corrupt or not)."""
+  def restore(self, step: int, parts: tuple[str, ...] | None = None) -> dict:
+    """The tree saved at `step` (with `parts`, only those of its keys: the others are not
+    read), checked against its checksums. Every process calls it and learns the same outcome:
+    the tree, or an error of the same kind (corrupt or not)."""
     try:
-      tree, error = self._read(step), None
+      tree, error = self._read(step, parts), None
     except Exception as e:  # classified below, the same way on every process
       tree, error = None, e
       logging.warning('checkpoint %d could not be read on process %d: %s: %s', step,
@@ -143,17 +147,21 @@ class Checkpointer:
     if worst:
       raise error or CorruptCheckpointError(f'checkpoint {step}: its files could not be read '
                                             f'on another process (its log says why)')
-    if CHECKSUM in tree:  # (checkpoints of earlier versions have none)
-      saved = int(tree.pop(CHECKSUM))
-      if checksum(tree) != saved:
-        raise CorruptCheckpointError(f'checkpoint {step}: its data does not match the '
-                                     f'checksum saved with it')
-    return tree
+    saved = tree.pop(CHECKSUM, None)  # (checkpoints of earlier versions have none)
+    if isinstance(saved, dict):
+      damaged = [part for part in tree if checksum(tree[part]) != int(saved[part])]
+    else:  # one checksum of the whole tree (0.9.5 and before)
+      damaged = [] if saved is None or checksum(tree) == int(saved) else sorted(tree)
+    if damaged:
+      raise CorruptCheckpointError(f'checkpoint {step}: its {", ".join(damaged)} do not match '
+                                   f'the checksum saved with them')
+    return tree if parts is None else {part: tree[part] for part in parts}
 
-  def _read(self, step: int):
-    """The tree saved at `step`, as this process reads it. Through the handler, not the
-    manager: the manager's restore ends in a barrier that a process whose files fail never
-    reaches, so the others would wait there for ever."""
+  def _read(self, step: int, parts: tuple[str, ...] | None) -> dict:
+    """The tree saved at `step` (its `parts` and their checksums, where each part has its
+    own), as this process reads it. Through a handler, not the manager: the manager's restore
+    ends in a barrier that a process whose files fail never reaches, so the others would wait
+    there for ever."""
     def target(path, meta):
       if meta.sharding is None:  # saved from a host (numpy) array
         return np.empty(meta.shape, meta.dtype)
@@ -168,8 +176,18 @@ class Checkpointer:
       metadata = self.handler.metadata(item)
     except FileNotFoundError as e:
       raise CorruptCheckpointError(f'checkpoint {step}: its metadata is missing') from e
-    abstract = jax.tree_util.tree_map_with_path(target, metadata.tree)
-    return dict(self.handler.restore(item, args=ocp.args.StandardRestore(abstract)))
+    saved = dict(metadata.tree)
+    if parts is not None:
+      missing = set(parts) - set(saved)
+      if missing:  # (a LookupError: not a sign of damage)
+        raise LookupError(f'checkpoint {step} holds no {sorted(missing)}: it holds '
+                          f'{sorted(set(saved) - {CHECKSUM})}')
+      if isinstance(saved.get(CHECKSUM), dict):  # else the whole tree, to check its checksum
+        saved = {**{part: saved[part] for part in parts},
+                 CHECKSUM: {part: saved[CHECKSUM][part] for part in parts}}
+    abstract = jax.tree_util.tree_map_with_path(target, saved)
+    return dict(self.reader.restore(item, args=ocp.args.PyTreeRestore(
+        abstract, ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
 
   def restore_latest(self):
     """(step, tree) of the newest checkpoint that restores, or (0, None) if there is none."""

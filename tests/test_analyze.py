@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from alma_jax import analyze, config as alma_config, data, run
+from alma_jax import analyze, checkpoint, config as alma_config, data, run
 from conftest import REPO
 
 
@@ -72,7 +72,12 @@ def test_a_directory_that_is_not_a_run_is_named(tmp_path, capsys):
     assert exit_.value.code == 2 and err.count('\n') == 1 and message in err
 
 
-def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_path):
+def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_path,
+                                                                     monkeypatch):
+  read = []  # the parts of the run state each checkpoint read asked for
+  restore = checkpoint.Checkpointer.restore
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore', lambda self, step, parts=None: (
+      read.append(parts) or restore(self, step, parts)))
   partial = tmp_path / 'partial'
   shutil.copytree(runs['finetune'], partial)
   os.remove(partial / run.SUMMARY_FILE)
@@ -87,6 +92,8 @@ def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_p
   # 5: a run killed before committing a row's checkpoint redoes that arrival on resume).
   errors = [row['test_error'] for row in stopped.rows()]
   assert len(errors) == 2 and stopped.summary()['cer_per_t'] == pytest.approx(sum(errors) / 2)
+  assert read and set(read) == {('history',)}  # its numbers come without reading the learner
+  assert stopped.history(2)['test_error'].tolist()[:2] == errors
   analyze.plot([finished, stopped], ['a', 'b'], str(tmp_path / 'plots'))  # draws; b left out
   (tmp_path / 'empty').mkdir()
   shutil.copy(partial / run.CONFIG_FILE, tmp_path / 'empty')

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from alma_jax import checkpoint, data, metrics, run, stream as alma_stream, workdir as workdirs
@@ -394,6 +396,41 @@ def test_a_flipped_bit_is_found_and_the_checkpoint_before_used(config, tmp_path)
   assert errors(workdir) == errors(tmp_path / 'a')
 
 
+def test_each_part_of_the_run_state_is_read_and_checked_alone(config, tmp_path, monkeypatch):
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  directory = str(tmp_path / 'checkpoints')
+  with checkpoint.Checkpointer(directory) as checkpointer:
+    whole = checkpointer.restore(2)
+    part = checkpointer.restore(2, ('history',))
+    assert list(part) == ['history'] and sorted(whole) == ['history', 'learner', 'stream']
+    for name, values in whole['history'].items():
+      np.testing.assert_array_equal(part['history'][name], values)
+    with pytest.raises(LookupError, match=r"holds no \['histories'\]"):
+      checkpointer.restore(2, ('histories',))
+    # A step whose history does not match its own checksum: its learner alone still reads.
+    wrong = lambda tree: checkpoint_sum(tree) + (tree is whole['history'])
+    checkpoint_sum = checkpoint.checksum
+    monkeypatch.setattr(checkpoint, 'checksum', wrong)
+    checkpointer.save(3, whole)
+    checkpointer.manager.wait_until_finished()
+    monkeypatch.setattr(checkpoint, 'checksum', checkpoint_sum)
+    assert sorted(checkpointer.restore(3, ('learner', 'stream'))) == ['learner', 'stream']
+    for parts in (None, ('history',)):
+      with pytest.raises(checkpoint.CorruptCheckpointError, match='its history do not match'):
+        checkpointer.restore(3, parts)
+    # A checkpoint of 0.9.5 and before, with one checksum of the whole tree: read whole to
+    # check it, whatever part is asked for.
+    for step, offset in ((4, 0), (5, 1)):
+      checkpointer.manager.save(step, args=ocp.args.StandardSave({
+          **whole, checkpoint.CHECKSUM: np.asarray(checkpoint.checksum(whole) + offset,
+                                                   np.int64)}))
+      checkpointer.manager.wait_until_finished()
+    assert list(checkpointer.restore(4, ('history',))) == ['history']
+    with pytest.raises(checkpoint.CorruptCheckpointError, match='history, learner, stream'):
+      checkpointer.restore(5, ('history',))
+
+
 def test_a_truncated_data_file_is_corruption(config, tmp_path):
   """Orbax wraps a failed read of an array in a bare Exception; what it wraps decides."""
   config.stream.num_megabatches = 2
@@ -417,7 +454,7 @@ def test_a_failure_that_is_not_corruption_stops_the_run_and_moves_nothing(config
                                                                           monkeypatch, failure):
   config.stream.num_megabatches = 2
   run.run(config, str(tmp_path))
-  def fails(self, step):
+  def fails(self, *args):
     raise failure
   monkeypatch.setattr(checkpoint.Checkpointer, '_read', fails)
   with pytest.raises(type(failure), match=str(failure)):
