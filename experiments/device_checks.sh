@@ -2,8 +2,8 @@
 # The GPU checks that #12 and #13 leave open, as one call of the device tool (at most 620 s of
 # time limits, past the tool's 600 s: the steps are ordered so that what matters most comes
 # first, and what a stopped call wrote still comes back; on an H100, run 5 of
-# experiments/results/h100, the whole call took 434 s, 340 s of it the accelerator benchmark's
-# sections). Two steps:
+# experiments/results/h100, the whole call took 434 s by the device tool's clock, 340 s of it
+# the accelerator benchmark's sections). Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
@@ -67,7 +67,7 @@ case "${1:-}" in
     # One file for the traces: the device tool brings back at most 8 files (run 5's ninth, the
     # streamed path's JSON, stayed behind).
     traces=$(cd "$profile" && ls -- *.trace.json.gz 2>/dev/null)
-    [ -z "$traces" ] || (cd "$profile" && tar -cf "$out/traces.tar" $traces)
+    [ -z "$traces" ] || tar -cf "$out/traces.tar" -C "$profile" $traces
     ;;
   *)
     echo "usage: bash experiments/device_checks.sh prepare|run" >&2

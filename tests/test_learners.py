@@ -1,4 +1,5 @@
 """Ensembles and growing learners: growth, parameter counts, vmapped members, resume."""
+import contextlib
 import json
 import math
 import os
@@ -147,6 +148,41 @@ def test_vmapped_members_train_exactly_like_members_alone(config):
   # and the members really differ: each had its own shuffling
   leaves = jax.tree.leaves(together)[0]
   assert not np.allclose(leaves[0], leaves[1])
+
+
+@pytest.mark.parametrize('max_epochs, delta', [(6, 0.5), (4, 0.0)])  # stops at 2; runs all 4
+def test_early_stopping_keeps_each_members_best_epoch_and_counts_the_epochs_trained(
+    config, monkeypatch, max_epochs, delta):
+  """Each epoch trains, then is scored on the validation set; a round stops once no member has
+  improved on its best by more than `patience_delta` for `patience` epochs, and each member
+  leaves it with its variables of its best epoch."""
+  config.train.update(max_epochs=max_epochs, patience=1, patience_delta=delta)
+  learner, dataset = make_learner(config, 'k_ensemble', num_members=3)
+  r = first_round(dataset, config)
+  state = learner.init(jax.random.key(0))
+  events, trained, scores = [], [], []
+  epoch_of = steps.Trainer.train_epoch
+
+  def train_epoch(self, *args, **kwargs):
+    events.append(('train', args[8]))
+    out = epoch_of(self, *args, **kwargs)
+    trained.append(jax.device_get(out[0]))  # (the next epoch donates them)
+    return out
+  monkeypatch.setattr(steps.Trainer, 'train_epoch', train_epoch)
+  scored = lambda epoch, score: events.append(('scored', epoch)) or scores.append(score)
+  monkeypatch.setattr(members, 'RoundProgress', lambda *a: contextlib.nullcontext(scored))
+  new, report = learner.train_round(state, r, jax.random.key(1))
+  epochs = report.epochs
+  assert epochs == (2 if delta else max_epochs) == len(trained)
+  assert events == [(kind, e) for e in range(epochs) for kind in ('train', 'scored')]
+  assert report.train_examples == epochs * len(r.train) * 3
+  for m in range(3):  # the last epoch that improved on the member's best by more than delta
+    best, kept = -np.inf, None
+    for e in range(epochs):
+      if scores[e][m] > best + delta:
+        best, kept = scores[e][m], e
+    for a, b in zip(jax.tree.leaves(new.variables), jax.tree.leaves(trained[kept])):
+      np.testing.assert_array_equal(np.asarray(a)[m], b[m])
 
 
 @pytest.mark.parametrize('growth, grow_every', [('usage', 1), ('random', 2)])

@@ -86,7 +86,8 @@ def softmax_cross_entropy(logits, labels):
   """`optax.softmax_cross_entropy_with_integer_labels` (the same values), with the labels' logits
   picked by a mask rather than gathered: a gather's gradient is a scatter-add, which XLA's
   deterministic GPU kernels make deterministic by sorting its indices (with the embedding's
-  lookup, about 9 ms of GPT-2 small's 40 ms step on an H100); a mask's is elementwise."""
+  lookup, about 9 ms of GPT-2 small's 40 ms step on an H100 in 0.9.2; 29.8 ms without them, in
+  0.9.5); a mask's is elementwise."""
   picked = labels[..., None] == jnp.arange(logits.shape[-1])
   return jax.nn.logsumexp(logits, -1) - jnp.sum(jnp.where(picked, logits, 0.0), -1)
 
