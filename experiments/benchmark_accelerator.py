@@ -23,7 +23,9 @@ section that fails records its error and the others still run):
               config.backend.deterministic=False (kernels XLA autotunes, some accumulating in
               a varying order): the cost of determinism;
   steps       MLP and VGG train-step examples/s (benchmark_steps.py);
-  lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU.
+  lm_default  the default LM config's step (configs/lm.py): tokens/s and MFU;
+  lm_gpt2_medium  (accelerators) GPT-2 medium's shape (configs/lm.py:gpt2_medium: 303.6M
+              parameters, blocks scanned and recomputed, FSDP over the devices present).
 Measured as a run of the default config runs (deterministic GPU kernels). Every timed region is
 checked to compile nothing. Records each section's seconds (`section_seconds`). Writes
 experiments/results/accelerator_<backend>.json by default. `--profile=DIR`: a `jax.profiler`
@@ -51,7 +53,7 @@ import benchmark_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ('peak', 'lm_gpt2', 'demo', 'torch', 'lm_runs', 'nondeterministic', 'steps',
-            'lm_default')
+            'lm_default', 'lm_gpt2_medium')
 ROW_FIELDS = ('t', 'trained', 'test_error', 'test_loss', 'train_flops', 'valid_flops',
               'reference_flops', 'epochs', 'params', 'inference_flops')
 
@@ -220,6 +222,13 @@ def main():
       c = alma_config.load(os.path.join(ROOT, 'configs', 'lm.py'))
       return benchmark_lm.throughput(c, data.load(c.data), 200 if cpu else 2000, peak['flops'])
     section('lm_default', lm_default)
+
+    def lm_gpt2_medium():
+      if cpu:
+        return {'skipped': 'accelerators only (benchmark_fsdp.py compiles it on CPU devices)'}
+      c = alma_config.load(os.path.join(ROOT, 'configs', 'lm.py:gpt2_medium'))
+      return benchmark_lm.throughput(c, data.load(c.data), 40, peak['flops'])
+    section('lm_gpt2_medium', lm_gpt2_medium)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 # time limits, past the tool's 600 s: the steps are ordered so that what matters most comes
 # first, and what a stopped call wrote still comes back; on an H100, run 5 of
 # experiments/results/h100, the whole call took 434 s by the device tool's clock, 340 s of it
-# the accelerator benchmark's sections). Two steps:
+# the accelerator benchmark's sections, to which GPT-2 medium's, since, adds about 30 s). Two
+# steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
