@@ -11,12 +11,13 @@ arrays are restored replicated; host arrays (stream, history) come back as numpy
 
 Every checkpoint holds a checksum of each part of the tree it saved (stream, learner, history),
 checked on restore, so flipped bits are found; a part can be read and checked alone (the
-history, for the analysis of a run whose learner is large). A corrupt checkpoint (unreadable files, wrong checksum) is moved aside (never deleted)
-and the one before it is used; any other failure to restore (memory, I/O, a library) stops the
-run with its error. With several processes, each reads its own shards with no collective, then
-all agree on the outcome before the checksum's collective: a checkpoint damaged in one host's
-files is passed over by every process, where one process alone failing used to leave the others
-waiting in a barrier for ever.
+history, for the analysis of a run whose learner is large). A corrupt checkpoint (unreadable
+files, wrong checksum) is moved aside (never deleted) and the one before it is used; any other
+failure to restore (memory, I/O, a library) stops the run with its error. With several
+processes, each reads its own shards with no collective, then all agree on the outcome before
+the checksums' collectives: a checkpoint damaged in one host's files is passed over by every
+process, where one process alone failing used to leave the others waiting in a barrier for
+ever.
 """
 from __future__ import annotations
 

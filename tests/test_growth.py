@@ -10,10 +10,12 @@ from alma_jax import config as alma_config, data as alma_data, learners, metrics
 from alma_jax.learners import firefly as firefly_learner, moe as moe_learner
 from alma_jax.models import MLP, VGG, firefly, moe
 from alma_jax.placement import device_data
-from test_conv import conv_config
+from test_conv import CONV_BLOCKS, conv_config
 from test_learners import first_round
 
-MODELS = {'mlp': (MLP(hidden=8), (16, 12, 12)), 'vgg': (VGG(width=4), (16, 32, 32, 1))}
+# (a VGG with two convolutions in its first block: growth within a block and across a halving)
+MODELS = {'mlp': (MLP(hidden=8), (16, 12, 12)),
+          'vgg': (VGG(width=4, blocks=(2, 1, 1, 1, 1)), (16, 32, 32, 1))}
 
 
 def outputs(model, variables, x, train):
@@ -91,7 +93,8 @@ def test_gmoe_vgg_grows_one_expert_per_block(config):
   state = learner.init(jax.random.key(0))
   one = jax.tree.map(lambda a: a[0], state.variables)
   grown = moe_learner.grow(learner, one, first_round(dataset, config).valid, jax.random.key(1))
-  vgg = VGG(width=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))['params']
+  vgg = VGG(width=4, blocks=CONV_BLOCKS).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))[
+      'params']
   added = sum(metrics.num_params(vgg[f'ConvBlock_{b}']) for b in range(1, 5)) + 4 * (64 * 2 + 2)
   assert metrics.num_params(grown['params']) == metrics.num_params(one['params']) + added
   assert [len(v) for v in moe.leaf_paths(grown['params']).values()] == [3, 3, 3, 3]
@@ -237,6 +240,8 @@ def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):
 
 def test_firefly_vgg_run_grows_in_the_metrics(config, tmp_path):
   config = conv_config(config)
+  config.model.blocks = (1, 1, 1)  # 3 convolutions, so that few grown programs compile
+  config.data.pad_to = 0  # (12x12 images: enough for 3 halvings)
   alma_config.growing('firefly')(config)
   config.learner.update(grow_every=1, new_neurons=4)
   config.stream.num_megabatches = 2

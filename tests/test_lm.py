@@ -171,9 +171,9 @@ def test_a_pallas_transformer_traces_pallas_kernels_and_lowers_xla_attention_for
 
 def test_a_deterministic_gpu_train_step_scatters_nothing(corpus, monkeypatch):
   """XLA's deterministic GPU kernels sort a scatter-add's indices (9 ms of GPT-2 small's 40 ms
-  step on an H100 in 0.9.2; 29.8 ms without them). The LM's train step lowered for a GPU with them holds no scatter: the
-  embedding lookup is a one-hot matmul there and the loss picks labels by a mask. The lookup is
-  exact, and lowered for the CPU it is a gather."""
+  step on an H100 in 0.9.2; 29.8 ms without them). The LM's train step lowered for a GPU with
+  them holds no scatter: the embedding lookup is a one-hot matmul there and the loss picks
+  labels by a mask. The lookup is exact, and lowered for the CPU it is a gather."""
   from alma_jax import backend
   from alma_jax.models import transformer
   c = lm_config(corpus)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from alma_jax import run
-from conftest import REPO
+from conftest import REPO, devices_env
 from test_conv import conv_config
 
 
@@ -103,7 +103,7 @@ def test_a_global_batch_reads_each_devices_rows_alone(member):
   host array by itself (8 / data rows of each member it holds): in a multi-process run a
   process reads only its own devices' rows of every global batch."""
   out = subprocess.run([sys.executable, '-c', GLOBAL_BATCH.format(member=member)], cwd=REPO,
-                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+                       env=devices_env(8),
                        capture_output=True, text=True, timeout=120, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   data = 8 // member
@@ -126,7 +126,7 @@ except ValueError as error:
   print(error)
 """
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
-                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+                       env=devices_env(8),
                        timeout=120, check=True)
   assert 'config.train.eval_batch_size=1001' in out.stdout
   assert 'the 8 devices of the data axis' in out.stdout
@@ -153,7 +153,7 @@ def test_blocks_that_do_not_split_over_the_devices_are_evaluated_from_the_host_t
   """Analysis evaluates given (host) data on whatever mesh it has: a block of 10 on 4 devices
   is evaluated whole on each, as device-resident data is (it failed to split)."""
   out = subprocess.run([sys.executable, '-c', HOST_BLOCKS], cwd=REPO,
-                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+                       env=devices_env(4),
                        capture_output=True, text=True, timeout=120, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['host'] == result['device'] == {'sum': sum(range(3, 40)), 'count': 37}
@@ -187,6 +187,6 @@ def test_a_stack_grown_within_its_power_of_two_evaluates_without_compiling(idx_d
   split over the axis: two shardings, two compilations of one evaluation."""
   script = GROWING.format(tests=os.path.join(REPO, 'tests'), idx_dir=idx_dir)
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO,
-                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+                       env=devices_env(4),
                        capture_output=True, text=True, timeout=120, check=True)
   assert json.loads(out.stdout.strip().splitlines()[-1]) == {'members': [3, 4], 'compiled': 0}

@@ -20,7 +20,7 @@ import pytest
 
 from alma_jax import analyze, checkpoint, config as alma_config, run, sharding
 from alma_jax import workdir as workdirs
-from conftest import REPO, tiny_config
+from conftest import REPO, devices_env, tiny_config
 
 SCRIPT = '''
 import json, sys
@@ -55,12 +55,8 @@ def command(idx_dir, workdir, learner='finetune', member=1, coordinator='', proc
   return [sys.executable, '-c', script]
 
 
-def env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-
-
 def run_with_devices(n, idx_dir, workdir, **kwargs):
-  out = subprocess.run(command(idx_dir, workdir, **kwargs), cwd=REPO, env=env(n),
+  out = subprocess.run(command(idx_dir, workdir, **kwargs), cwd=REPO, env=devices_env(n),
                        capture_output=True, text=True, timeout=300, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,7 +88,7 @@ def test_parameters_sharded_over_eight_devices_match_one_and_restore_on_one(idx_
   assert written.evaluate(3)['error'] == eight['errors'][-1]
   script = (f'import jax; from alma_jax import analyze; '
             f'print(jax.device_count(), analyze.Run({str(tmp_path / "eight")!r}).evaluate(3))')
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(2),
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=devices_env(2),
                        capture_output=True, text=True, timeout=300, check=True)
   devices, evaluated = out.stdout.strip().splitlines()[-1].split(' ', 1)
   assert devices == '2' and f"'error': {eight['errors'][-1]}" in evaluated
@@ -124,7 +120,7 @@ def on_eight_devices(call: str) -> tuple[dict, str]:
   value, printed as JSON, and the process's output."""
   script = (f'import json, sys; sys.path.insert(0, {os.path.join(REPO, "tests")!r}); '
             f'from test_sharding import *; print(json.dumps({call}))')
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=devices_env(8),
                        capture_output=True, text=True, timeout=600, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
@@ -188,7 +184,9 @@ def grown_or_batchnorm_config(idx_dir: str, case: str, shard_params: bool):
   config.model = ml_collections.ConfigDict(model)
   if model['name'] == 'vgg':  # as test_conv: SGD with momentum
     config.data.pad_to = 32
-    config.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9)
+    # (at test_conv's 0.01 this VGG stays at chance for 3 arrivals, its loss rising, and the
+    # runs' sums in another order part by 1e-3 when compiled unoptimized, as the tests are)
+    config.optimizer.update(name='sgd', learning_rate=0.05, momentum=0.9)
   config.learner.update(name=learner, grow_every=1, new_neurons=8)
   config.stream.num_megabatches = arrivals
   config.train.update(max_epochs=2, patience=2)
@@ -279,7 +277,7 @@ def test_the_share_of_parameters_split_over_data_names_the_leaves_fsdp_leaves_wh
   out = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--dry_run',
                         '--config=configs/fashion_mnist.py:tiny',
                         '--config.mesh.shard_params=True'],
-                       cwd=REPO, env=env(8), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=devices_env(8), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert json.loads(out.stdout)['plan']['params_split_over_data'] == pytest.approx(
       (55_050 - 10) / 55_050)  # all but the head's bias of 10
@@ -292,7 +290,7 @@ def test_sharded_parameters_take_an_eighth_of_the_memory_per_device(idx_dir):
   measured = {}
   for shard in (False, True):
     script = MEMORY.format(tests=os.path.join(REPO, 'tests'), data=idx_dir, shard_params=shard)
-    out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+    out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=devices_env(8),
                          capture_output=True, text=True, timeout=300, check=True)
     measured[shard] = json.loads(out.stdout.strip().splitlines()[-1])
   data_bytes = 1200 * 144 + 1200 * 4 + 400 * 144 + 400 * 4  # the synthetic set, replicated
@@ -333,7 +331,7 @@ def test_activations_split_over_the_batch_keep_a_sharded_step_small():
   the parameters are split and keeps every device's whole batch (measured: 4x the
   temporaries)."""
   script = LM_MEMORY.format(config=os.path.join(REPO, 'configs', 'lm.py:tiny'))
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env(8),
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=devices_env(8),
                        capture_output=True, text=True, timeout=300, check=True)
   temporaries = json.loads(out.stdout.strip().splitlines()[-1])
   assert temporaries['true'] < 0.5 * temporaries['false']
@@ -361,7 +359,7 @@ def start_processes(idx_dir, workdir, **kwargs):
   coordinator = f'127.0.0.1:{free_port()}'
   return [subprocess.Popen(command(idx_dir, workdir, coordinator=coordinator, processes=2,
                                    process=i, **kwargs),
-                           cwd=REPO, env=env(2), stdout=subprocess.PIPE,
+                           cwd=REPO, env=devices_env(2), stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
           for i in range(2)]
 
@@ -409,7 +407,7 @@ def test_processes_that_disagree_on_the_stream_stop_with_a_clear_error(idx_dir, 
   coordinator = f'127.0.0.1:{free_port()}'
   processes = [subprocess.Popen(command(idx_dir, tmp_path / 'run', learner=learner,
                                         coordinator=coordinator, processes=2, process=i),
-                                cwd=REPO, env=env(2), stdout=subprocess.DEVNULL,
+                                cwd=REPO, env=devices_env(2), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
                for i, learner in enumerate(['finetune', 'k_ensemble'])]
   errors = [p.communicate(timeout=300)[1] for p in processes]
@@ -448,7 +446,7 @@ def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_every_process(i
 def errors_of_failed_processes(commands: list[list[str]]) -> list[str]:
   """The standard errors of the processes of `commands`, run together (2 devices each), once
   all have failed: within 60 s, not hanging at a collective."""
-  processes = [subprocess.Popen(c, cwd=REPO, env=env(2), stdout=subprocess.DEVNULL,
+  processes = [subprocess.Popen(c, cwd=REPO, env=devices_env(2), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for c in commands]
   try:
     errors = [p.communicate(timeout=60)[1] for p in processes]
