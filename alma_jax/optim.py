@@ -6,8 +6,8 @@ those many steps; with `round_schedule` it warms up over `warmup_fraction` of ea
 steps and decays by a cosine to 0 at the round's last possible step (`train.max_epochs` epochs),
 whatever the round's size (a waiting time or replay makes rounds longer). Every round starts
 its schedule (`start_round`): a continued optimizer (`learner.reset_optimizer=False`) keeps its
-moments. A caller that trains epochs itself (`Trainer.train_epoch`) starts the round too: a
-round schedule that was never started is a round of one step.
+moments. A caller that trains epochs itself (`Trainer.train_epoch`) starts the round too
+(`MemberLearner.start_round`): a round schedule that was never started is a round of one step.
 """
 from __future__ import annotations
 

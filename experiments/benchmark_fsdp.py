@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alma_jax import config as alma_config, data, learners, optim, placement, sharding
+from alma_jax import config as alma_config, data, learners, placement, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,9 +85,8 @@ def train(config, steps: int) -> dict:
       state.variables)
   # The first `steps` of a round over one mega-batch, started as `MemberLearner.fit` starts one
   # (of a round of `steps` alone, the first would be at the peak rate, untrained).
-  mega_batch = len(dataset.train_labels) // config.stream.num_megabatches
-  opt_state = optim.start_round(opt_state, config.train.max_epochs
-                                * learner.trainer.epoch_steps(mega_batch))
+  opt_state = learner.start_round(
+      opt_state, len(dataset.train_labels) // config.stream.num_megabatches)
   variables, _ = learner.trainer.train_epoch(
       state.variables, opt_state, learner.data.train_images, learner.data.train_labels,
       indices, weights, n, jax.random.split(jax.random.key(1), 1), 0)

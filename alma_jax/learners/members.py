@@ -220,12 +220,16 @@ class MemberLearner:
     return self._flops[signature]
 
   # Training.
+  def start_round(self, opt_state, examples: int):
+    """`opt_state` at the start of a round over `examples` training examples a member: its
+    schedule set to the round's most steps (`train.max_epochs` epochs; `optim.start_round`)."""
+    return optim.start_round(opt_state, self.config.train.max_epochs
+                             * self.trainer.epoch_steps(examples))
+
   def fit(self, work: Work, round, key):
     """Trains the members of `work` side by side; returns (variables, opt_state, report)."""
-    opt_state = (work.opt_state if work.opt_state is not None
-                 else self.init_optimizer(work.start))
-    opt_state = optim.start_round(opt_state, self.config.train.max_epochs
-                                  * self.trainer.epoch_steps(work.train.shape[-1]))
+    opt_state = self.start_round(work.opt_state if work.opt_state is not None
+                                 else self.init_optimizer(work.start), work.train.shape[-1])
     # Fresh buffers: training donates them, and the state may still hold `work.start`.
     start, opt_state = self.trainer.place(work.start, opt_state, copy=True)
     with RoundProgress(self.config, work.train.size) as progress:
