@@ -205,6 +205,7 @@ def check(config, workdir: str) -> None:
       raise WorkdirError(
           f'workdir {workdir!r} holds a run with a different protocol: {shown}. Use a new '
           f'--workdir, or resume it with the command that started it (its config is in {path}).')
+    _check_kept_checkpoints(saved, config, workdir)
     return
   ours = lambda name: (name == LOCK_FILE or name.startswith(LOCK_FILE + STALE_LOCK)
                        or _killed_write(name))
@@ -214,6 +215,24 @@ def check(config, workdir: str) -> None:
                          f'{CONFIG_FILE} (deleted?): put it back, or use a new --workdir.')
     raise WorkdirError(f'workdir {workdir!r} is not empty and holds no {CONFIG_FILE}: it is not '
                        f'an alma_jax run; refusing to write into it.')
+
+
+def _check_kept_checkpoints(saved: dict, config, workdir: str) -> None:
+  """Refuses a resume whose `checkpoint.max_to_keep` is below the one the run was started with
+  and would delete checkpoints the run kept (Orbax deletes the oldest beyond it at the next
+  save)."""
+  keep, kept_before = config.checkpoint.max_to_keep, _lookup(saved, 'checkpoint.max_to_keep')
+  if not keep or kept_before is None or (kept_before and kept_before <= keep):
+    return
+  checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
+  steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) if os.path.isdir(
+      checkpoints) else []
+  if len(steps) >= keep and steps[-1] < config.stream.num_megabatches:  # (a finished run saves no more)
+    raise WorkdirError(
+        f'config.checkpoint.max_to_keep={keep}: workdir {workdir!r} keeps the checkpoints of '
+        f'arrivals {steps} (the run started with max_to_keep={kept_before}, 0 keeping all), '
+        f'and resuming with fewer would delete {steps[:len(steps) - keep + 1]}. Resume with '
+        f'max_to_keep={kept_before}, or move the checkpoints you want elsewhere first.')
 
 
 def _saved_config(path: str) -> dict:

@@ -532,3 +532,22 @@ def test_a_restart_in_the_same_second_keeps_one_events_file(tmp_path, monkeypatc
   events = os.listdir(tmp_path / 'tensorboard')
   assert len(events) == 1
   assert _scalar_steps(tmp_path / 'tensorboard' / events[0], 'test_error') == [1]
+
+
+def test_a_resume_that_would_delete_kept_checkpoints_is_refused(config, tmp_path, monkeypatch):
+  config.stream.num_megabatches = 4
+  run.run(config, str(tmp_path))  # max_to_keep 0: every arrival's checkpoint
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')  # as if killed before its checkpoint
+  config.checkpoint.max_to_keep = 2
+  with monkeypatch.context() as patched:
+    no_data_loaded(patched)
+    with pytest.raises(run.WorkdirError, match=r'keeps the checkpoints of arrivals \[1, 2, 3\].*'
+                       r'would delete \[1, 2\]'):
+      run.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2', '3']
+  config.checkpoint.max_to_keep = 0  # as started: resumes, keeping them all
+  run.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2', '3', '4']
+  config.checkpoint.max_to_keep = 2  # a finished run saves nothing more: nothing to delete
+  run.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2', '3', '4']
