@@ -73,7 +73,7 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
   indices, n = steps.pad_indices(np.arange(n)[None], batch)
   weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
   variables = learner.new_members(jax.random.key(0), 1)
-  opt_state = learner.init_optimizer(variables)
+  opt_state = learner.start_round(learner.init_optimizer(variables), n)
   keys = jax.random.split(jax.random.key(1), 1)
   epoch = lambda v, o, e, examples=n: learner.trainer.train_epoch(  # one program for any
       v, o, learner.data.train_images, learner.data.train_labels, indices, weights, examples,

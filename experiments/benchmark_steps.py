@@ -35,8 +35,8 @@ def examples_per_second(config_file: str, examples: int, epochs: int, compiled_e
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
   variables = learner.new_members(jax.random.key(0), 1)
-  opt_state = learner.init_optimizer(variables)
   indices, n = steps.pad_indices(np.arange(examples)[None], config.train.batch_size)
+  opt_state = learner.start_round(learner.init_optimizer(variables), n)
   weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
   keys = jax.random.split(jax.random.key(1), 1)
   images, labels = learner.data.train_images, learner.data.train_labels

@@ -32,7 +32,9 @@ def epochs(config, dataset, where: str, num_steps: int):
   n = min(num_steps * config.train.batch_size, len(dataset.train_labels))
   indices, n = steps.pad_indices(np.arange(n)[None], config.train.batch_size)
   weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
-  state = list(learner.trainer.place(*_fresh(learner)))
+  variables = learner.new_members(jax.random.key(0), 1)
+  opt_state = learner.start_round(learner.init_optimizer(variables), n)
+  state = list(learner.trainer.place(variables, opt_state))
   keys = jax.random.split(jax.random.key(1), 1)
 
   def run(epoch: int) -> float:
@@ -43,11 +45,6 @@ def epochs(config, dataset, where: str, num_steps: int):
     return time.perf_counter() - began
 
   return run, n
-
-
-def _fresh(learner):
-  variables = learner.new_members(jax.random.key(0), 1)
-  return variables, learner.init_optimizer(variables)
 
 
 def main():
