@@ -250,9 +250,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   base.check_train(c.train)
   if language_model and c.learner.prediction == 'vote':
     fail('learner.prediction', c.learner.prediction, 'a language model averages probabilities')
-  if language_model and c.data.sequence_length > c.model.context:
+  context = c.model.get('context', models.defaults(c.model.name).get('context'))
+  if language_model and c.data.sequence_length > context:
     fail('data.sequence_length', c.data.sequence_length,
-         f'longer than the transformer\'s positions (model.context={c.model.context})')
+         f'longer than the transformer\'s positions (model.context={context})')
   if c.mesh.data < 0:
     fail('mesh.data', c.mesh.data, 'must be >= 0 (0: every device)')
   if c.mesh.member < 1:

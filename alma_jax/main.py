@@ -70,12 +70,18 @@ _OTHER_MODEL_KEYS: list[str] = []
 
 
 def _model_value(text: str, default):
-  """A command-line value as the type of the model key's default."""
+  """A command-line value read as of the kind of the model key's default (checked against it
+  with the config: `models.check`)."""
   if isinstance(default, bool):
-    return text.lower() in ('1', 'true', 'yes')
+    words = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+    if text.lower() not in words:
+      raise ValueError(text)
+    return words[text.lower()]
   if isinstance(default, (int, float, tuple)):
     value = ast.literal_eval(text)
-    return tuple(value) if isinstance(default, tuple) else type(default)(value)
+    if isinstance(value, list):
+      return tuple(value)
+    return float(value) if isinstance(default, float) and isinstance(value, int) else value
   return text
 
 

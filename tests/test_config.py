@@ -61,6 +61,53 @@ def test_bad_values_name_the_key(key, value, message):
     validate(c)
 
 
+@pytest.mark.parametrize('config_file, model, message', [
+    ('fashion_mnist_conv.py', {'blocks': (-3, 1)}, r'blocks=\(-3, 1\): must be a non-empty tuple'),
+    ('fashion_mnist_conv.py', {'blocks': ()}, r'blocks=\(\): must be a non-empty tuple'),
+    ('fashion_mnist_conv.py', {'blocks': (1.5, 1)}, r'blocks=\(1\.5, 1\): must be a non-empty'),
+    ('fashion_mnist_conv.py', {'blocks': 3}, r'blocks=3: must be a non-empty tuple'),
+    ('fashion_mnist.py', {'name': 'moe_mlp', 'num_experts': 2.7},
+     r'num_experts=2\.7: must be a whole number >= 1'),
+    ('lm.py', {'dtype': 'float17'}, r"dtype='float17': must name a floating-point type"),
+    ('lm.py', {'dtype': 'int32'}, r"dtype='int32': must name a floating-point type"),
+    ('lm.py', {'width': 100, 'heads': 3}, r'width=100: must be a multiple of model\.heads=3'),
+])
+def test_bad_model_values_are_refused_before_the_model_is_built(config_file, model, message):
+  """(A dtype or head count failed when the model was first traced, after the data was read;
+  VGG blocks of no or negative convolutions built another model without a word.)"""
+  c = load_config_file(os.path.join(REPO, 'configs', config_file))
+  c.model.update(model)
+  with pytest.raises(ValueError, match=r'config\.model\.' + message):
+    validate(c)
+
+
+def test_a_transformer_left_at_its_default_context_is_checked_against_it():
+  c = load_config_file(os.path.join(REPO, 'configs', 'lm.py'))
+  del c.model['context']  # (a model key the file leaves to the model's default: 128)
+  c.data.sequence_length = 129
+  with pytest.raises(ValueError, match=r'sequence_length=129: longer .* \(model\.context=128\)'):
+    validate(c)
+
+
+def test_model_keys_the_file_lacks_are_read_as_given_not_coerced(monkeypatch, capsys):
+  """A fraction for a whole-number key was truncated, a misspelled bool read as False."""
+  monkeypatch.chdir(REPO)
+  main.check_arguments(['--config=configs/fashion_mnist.py', '--config.model.name=moe_mlp',
+                        '--config.model.num_experts=2.7'])
+  assert main._MODEL_KEYS == {'num_experts': 2.7}  # (then refused by the check above)
+  main.check_arguments(['--config=configs/fashion_mnist.py', '--config.model.name=vgg',
+                        '--config.model.blocks=[1, 2]'])
+  assert main._MODEL_KEYS == {'blocks': (1, 2)}
+  main.check_arguments(['--config=configs/fashion_mnist.py', '--config.model.name=transformer',
+                        '--config.model.remat=True'])
+  assert main._MODEL_KEYS == {'remat': True}
+  with pytest.raises(SystemExit) as exit_:
+    main.check_arguments(['--config=configs/fashion_mnist.py', '--config.model.name=transformer',
+                          '--config.model.remat=ture'])
+  assert exit_.value.code == 2
+  assert "--config.model.remat=ture: not a value of the type of its default" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('updates, message', [
     ({'seed': -1}, r'config\.seed=-1: must be in \[0, 2\*\*32\)'),
     ({'seed': 2 ** 32}, r'config\.seed=4294967296'),

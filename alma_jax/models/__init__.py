@@ -63,9 +63,43 @@ def check(config) -> None:
     if key not in known:
       raise ValueError(f'config.model.{key}={value!r}: model {config.name!r} has no key {key!r} '
                        f'(its keys: {", ".join(sorted(known))})')
-    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-      raise ValueError(f'config.model.{key}={value!r}: must be >= 1')
+    _check_value(f'config.model.{key}', value, known[key])
+  values = {**known, **config}
+  if 'heads' in values and values['width'] % values['heads']:
+    raise ValueError(f'config.model.width={values["width"]}: must be a multiple of '
+                     f'model.heads={values["heads"]}')
+  if 'dtype' in values and not _is_float_dtype(values['dtype']):
+    raise ValueError(f'config.model.dtype={values["dtype"]!r}: must name a floating-point type '
+                     f'(float32, bfloat16, float16)')
   if config.get('attention', 'auto') not in ATTENTION:
     raise ValueError(f'config.model.attention={config.attention!r}: must be \'auto\' (on GPUs '
                      f'cuDNN\'s, or Pallas\'s under deterministic kernels, where they take the '
                      f'shapes), \'xla\' or \'pallas\' (Pallas\'s flash attention on GPUs)')
+
+
+def _check_value(name: str, value, default) -> None:
+  """Raises ValueError unless `value` is of the kind of the key's `default`: a whole number
+  >= 1 where that is one, a non-empty tuple of them where it is such a tuple, a number where it
+  is a float, a bool or string where it is one."""
+  whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1
+  if isinstance(default, tuple) and default and all(map(whole, default)):
+    ok, kind = isinstance(value, (tuple, list)) and value and all(map(whole, value)), (
+        'a non-empty tuple of whole numbers >= 1')
+  elif isinstance(default, bool) or isinstance(default, str):
+    ok, kind = isinstance(value, type(default)), type(default).__name__
+  elif isinstance(default, int):
+    ok, kind = whole(value), 'a whole number >= 1'
+  elif isinstance(default, float):
+    ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), 'a number'
+  else:  # (a user's model: its own kinds of keys)
+    ok, kind = True, ''
+  if not ok:
+    raise ValueError(f'{name}={value!r}: must be {kind}')
+
+
+def _is_float_dtype(name) -> bool:
+  import jax.numpy as jnp
+  try:
+    return jnp.issubdtype(jnp.dtype(name), jnp.floating)
+  except TypeError:
+    return False
