@@ -48,7 +48,10 @@ class Run:
       raise NotARunError(f'{directory!r} is not an alma_jax run: it holds no '
                          f'{alma_run.CONFIG_FILE}')
     with open(path) as f:
-      saved = json.load(f)
+      try:
+        saved = json.load(f)
+      except ValueError as error:
+        raise NotARunError(f'{path} is not a readable run config ({error})') from None
     # The run's own learners, models and data sources register before its config is read.
     alma_config.import_extensions(ml_collections.ConfigDict({'extensions': saved.get(
         'extensions', ())}))
@@ -69,7 +72,12 @@ class Run:
     if not os.path.exists(path):
       return []
     with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      lines = [line for line in f if line.strip()]
+    try:
+      rows = [json.loads(line) for line in lines]
+    except ValueError as error:
+      raise ValueError(f'{path} is damaged ({error}); the checkpoints hold the same rows: run '
+                       f'the command that started the run again to rewrite it') from None
     return rows[:max(self.arrivals(), default=0)]
 
   def summary(self) -> dict:
@@ -84,8 +92,7 @@ class Run:
         return saved
       return {**metrics.summary(self.history(self.arrivals()[-1])), **saved}
     if not self.arrivals():
-      raise NotARunError(f'{self.directory!r} holds no checkpoint yet: the run has not '
-                         f'finished its first arrival')
+      raise NotARunError(f'{self.directory!r} holds no checkpoint' + self._why_no_checkpoint())
     return metrics.summary(self.history(self.arrivals()[-1]))
 
   @property
@@ -103,6 +110,11 @@ class Run:
   def _mesh(self):
     return sharding.make_mesh()
 
+  def _why_no_checkpoint(self) -> str:
+    aside = os.path.join(self.directory, alma_run.CHECKPOINTS_DIR + checkpoint.CORRUPT_SUFFIX)
+    return (f': its checkpoints were found corrupt and set aside in {aside}'
+            if os.path.isdir(aside) else ' yet: the run has not finished its first arrival')
+
   def arrivals(self) -> list[int]:
     """The arrivals whose run state is checkpointed (read without writing anything)."""
     return checkpoint.saved_steps(os.path.join(self.directory, alma_run.CHECKPOINTS_DIR))
@@ -112,7 +124,12 @@ class Run:
     `parts`, if given: the others are not read)."""
     if t not in self.arrivals():
       raise KeyError(f'{self.directory}: no checkpoint of arrival {t} (kept: {self.arrivals()})')
-    return self._checkpointer.restore(t, parts)
+    try:
+      return self._checkpointer.restore(t, parts)
+    except checkpoint.CorruptCheckpointError as error:
+      raise checkpoint.CorruptCheckpointError(
+          f'{self.directory}: {error}. Running the command that started the run again sets it '
+          f'aside and goes on from the checkpoint before it') from None
 
   def history(self, t: int) -> dict:
     """The per-arrival metrics checkpointed after arrival `t` (`metrics.HISTORY_FIELDS`,
@@ -340,6 +357,8 @@ def cli(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   try:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+      raise NotARunError(f'--out={args.out}: a file, not a folder for the plots')
     runs = [Run(d) for d in args.runs]
     labels = args.labels.split(',') if args.labels else [r.name for r in runs]
     if len(labels) != len(runs):
@@ -347,21 +366,21 @@ def cli(argv: list[str] | None = None) -> None:
                        f'given')
     started = [bool(r.arrivals()) for r in runs]
     if not any(started):
-      raise NotARunError('none of the runs has a checkpoint yet (each has yet to finish its '
-                         'first arrival)')
+      raise NotARunError('none of the runs has a checkpoint: ' + '; '.join(
+          f'{r.name}{r._why_no_checkpoint()}' for r in runs))
     if not all(started):
       print('left out, no checkpoint yet: ' + ', '.join(
           label for label, s in zip(labels, started) if not s), file=sys.stderr)
       runs, labels = ([x for x, s in zip(xs, started) if s] for xs in (runs, labels))
     _language_models(runs)
-  except (NotARunError, ValueError) as error:
+    print(table(runs, labels))
+    for path in plot(runs, labels, args.out):
+      print(f'wrote {path}')
+    write_csv(runs, labels, os.path.join(args.out, 'table.csv'))
+    print(f"wrote {os.path.join(args.out, 'table.csv')}")
+  except (NotARunError, ValueError) as error:  # (a damaged checkpoint's too)
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
-  print(table(runs, labels))
-  for path in plot(runs, labels, args.out):
-    print(f'wrote {path}')
-  write_csv(runs, labels, os.path.join(args.out, 'table.csv'))
-  print(f"wrote {os.path.join(args.out, 'table.csv')}")
 
 
 if __name__ == '__main__':

@@ -37,6 +37,7 @@ from alma_jax import sharding
 
 CHECKSUM = 'checksum'
 MEMBER_STACKS = ('variables', 'opt_state')  # of the run state's 'learner'
+CORRUPT_SUFFIX = '_corrupt'  # checkpoints/ -> checkpoints_corrupt/, where corrupt ones are moved
 ITEM = 'default'  # the folder of a step where a manager of one unnamed item keeps it
 
 
@@ -145,9 +146,13 @@ class Checkpointer:
     if worst == 2 and status != 2:
       raise RuntimeError(f'checkpoint {step} could not be restored on another process (its '
                          f'log says why)')
+    if status == 2:
+      raise error
     if worst:
-      raise error or CorruptCheckpointError(f'checkpoint {step}: its files could not be read '
-                                            f'on another process (its log says why)')
+      why = (f'{type(error).__name__}: {str(error)[:300]}' if error
+             else 'on another process: its log says why')
+      raise CorruptCheckpointError(f'checkpoint {step}: its files could not be read ({why})'
+                                   ) from error
     saved = tree.pop(CHECKSUM, None)  # (checkpoints of earlier versions have none)
     if isinstance(saved, dict):
       damaged = [part for part in tree if checksum(tree[part]) != int(saved[part])]
@@ -203,14 +208,16 @@ class Checkpointer:
         aside = self._move_aside(step)
         logging.warning('checkpoint %d is corrupt (%s); moved it to %s and falling back to '
                         'the one before it', step, shown, aside)
+        before = [kept for kept in self.steps() if kept < step]
         print(f'WARNING: checkpoint {step} is corrupt ({shown[:200]}); kept it at {aside} and '
-              f'resumed from the previous one.', flush=True)
+              + (f'falling back to checkpoint {before[-1]}.' if before else
+                 'no checkpoint is left before it.'), flush=True)
       sharding.barrier(f'alma_jax.checkpoint.corrupt.{step}')
       self.manager.reload()
     return 0, None
 
   def _move_aside(self, step: int) -> str:
-    corrupt_dir = self.directory + '_corrupt'
+    corrupt_dir = self.directory + CORRUPT_SUFFIX
     os.makedirs(corrupt_dir, exist_ok=True)
     target = os.path.join(corrupt_dir, str(step))
     suffix = 0

@@ -43,7 +43,7 @@ flags.mark_flags_as_required(['config'])
 # What a user's mistake raises. An internal error of one of these types is also shown as one
 # line; --verbose shows its traceback.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, run.WorkdirError,
-               data.DataNotFoundError, sharding.FailedElsewhere)
+               data.DataNotFoundError, sharding.FailedElsewhere, FloatingPointError)
 
 
 def _mistake(message: str):

@@ -85,7 +85,8 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
   if not np.isfinite(test['loss']):
     raise FloatingPointError(
         f"test loss {test['loss']} after arrival {t}: training diverged (try a lower "
-        f"config.optimizer.learning_rate); checkpoints up to arrival {t - 1} are kept")
+        f"config.optimizer.learning_rate); " + (f"checkpoints up to arrival {t - 1} are kept"
+                                                if t > 1 else "no checkpoint was written"))
   history = metrics.record(
       history, t, trained=float(trained), test_error=test['error'], test_loss=test['loss'],
       train_flops=report.train_flops, valid_flops=report.valid_flops,

@@ -19,7 +19,7 @@ import zlib
 
 import jax
 
-from alma_jax import config as alma_config, sharding
+from alma_jax import checkpoint, config as alma_config, sharding
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
@@ -298,10 +298,13 @@ def check_results_are_checkpointed(workdir: str, start: int) -> None:
   with open(path) as f:
     written = sum(1 for line in f if line.strip())
   if written > 1:
+    aside = os.path.join(workdir, CHECKPOINTS_DIR + checkpoint.CORRUPT_SUFFIX)
+    lost = (f'its checkpoints were found corrupt (kept in {aside})' if os.path.isdir(aside)
+            else 'its checkpoints were lost')
     raise WorkdirError(
         f'workdir {workdir!r} holds results of {written} arrivals ({METRICS_FILE}) but no '
-        f'checkpoint to resume from: its checkpoints were lost, and running on would restart '
-        f'it from scratch. Move the workdir aside or use a new --workdir.')
+        f'checkpoint to resume from: {lost}, and running on would restart it from scratch. '
+        f'Move the workdir aside or use a new --workdir.')
 
 
 def check_same_data(workdir: str, dataset, data_config, parts: dict) -> None:

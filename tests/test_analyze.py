@@ -120,6 +120,46 @@ def test_the_cli_leaves_out_a_run_not_started_and_says_so(runs, tmp_path, capsys
   assert exit_.value.code == 2 and 'none of the runs has a checkpoint' in capsys.readouterr().err
 
 
+def test_damaged_files_of_a_run_are_named_in_one_line_and_nothing_is_moved(runs, tmp_path,
+                                                                          capsys):
+  def cli_error(*args):
+    with pytest.raises(SystemExit) as exit_:
+      analyze.cli([*args, f'--out={tmp_path / "out"}'])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count('\n') == 1, err
+    return err
+
+  unfinished = tmp_path / 'unfinished'  # (its numbers are read from its latest checkpoint)
+  shutil.copytree(runs['finetune'], unfinished)
+  os.remove(unfinished / run.SUMMARY_FILE)
+  for root, _, names in os.walk(unfinished / 'checkpoints' / '4'):  # every array's file
+    for name in names:
+      if os.sep + 'd' + os.sep in os.path.join(root, name):
+        with open(os.path.join(root, name), 'r+b') as f:
+          content = bytearray(f.read())
+          content[len(content) // 2] ^= 0x10
+          f.seek(0)
+          f.write(content)
+  err = cli_error(str(unfinished))
+  assert f'{unfinished}: checkpoint 4: ' in err and 'sets it aside' in err
+  assert analyze.Run(str(unfinished)).arrivals() == [1, 2, 3, 4]  # analysis moves nothing
+  rows = tmp_path / 'rows'
+  shutil.copytree(runs['finetune'], rows)
+  with open(rows / run.METRICS_FILE, 'r+') as f:
+    f.truncate(len(f.readline()) + 10)
+  assert f'{rows / run.METRICS_FILE} is damaged' in cli_error(str(rows))
+  config = tmp_path / 'config'
+  shutil.copytree(runs['finetune'], config)
+  with open(config / run.CONFIG_FILE, 'r+') as f:
+    f.truncate(100)
+  assert f'{config / run.CONFIG_FILE} is not a readable run config' in cli_error(str(config))
+  (tmp_path / 'notes').write_text('mine')
+  with pytest.raises(SystemExit):
+    analyze.cli([runs['finetune'], f'--out={tmp_path / "notes"}'])
+  assert 'a file, not a folder' in capsys.readouterr().err
+  assert (tmp_path / 'notes').read_text() == 'mine'
+
+
 def test_a_run_whose_flops_were_not_counted_is_named_not_plotted(runs, tmp_path, monkeypatch):
   a, b = analyze.Run(runs['finetune']), analyze.Run(runs['gens'])
   summary = b.summary()

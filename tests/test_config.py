@@ -184,6 +184,13 @@ def test_a_mistake_is_one_line_and_status_2_before_any_work(tmp_path, args, line
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
+def test_a_diverging_run_ends_in_one_line_and_status_2(tmp_path):
+  out = run_main('--config=configs/fashion_mnist.py:tiny', f'--workdir={tmp_path}/run',
+                 '--config.optimizer.name=sgd', '--config.optimizer.learning_rate=1e30')
+  assert out.returncode == 2 and out.stderr.count('\n') == 1, out.stderr
+  assert 'error: test loss nan after arrival 1: training diverged' in out.stderr
+
+
 def test_verbose_shows_the_traceback(tmp_path):
   out = run_main('--config=configs/fashion_mnist.py', f'--workdir={tmp_path}/run',
                  '--config.stream.waiting_time=20', '--verbose')

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -347,7 +348,8 @@ def test_a_foreign_workdir_is_refused(config, tmp_path):
 
 def test_a_diverging_run_stops_with_a_clear_error(config, tmp_path):
   config.optimizer.update(name='sgd', learning_rate=1e6, momentum=0.9)
-  with pytest.raises(FloatingPointError, match='diverged'):
+  with pytest.raises(FloatingPointError, match=r'after arrival 1: training diverged .*; no '
+                     r'checkpoint was written'):
     run.run(config, str(tmp_path))
 
 
@@ -472,6 +474,22 @@ def test_a_checkpoint_without_its_metadata_is_corrupt(config, tmp_path):
       checkpointer.restore(2)
     assert checkpointer.restore_latest()[0] == 1
   assert os.listdir(tmp_path / 'checkpoints_corrupt') == ['2']
+
+
+def test_a_run_whose_every_checkpoint_is_corrupt_says_where_they_are_kept(config, tmp_path,
+                                                                         capsys):
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  for step in ('1', '2'):
+    for root, _, names in os.walk(tmp_path / 'checkpoints' / step):
+      for name in names:
+        (Path(root) / name).write_bytes(b'garbage')
+  capsys.readouterr()
+  with pytest.raises(run.WorkdirError, match=r'found corrupt \(kept in .*checkpoints_corrupt\)'):
+    run.run(config, str(tmp_path))
+  said = capsys.readouterr().out
+  assert 'falling back to checkpoint 1.' in said and 'no checkpoint is left before it.' in said
+  assert sorted(os.listdir(tmp_path / 'checkpoints_corrupt')) == ['1', '2']
 
 
 def write_config(config, path):
