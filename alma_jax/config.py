@@ -1,8 +1,8 @@
 """Config defaults shared by every config file, and the checks a config must pass before any work.
 
 A config has sections: data, stream, model, learner, optimizer, train, mesh, checkpoint, log,
-backend, and the top-level `seed`. Config files under configs/ start from `base()` and set what
-differs.
+backend, and the top-level `seed` and `extensions`. Config files under configs/ start from
+`base()` and set what differs.
 """
 from __future__ import annotations
 

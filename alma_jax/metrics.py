@@ -28,7 +28,7 @@ HISTORY_FIELDS = {
     'train_tokens': np.float64,     # targets trained on this round: examples x tokens per example
     'epochs': np.float64,           # epochs run this round
     'params': np.float64,           # parameters of the predictor after this arrival
-    'buffer_bytes': np.float64,     # training examples held for rounds to come, after it
+    'buffer_bytes': np.float64,     # training and validation examples held for rounds to come
     'optimizer_bytes': np.float64,  # optimizer state this arrival's round trained with
     'inference_flops': np.float64,  # forward FLOPs per test example of the predictor
     'seconds': np.float64,          # wall time of this arrival (training + evaluation)

@@ -4,7 +4,8 @@ SAMME, over the members in order, from uniform example weights w: eps_m = sum(w 
 sum(w), alpha_m = log((1 - eps_m) / eps_m) + log(C - 1), w *= exp(alpha_m * miss_m). The new
 member trains on the round's data drawn by the weights SAMME leaves on it (sampling, reference);
 then every member's alpha is recomputed by SAMME on the round's validation split. Prediction:
-the alpha-weighted sum of the members' logits. The new member starts as a copy of the last.
+the alpha-weighted sum of the members' logits. The new member starts as a copy of the last, or
+fresh (`learner.new_member`).
 SAMME's passes (every member forward over the round's training data, then over its validation
 split) count as training FLOPs, as gMoE's measuring does: a round costs more with every member.
 The first round trains on ordinary shuffled epochs, as the reference

@@ -20,7 +20,9 @@ NUM_EXPERTS = 2
 
 def register(name: str, module_class) -> None:
   """Makes `config.model.name=name` build `module_class(num_classes=..., **the model's keys)`, a
-  Flax Linen module whose keyword fields with defaults are the keys a config may set."""
+  Flax Linen module whose keyword fields with defaults are the keys a config may set, called as
+  `(x, train=...)`, and with `mask=` (the batch's real examples) if it has collections besides
+  `params`."""
   _MODELS[name] = module_class
 
 
