@@ -110,6 +110,30 @@ def test_a_copied_gens_member_starts_as_the_function_of_the_last(config):
   # With one member so far, the ensemble's mean logits are unchanged by the copy.
   after = learner.ensemble(grown, jnp.ones(2), x)[0]
   np.testing.assert_allclose(after, before, atol=1e-6)
+  # With two (different) members, the third starts as the last, not the first.
+  state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(3))
+  start = learner.plan.work(learner, state, first_round(dataset, config), jax.random.key(4)).start
+  logits = jax.vmap(learner.apply_fn, (0, None))(
+      jax.tree.map(lambda a, b: jnp.concatenate([a, b]), state.variables, start), x)
+  np.testing.assert_array_equal(logits[2], logits[1])
+  assert not np.allclose(logits[2], logits[0], atol=1e-3)
+
+
+def test_from_scratch_starts_every_round_fresh_and_finetune_where_it_left_off(config):
+  rounds = {}
+  for name in ('from_scratch', 'finetune'):
+    learner, dataset = make_learner(config, name)
+    state = learner.init(jax.random.key(0))
+    state, _ = learner.train_round(state, first_round(dataset, config), jax.random.key(1))
+    key = jax.random.key(2)
+    rounds[name] = (learner.plan.work(learner, state, first_round(dataset, config), key).start,
+                    state.variables, learner.new_members(key, 1))
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                                 jax.tree.leaves(b)))
+  start, trained, fresh = rounds['from_scratch']
+  assert same(start, fresh) and not same(start, trained)
+  start, trained, fresh = rounds['finetune']
+  assert same(start, trained) and not same(start, fresh)
 
 
 @pytest.mark.parametrize('name,k', [('k_ensemble', 3), ('bagging', 3), ('agg_ensemble', 3)])
@@ -279,9 +303,10 @@ def test_boosting_counts_the_forward_passes_that_weigh_examples_and_members(conf
 def test_samme_weights_and_alphas():
   miss = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
   alphas, weights = boosting.samme(miss, num_classes=10)
-  assert alphas[0] == pytest.approx(np.log(3) + np.log(9))
-  assert weights.mean() == pytest.approx(1.0)
-  assert weights[0] > weights[2] and weights[1] > weights[2]  # missed examples gain weight
+  # Member 1 misses 1 of 4 equal weights: alpha log(3) + log(9) = log 27, and the missed
+  # example's weight x27. Member 2 then misses 1 of 30: log(29) + log(9) = log 261.
+  np.testing.assert_allclose(alphas, np.log([27, 261]), rtol=1e-6)
+  np.testing.assert_allclose(weights, 4 * np.array([27, 261, 1, 1]) / 290, rtol=1e-5)
 
 
 @pytest.mark.parametrize('combine', ['mean_logits', 'mean_probs', 'weighted_logits',

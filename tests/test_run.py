@@ -322,9 +322,12 @@ def test_a_checkpoint_write_that_fails_ends_the_process(config, tmp_path):
       'def sabotaged(self, step, tree):\n'
       '  if step == 2:\n'
       '    shutil.rmtree(self.directory); open(self.directory, "w").write("x")\n'
+      '    print("sabotaged arrival 2", flush=True)\n'
       '  return save(self, step, tree)\n'
       'checkpoint.Checkpointer.save = sabotaged\n'))
-  assert result.returncode != 0
+  assert 'sabotaged arrival 2' in result.stdout  # (not a failure of the patch itself)
+  assert result.returncode != 0 and f'{tmp_path / "w" / "checkpoints"}' in result.stderr
+  assert os.path.isfile(tmp_path / 'w' / 'checkpoints')  # nothing wrote past the failure
 
 
 def test_a_progress_bar_shows_while_rounds_train_unless_the_output_is_not_a_terminal(
