@@ -50,7 +50,10 @@ def bench_alma_jax(config) -> dict:
     wall = time.perf_counter() - began
     with open(os.path.join(workdir, alma_run.METRICS_FILE)) as f:
       rows = [json.loads(line) for line in f]
-  return {'wall_s': wall, 'rounds_s': summary['seconds'], 'final_error': summary['final_error'],
+  return {'wall_s': wall, 'rounds_s': summary['seconds'], 'startup_s': summary['startup_seconds'],
+          'compile_s': summary['compile_seconds'], 'compilations': summary['compilations'],
+          'compilations_from_cache': summary['compilations_from_cache'],
+          'final_error': summary['final_error'],
           'train_examples': summary['train_examples'],
           'epochs': [int(r['epochs']) for r in rows if r['trained']]}
 
@@ -182,7 +185,8 @@ def main():
              'torch, index batches': bench_torch(config, _index_batches)}
   print('\n' + table(results))
   if args.out:
-    common.write_result({**common.environment(), 'variant': args.variant, 'results': results},
+    common.write_result({**common.environment(), 'variant': args.variant, 'torch_device': 'cpu',
+                         'results': results},
                         args.out, show=False)
 
 

@@ -31,7 +31,9 @@ def lm_script(doc: str, out: str, **options: int | str):
 
 
 def environment() -> dict:
-  """Where a figure was measured: the device and the versions of what computed it."""
+  """Where a figure was measured: the device, the versions of what computed it (the jax
+  plugins for GPUs and TPUs included), the code (its commit, and a digest of its sources, which
+  names the code even where a copy carries stale git metadata) and the command."""
   import importlib.metadata
   import platform
 
@@ -41,19 +43,72 @@ def environment() -> dict:
 
   import alma_jax
   versions = {'alma_jax': alma_jax.__version__}
-  for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'torch'):
+  for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'grain',
+                  'torch'):
     try:
       versions[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
       pass
+  for dist in importlib.metadata.distributions():  # jax-cuda13-plugin, libtpu, ...
+    name = (dist.metadata['Name'] or '').lower()
+    if name.startswith(('jax-cuda', 'jax_cuda', 'libtpu', 'jax-rocm')):
+      versions[name] = dist.version
   try:  # the commit measured, '+' when the tree had changes (None: not a git checkout)
     commit = subprocess.run(['git', 'describe', '--always', '--dirty=+'], cwd=ROOT,
                             capture_output=True, text=True, timeout=10).stdout.strip() or None
   except (OSError, subprocess.SubprocessError):  # no git, or it hung
     commit = None
   return {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-          'devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'python': platform.python_version(), 'versions': versions, 'commit': commit}
+          'devices': jax.device_count(), 'cpu': _cpu_model(), 'cpu_count': os.cpu_count(),
+          'python': platform.python_version(), 'versions': versions, 'commit': commit,
+          'source_digest': source_digest(), 'command': [_script(), *sys.argv[1:]]}
+
+
+def _script() -> str:
+  return (os.path.relpath(sys.argv[0], ROOT) if sys.argv and os.path.isfile(sys.argv[0])
+          else (sys.argv or [''])[0])
+
+
+def source_digest(root: str = ROOT) -> str:
+  """A digest of the code's Python sources (alma_jax/, configs/, experiments/): equal digests,
+  equal code. For a commit: `git worktree add /tmp/c COMMIT`, then this over /tmp/c."""
+  import hashlib
+  digest = hashlib.sha256()
+  for top in ('alma_jax', 'configs', 'experiments'):
+    paths = sorted(os.path.relpath(os.path.join(d, name), root)
+                   for d, _, names in os.walk(os.path.join(root, top))
+                   for name in names if name.endswith('.py'))
+    for path in paths:
+      digest.update(path.encode() + b'\0')
+      with open(os.path.join(root, path), 'rb') as f:
+        digest.update(f.read() + b'\0')
+  return digest.hexdigest()[:12]
+
+
+def _cpu_model() -> str:
+  import platform
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def first_call(fn, *args):
+  """`fn(*args)` waited for, and what that first call cost: its seconds, the programs it
+  compiled or loaded from the persistent compilation cache, and their seconds (so a warm-up's
+  time says whether it compiled)."""
+  import time
+
+  import jax
+  began = time.perf_counter()
+  with backend.Compilations() as compiled:
+    out = jax.block_until_ready(fn(*args))
+  return out, {'seconds': time.perf_counter() - began, 'compilations': compiled.count,
+               'from_cache': compiled.loaded, 'compile_seconds': compiled.seconds}
 
 
 def error(error: Exception) -> dict:

@@ -100,12 +100,14 @@ def main():
   parser.add_argument('--steps', type=int, default=0)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
-  path, steps = newest_trace(args.directory), args.steps
-  if not steps:
-    recorded = os.path.join(args.directory, 'steps.json')
-    steps = json.load(open(recorded))['steps'] if os.path.exists(recorded) else 1
+  path = newest_trace(args.directory)
+  # benchmark_lm.py's record of the steps traced, and of where they ran
+  recorded = os.path.join(args.directory, 'steps.json')
+  measured = json.load(open(recorded)) if os.path.exists(recorded) else {}
+  steps = args.steps or measured.get('steps', 1)
+  measured.pop('steps', None)
   with gzip.open(path) as f:
-    result = {'trace': path, **summary(json.load(f), steps)}
+    result = {**measured, 'trace': path, **summary(json.load(f), steps)}
   unit = f'a step ({steps} traced)' if steps > 1 else 'in all'
   print(f"{path}\nspan {result['span_ms']:.2f} ms {unit}, busy {result['busy_ms']:.2f} ms")
   for name, ms in result['by_kind_ms'].items():
