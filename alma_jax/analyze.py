@@ -92,7 +92,7 @@ class Run:
         return saved
       return {**metrics.summary(self.history(self.arrivals()[-1])), **saved}
     if not self.arrivals():
-      raise NotARunError(f'{self.directory!r} holds no checkpoint' + self._why_no_checkpoint())
+      raise NotARunError(f'{self.directory!r} holds no checkpoint: {self._why_no_checkpoint()}')
     return metrics.summary(self.history(self.arrivals()[-1]))
 
   @property
@@ -112,8 +112,8 @@ class Run:
 
   def _why_no_checkpoint(self) -> str:
     aside = os.path.join(self.directory, alma_run.CHECKPOINTS_DIR + checkpoint.CORRUPT_SUFFIX)
-    return (f': its checkpoints were found corrupt and set aside in {aside}'
-            if os.path.isdir(aside) else ' yet: the run has not finished its first arrival')
+    return (f'its checkpoints were found corrupt and set aside in {aside}'
+            if os.path.isdir(aside) else 'the run has yet to finish its first arrival')
 
   def arrivals(self) -> list[int]:
     """The arrivals whose run state is checkpointed (read without writing anything)."""
@@ -127,9 +127,11 @@ class Run:
     try:
       return self._checkpointer.restore(t, parts)
     except checkpoint.CorruptCheckpointError as error:
+      latest = t == self.arrivals()[-1]
       raise checkpoint.CorruptCheckpointError(
-          f'{self.directory}: {error}. Running the command that started the run again sets it '
-          f'aside and goes on from the checkpoint before it') from None
+          f'{self.directory}: {error}' + ('. Running the command that started the run again '
+                                          'sets it aside and goes on from the checkpoint before '
+                                          'it' if latest else '')) from None
 
   def history(self, t: int) -> dict:
     """The per-arrival metrics checkpointed after arrival `t` (`metrics.HISTORY_FIELDS`,
@@ -367,7 +369,7 @@ def cli(argv: list[str] | None = None) -> None:
     started = [bool(r.arrivals()) for r in runs]
     if not any(started):
       raise NotARunError('none of the runs has a checkpoint: ' + '; '.join(
-          f'{r.name}{r._why_no_checkpoint()}' for r in runs))
+          f'{r.name} ({r._why_no_checkpoint()})' for r in runs))
     if not all(started):
       print('left out, no checkpoint yet: ' + ', '.join(
           label for label, s in zip(labels, started) if not s), file=sys.stderr)

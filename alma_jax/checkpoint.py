@@ -146,7 +146,7 @@ class Checkpointer:
     if worst == 2 and status != 2:
       raise RuntimeError(f'checkpoint {step} could not be restored on another process (its '
                          f'log says why)')
-    if status == 2:
+    if status == 2 or isinstance(error, CorruptCheckpointError):
       raise error
     if worst:
       why = (f'{type(error).__name__}: {str(error)[:300]}' if error

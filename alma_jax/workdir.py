@@ -218,20 +218,23 @@ def check(config, workdir: str) -> None:
 
 
 def _check_kept_checkpoints(saved: dict, config, workdir: str) -> None:
-  """Refuses a resume whose `checkpoint.max_to_keep` is below the one the run was started with
-  and would delete checkpoints the run kept (Orbax deletes the oldest beyond it at the next
-  save)."""
+  """Refuses a resume whose `checkpoint.max_to_keep` would, by the run's end, delete checkpoints
+  that the setting the run was started with keeps (Orbax keeps the newest n at every save)."""
   keep, kept_before = config.checkpoint.max_to_keep, _lookup(saved, 'checkpoint.max_to_keep')
-  if not keep or kept_before is None or (kept_before and kept_before <= keep):
-    return
   checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
-  steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()) if os.path.isdir(
-      checkpoints) else []
-  if len(steps) >= keep and steps[-1] < config.stream.num_megabatches:  # (a finished run saves no more)
+  if not keep or kept_before is None or not os.path.isdir(checkpoints):
+    return
+  steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+  if not steps or steps[-1] >= config.stream.num_megabatches:  # (a finished run saves no more)
+    return
+  every = steps + list(range(steps[-1] + 1, config.stream.num_megabatches + 1))
+  deleted = lambda n: set(steps) - set(every[-n:]) if n else set()
+  lost = sorted(deleted(keep) - deleted(kept_before))
+  if lost:
     raise WorkdirError(
-        f'config.checkpoint.max_to_keep={keep}: workdir {workdir!r} keeps the checkpoints of '
-        f'arrivals {steps} (the run started with max_to_keep={kept_before}, 0 keeping all), '
-        f'and resuming with fewer would delete {steps[:len(steps) - keep + 1]}. Resume with '
+        f'config.checkpoint.max_to_keep={keep}: resuming workdir {workdir!r} with it would '
+        f'delete the checkpoints of arrivals {lost}, which the run\'s own setting '
+        f'(max_to_keep={kept_before}; 0 keeps all) keeps. Resume with '
         f'max_to_keep={kept_before}, or move the checkpoints you want elsewhere first.')
 
 

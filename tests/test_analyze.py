@@ -98,7 +98,8 @@ def test_a_partial_run_is_marked_and_never_ranked_with_finished_ones(runs, tmp_p
   (tmp_path / 'empty').mkdir()
   shutil.copy(partial / run.CONFIG_FILE, tmp_path / 'empty')
   empty = analyze.Run(str(tmp_path / 'empty'))
-  with pytest.raises(analyze.NotARunError, match='no checkpoint yet'):
+  with pytest.raises(analyze.NotARunError, match='holds no checkpoint: the run has yet to finish '
+                     'its first arrival'):
     empty.summary()
   assert empty.arrivals() == [] and os.listdir(tmp_path / 'empty') == [run.CONFIG_FILE]
   # A seed that has no checkpoint yet, and a run that has none, are left out of the plots.
@@ -117,7 +118,8 @@ def test_the_cli_leaves_out_a_run_not_started_and_says_so(runs, tmp_path, capsys
   assert os.listdir(tmp_path / 'started') == [run.CONFIG_FILE]  # nothing written into it
   with pytest.raises(SystemExit) as exit_:
     analyze.cli([str(tmp_path / 'started')])
-  assert exit_.value.code == 2 and 'none of the runs has a checkpoint' in capsys.readouterr().err
+  assert exit_.value.code == 2 and ('none of the runs has a checkpoint: started (the run has yet '
+                                    'to finish its first arrival)') in capsys.readouterr().err
 
 
 def test_damaged_files_of_a_run_are_named_in_one_line_and_nothing_is_moved(runs, tmp_path,

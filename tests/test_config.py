@@ -64,8 +64,10 @@ def test_bad_values_name_the_key(key, value, message):
 @pytest.mark.parametrize('config_file, model, message', [
     ('fashion_mnist_conv.py', {'blocks': (-3, 1)}, r'blocks=\(-3, 1\): must be a non-empty tuple'),
     ('fashion_mnist_conv.py', {'blocks': ()}, r'blocks=\(\): must be a non-empty tuple'),
-    ('fashion_mnist_conv.py', {'blocks': (1.5, 1)}, r'blocks=\(1\.5, 1\): must be a non-empty'),
-    ('fashion_mnist_conv.py', {'blocks': 3}, r'blocks=3: must be a non-empty tuple'),
+    ('fashion_mnist_conv.py', {'name': 'moe_vgg', 'blocks': (0, 1)}, r'blocks=\(0, 1\): must be'),
+    ('fashion_mnist_conv.py', {'blocks': (1.5, 1)}, r'blocks=\(1\.5, 1\): must be a tuple of whole'),
+    ('fashion_mnist_conv.py', {'blocks': 3}, r'blocks=3: must be a tuple of whole numbers'),
+    ('lm.py', {'attention': 'flash'}, r"attention='flash': must be 'auto'"),
     ('fashion_mnist.py', {'name': 'moe_mlp', 'num_experts': 2.7},
      r'num_experts=2\.7: must be a whole number >= 1'),
     ('lm.py', {'dtype': 'float17'}, r"dtype='float17': must name a floating-point type"),
@@ -79,6 +81,25 @@ def test_bad_model_values_are_refused_before_the_model_is_built(config_file, mod
   c.model.update(model)
   with pytest.raises(ValueError, match=r'config\.model\.' + message):
     validate(c)
+
+
+def test_a_registered_model_checks_only_its_own_keys(monkeypatch):
+  """The transformer's and the VGG's own rules (heads, dtype, blocks) are theirs: a user's model
+  with keys of the same names, or tuples of other meanings, is not held to them."""
+  import flax.linen as nn
+  from alma_jax import models
+
+  class Mine(nn.Module):
+    num_classes: int = 10
+    heads: int = 3
+    dtype: str = 'int8'
+    padding: tuple = (1, 1)
+
+  monkeypatch.setitem(models._MODELS, 'mine', Mine)
+  import ml_collections
+  models.check(ml_collections.ConfigDict({'name': 'mine', 'padding': (0, 0)}))
+  with pytest.raises(ValueError, match=r'padding=\(0\.5,\): must be a tuple of whole numbers'):
+    models.check(ml_collections.ConfigDict({'name': 'mine', 'padding': (0.5,)}))
 
 
 def test_a_transformer_left_at_its_default_context_is_checked_against_it():

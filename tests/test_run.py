@@ -562,10 +562,14 @@ def test_a_resume_that_would_delete_kept_checkpoints_is_refused(config, tmp_path
   config.checkpoint.max_to_keep = 2
   with monkeypatch.context() as patched:
     no_data_loaded(patched)
-    with pytest.raises(run.WorkdirError, match=r'keeps the checkpoints of arrivals \[1, 2, 3\].*'
-                       r'would delete \[1, 2\]'):
+    with pytest.raises(run.WorkdirError, match=r'would delete the checkpoints of arrivals '
+                       r'\[1, 2\], which the run\'s own setting \(max_to_keep=0'):
       run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2', '3']
+  shutil.rmtree(tmp_path / 'checkpoints' / '3')
+  shutil.rmtree(tmp_path / 'checkpoints' / '2')  # the next save keeps [1, 2]; the one after not
+  with pytest.raises(run.WorkdirError, match=r'arrivals \[1\]'):
+    run.run(config, str(tmp_path))
   config.checkpoint.max_to_keep = 0  # as started: resumes, keeping them all
   run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2', '3', '4']

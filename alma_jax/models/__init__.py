@@ -6,7 +6,7 @@ import dataclasses
 from alma_jax.models.aggregate import Aggregate
 from alma_jax.models.mlp import MLP
 from alma_jax.models.resnet import ResNet18
-from alma_jax.models.transformer import ATTENTION, Transformer
+from alma_jax.models.transformer import Transformer
 from alma_jax.models.vgg import VGG
 
 __all__ = ['Aggregate', 'MIXTURES', 'MLP', 'ResNet18', 'Transformer', 'VGG', 'build', 'check',
@@ -22,7 +22,8 @@ def register(name: str, module_class) -> None:
   """Makes `config.model.name=name` build `module_class(num_classes=..., **the model's keys)`, a
   Flax Linen module whose keyword fields with defaults are the keys a config may set, called as
   `(x, train=...)`, and with `mask=` (the batch's real examples) if it has collections besides
-  `params`."""
+  `params`. A classmethod `check_config(keys)` of the class, if it has one, checks the model's
+  keys with the config (raising ValueError)."""
   _MODELS[name] = module_class
 
 
@@ -66,42 +67,26 @@ def check(config) -> None:
       raise ValueError(f'config.model.{key}={value!r}: model {config.name!r} has no key {key!r} '
                        f'(its keys: {", ".join(sorted(known))})')
     _check_value(f'config.model.{key}', value, known[key])
-  values = {**known, **config}
-  if 'heads' in values and values['width'] % values['heads']:
-    raise ValueError(f'config.model.width={values["width"]}: must be a multiple of '
-                     f'model.heads={values["heads"]}')
-  if 'dtype' in values and not _is_float_dtype(values['dtype']):
-    raise ValueError(f'config.model.dtype={values["dtype"]!r}: must name a floating-point type '
-                     f'(float32, bfloat16, float16)')
-  if config.get('attention', 'auto') not in ATTENTION:
-    raise ValueError(f'config.model.attention={config.attention!r}: must be \'auto\' (on GPUs '
-                     f'cuDNN\'s, or Pallas\'s under deterministic kernels, where they take the '
-                     f'shapes), \'xla\' or \'pallas\' (Pallas\'s flash attention on GPUs)')
+  model = _MODELS[MIXTURES.get(config.name, config.name)]
+  if hasattr(model, 'check_config'):  # what only the model knows (a classmethod over its keys)
+    model.check_config({**known, **{k: v for k, v in config.items() if k != 'name'}})
 
 
 def _check_value(name: str, value, default) -> None:
   """Raises ValueError unless `value` is of the kind of the key's `default`: a whole number
-  >= 1 where that is one, a non-empty tuple of them where it is such a tuple, a number where it
-  is a float, a bool or string where it is one."""
-  whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1
+  >= 1 where that is one, a tuple of whole numbers where it is one, a number where it is a
+  float, a bool or string where it is one (other kinds are the model's to check)."""
+  whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
   if isinstance(default, tuple) and default and all(map(whole, default)):
-    ok, kind = isinstance(value, (tuple, list)) and value and all(map(whole, value)), (
-        'a non-empty tuple of whole numbers >= 1')
-  elif isinstance(default, bool) or isinstance(default, str):
+    ok, kind = isinstance(value, (tuple, list)) and all(map(whole, value)), (
+        'a tuple of whole numbers')
+  elif isinstance(default, (bool, str)):
     ok, kind = isinstance(value, type(default)), type(default).__name__
-  elif isinstance(default, int):
-    ok, kind = whole(value), 'a whole number >= 1'
+  elif whole(default):
+    ok, kind = whole(value) and value >= 1, 'a whole number >= 1'
   elif isinstance(default, float):
     ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), 'a number'
-  else:  # (a user's model: its own kinds of keys)
+  else:
     ok, kind = True, ''
   if not ok:
     raise ValueError(f'{name}={value!r}: must be {kind}')
-
-
-def _is_float_dtype(name) -> bool:
-  import jax.numpy as jnp
-  try:
-    return jnp.issubdtype(jnp.dtype(name), jnp.floating)
-  except TypeError:
-    return False

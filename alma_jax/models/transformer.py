@@ -250,6 +250,24 @@ class Transformer(nn.Module):
   remat: bool = False      # recompute block activations in the backward pass
   scan_blocks: bool = False  # the blocks as one scanned layer (parameters stacked)
 
+  @classmethod
+  def check_config(cls, keys: dict) -> None:
+    """Raises ValueError naming the first of the model's `keys` it cannot be built with."""
+    if keys['width'] % keys['heads']:
+      raise ValueError(f'config.model.width={keys["width"]}: must be a multiple of '
+                       f'model.heads={keys["heads"]}')
+    try:
+      floating = jnp.issubdtype(jnp.dtype(keys['dtype']), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      raise ValueError(f'config.model.dtype={keys["dtype"]!r}: must name a floating-point type '
+                       f'(float32, bfloat16, float16)')
+    if keys['attention'] not in ATTENTION:
+      raise ValueError(f'config.model.attention={keys["attention"]!r}: must be \'auto\' (on GPUs '
+                       f'cuDNN\'s, or Pallas\'s under deterministic kernels, where they take '
+                       f'the shapes), \'xla\' or \'pallas\' (Pallas\'s flash attention on GPUs)')
+
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     """Next-token logits (B, L, vocabulary) of int tokens (B, L), L <= context."""

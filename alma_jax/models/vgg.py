@@ -41,6 +41,13 @@ class VGG(nn.Module):
   blocks: tuple[int, ...] = VGG19_BLOCKS
   num_classes: int = 10
 
+  @classmethod
+  def check_config(cls, keys: dict) -> None:
+    """Raises ValueError unless `blocks` holds at least one block of at least one convolution."""
+    if not keys['blocks'] or min(keys['blocks']) < 1:
+      raise ValueError(f'config.model.blocks={keys["blocks"]!r}: must be a non-empty tuple of '
+                       f'convolution counts >= 1')
+
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
     """`mask` (B, 1, 1, 1): the examples whose statistics BatchNorm uses in training."""
