@@ -17,6 +17,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import traceback
 
 from absl import app, flags, logging
 import jax
@@ -214,9 +216,31 @@ def main(argv):
              'the traceback)')
 
 
+def _exit_past_stuck_threads(main_fn):
+  """`main_fn`, but a process that fails while threads of its own are still running exits
+  without waiting for them: a checkpoint write that failed before its directory existed leaves
+  Orbax's threads waiting 20 minutes for a signal that never comes (their error is raised
+  already, and everything the run keeps is closed by then)."""
+  def wrapped(argv):
+    try:
+      return main_fn(argv)
+    except BaseException as error:
+      stuck = [t for t in threading.enumerate()
+               if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+      if not stuck:
+        raise
+      if not isinstance(error, SystemExit):
+        traceback.print_exc()
+      code = error.code if isinstance(error, SystemExit) else 1
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code if isinstance(code, int) else 1)
+  return wrapped
+
+
 def cli():
   """The `alma-jax` console script."""
-  app.run(main, flags_parser=_parse)
+  app.run(_exit_past_stuck_threads(main), flags_parser=_parse)
 
 
 if __name__ == '__main__':

@@ -140,12 +140,16 @@ def test_results_whose_checkpoints_were_lost_are_not_overwritten(config, tmp_pat
   assert (tmp_path / run.METRICS_FILE).read_text() == kept
 
 
-def _run_patched(config, tmp_path, patch: str):
-  """`config` run in workdir tmp_path/w by a fresh process after Python code `patch`."""
+def _run_patched(config, tmp_path, patch: str, command_line: bool = False):
+  """`config` run in workdir tmp_path/w by a fresh process after Python code `patch`: by
+  `run.run`, or (`command_line`) by `alma-jax` as a user runs it."""
   config_file = tmp_path / 'config.py'
   write_config(config, config_file)
-  code = (patch + 'from alma_jax import config, run\n'
-          f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
+  argv = ['alma-jax', f'--config={config_file}', f'--workdir={tmp_path / "w"}']
+  code = patch + (
+      f'import sys; sys.argv = {argv!r}\nfrom alma_jax import main; main.cli()\n' if command_line else
+      'from alma_jax import config, run\n'
+      f'run.run(config.load({str(config_file)!r}), {str(tmp_path / "w")!r})\n')
   return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
 
@@ -315,16 +319,17 @@ def _scalar_steps(path, tag: str) -> list[int]:
 
 def test_a_checkpoint_write_that_fails_ends_the_process(config, tmp_path):
   """The workdir's checkpoints become a file mid-run: the write of arrival 2 fails, and the
-  process exits with an error instead of waiting forever on the checkpointer's threads."""
+  command exits with the error instead of waiting (20 minutes) on Orbax's threads."""
   result = _run_patched(config, tmp_path, (
       'import shutil; from alma_jax import checkpoint\n'
       'save = checkpoint.Checkpointer.save\n'
       'def sabotaged(self, step, tree):\n'
       '  if step == 2:\n'
+      '    self.manager.wait_until_finished()\n'  # (else arrival 1's write races the removal)
       '    shutil.rmtree(self.directory); open(self.directory, "w").write("x")\n'
       '    print("sabotaged arrival 2", flush=True)\n'
       '  return save(self, step, tree)\n'
-      'checkpoint.Checkpointer.save = sabotaged\n'))
+      'checkpoint.Checkpointer.save = sabotaged\n'), command_line=True)
   assert 'sabotaged arrival 2' in result.stdout  # (not a failure of the patch itself)
   assert result.returncode != 0 and f'{tmp_path / "w" / "checkpoints"}' in result.stderr
   assert os.path.isfile(tmp_path / 'w' / 'checkpoints')  # nothing wrote past the failure
