@@ -111,7 +111,7 @@ class Run:
     return sharding.make_mesh()
 
   def _why_no_checkpoint(self) -> str:
-    aside = os.path.join(self.directory, alma_run.CHECKPOINTS_DIR + checkpoint.CORRUPT_SUFFIX)
+    aside = checkpoint.corrupt_directory(os.path.join(self.directory, alma_run.CHECKPOINTS_DIR))
     return (f'its checkpoints were found corrupt and set aside in {aside}'
             if os.path.isdir(aside) else 'the run has yet to finish its first arrival')
 

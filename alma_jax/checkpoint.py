@@ -37,7 +37,6 @@ from alma_jax import sharding
 
 CHECKSUM = 'checksum'
 MEMBER_STACKS = ('variables', 'opt_state')  # of the run state's 'learner'
-CORRUPT_SUFFIX = '_corrupt'  # checkpoints/ -> checkpoints_corrupt/, where corrupt ones are moved
 ITEM = 'default'  # the folder of a step where a manager of one unnamed item keeps it
 
 
@@ -95,6 +94,12 @@ def _check_directory(directory: str) -> None:
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise FileExistsError(f'{directory} is a file, not a checkpoint directory: move it away (a '
                           f'run keeps its checkpoints there)')
+
+
+def corrupt_directory(directory: str) -> str:
+  """Where the corrupt checkpoints of `directory` are moved (checkpoints/ ->
+  checkpoints_corrupt/)."""
+  return directory.rstrip(os.sep) + '_corrupt'
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -217,7 +222,7 @@ class Checkpointer:
     return 0, None
 
   def _move_aside(self, step: int) -> str:
-    corrupt_dir = self.directory + CORRUPT_SUFFIX
+    corrupt_dir = corrupt_directory(self.directory)
     os.makedirs(corrupt_dir, exist_ok=True)
     target = os.path.join(corrupt_dir, str(step))
     suffix = 0

@@ -221,10 +221,9 @@ def _check_kept_checkpoints(saved: dict, config, workdir: str) -> None:
   """Refuses a resume whose `checkpoint.max_to_keep` would, by the run's end, delete checkpoints
   that the setting the run was started with keeps (Orbax keeps the newest n at every save)."""
   keep, kept_before = config.checkpoint.max_to_keep, _lookup(saved, 'checkpoint.max_to_keep')
-  checkpoints = os.path.join(workdir, CHECKPOINTS_DIR)
-  if not keep or kept_before is None or not os.path.isdir(checkpoints):
+  if not keep or kept_before is None:
     return
-  steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+  steps = checkpoint.saved_steps(os.path.join(workdir, CHECKPOINTS_DIR))
   if not steps or steps[-1] >= config.stream.num_megabatches:  # (a finished run saves no more)
     return
   every = steps + list(range(steps[-1] + 1, config.stream.num_megabatches + 1))
@@ -301,7 +300,7 @@ def check_results_are_checkpointed(workdir: str, start: int) -> None:
   with open(path) as f:
     written = sum(1 for line in f if line.strip())
   if written > 1:
-    aside = os.path.join(workdir, CHECKPOINTS_DIR + checkpoint.CORRUPT_SUFFIX)
+    aside = checkpoint.corrupt_directory(os.path.join(workdir, CHECKPOINTS_DIR))
     lost = (f'its checkpoints were found corrupt (kept in {aside})' if os.path.isdir(aside)
             else 'its checkpoints were lost')
     raise WorkdirError(

@@ -104,8 +104,8 @@ def main():
   # benchmark_lm.py's record of the steps traced, and of where they ran
   recorded = os.path.join(args.directory, 'steps.json')
   measured = json.load(open(recorded)) if os.path.exists(recorded) else {}
-  steps = args.steps or measured.get('steps', 1)
-  measured.pop('steps', None)
+  traced = measured.pop('steps', 1)
+  steps = args.steps or traced
   with gzip.open(path) as f:
     result = {**measured, 'trace': path, **summary(json.load(f), steps)}
   unit = f'a step ({steps} traced)' if steps > 1 else 'in all'
