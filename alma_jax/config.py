@@ -184,7 +184,9 @@ def growing(learner: str):
   def variant(c: ml_collections.ConfigDict) -> None:
     if learner in ('moe', 'gmoe'):
       c.model.name = f'moe_{c.model.name}'
-    c.learner.update(name='finetune' if learner == 'moe' else learner, grow_every=2)
+    c.learner.name = 'finetune' if learner == 'moe' else learner
+    if learner != 'moe':
+      c.learner.grow_every = 2
     c.optimizer.nesterov = True
   return variant
 
@@ -287,8 +289,11 @@ def protocol_differences(saved: dict, current: dict) -> list[str]:
   complete = lambda d: flatten(from_saved(d).to_dict())
   a, b = complete(saved), complete(current)
   # The optimizer's reset changes nothing for a learner that trains new members every round
-  # (0.7 accepted either setting for them; 0.8 requires a reset).
-  ignored = () if learners.warm_optimizer(b.get('learner.name')) else ('learner.reset_optimizer',)
+  # (0.7 accepted either setting for them; 0.8 requires a reset); nor do the options a learner
+  # does not read (0.9.7 accepted any value for them).
+  name = b.get('learner.name')
+  ignored = (() if learners.warm_optimizer(name) else ('learner.reset_optimizer',)) + tuple(
+      f'learner.{key}' for key in learners.unread_options(name))
   return sorted(k for k in set(a) | set(b)
                 if k.split('.')[0] not in RESUMABLE and k not in RESUMABLE + ignored
                 and not same(a.get(k), b.get(k)))

@@ -168,6 +168,26 @@ def test_only_warm_started_learners_may_keep_their_optimizer(learner, kept):
       validate(c)
 
 
+@pytest.mark.parametrize('learner, key, value', [
+    ('bagging', 'prediction', 'vote'), ('finetune', 'num_members', 5),
+    ('k_ensemble', 'new_member', 'fresh'), ('gens', 'grow_every', 2),
+    ('gmoe', 'new_neurons', 8), ('firefly', 'growth', 'random')])
+def test_an_option_the_learner_does_not_read_is_refused(learner, key, value):
+  """(bagging with prediction='vote' averaged logits all the same, silently)"""
+  c = load_config_file(os.path.join(REPO, 'configs', 'fashion_mnist.py'))
+  c.learner.name = learner
+  c.model.name = 'moe_mlp' if learner == 'gmoe' else 'mlp'
+  validate(c)
+  c.learner[key] = value
+  with pytest.raises(ValueError, match=rf'config\.learner\.{key}=.*: {learner} does not use it'):
+    validate(c)
+  # A run saved with such a value (0.9.7 accepted it) resumes: nothing it changed.
+  saved = {'learner': {'name': learner, key: value}}
+  assert alma_config.protocol_differences(saved, {'learner': {'name': learner}}) == []
+  assert alma_config.protocol_differences({'learner': {'name': 'gens', 'prediction': 'vote'}},
+                                          {'learner': {'name': 'gens'}}) == ['learner.prediction']
+
+
 def run_main(*args, timeout=120):
   return subprocess.run([sys.executable, '-m', 'alma_jax.main', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)

@@ -516,7 +516,8 @@ def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner
   config.data.placement = where
   config.learner.name = learner
   config.model.name = 'moe_mlp' if learner == 'gmoe' else 'mlp'
-  config.learner.grow_every = 2
+  if learner == 'gmoe':
+    config.learner.grow_every = 2
   config.stream.num_megabatches = 6
   config.train.update(max_epochs=6, patience=6)
   config_file = write_config(config, tmp_path / 'cfg.py')

@@ -34,7 +34,7 @@ from alma_jax import run
 config = tiny_config({data!r})
 config.stream.num_megabatches = 3
 config.train.update(max_epochs=3, patience=3)
-config.learner.update(name={learner!r}, num_members=4)
+config.learner.update(name={learner!r}, **{options!r})
 config.mesh.member = {member}
 config.mesh.shard_params = {shard_params}
 config.data.placement = {placement!r}
@@ -48,8 +48,9 @@ if jax.process_index() == 0:
 
 def command(idx_dir, workdir, learner='finetune', member=1, coordinator='', processes=1,
             process=0, shard_params=False, placement='device', prelude=''):
+  options = {'num_members': 4} if learner == 'k_ensemble' else {}
   script = SCRIPT.format(tests=os.path.join(REPO, 'tests'), data=idx_dir, workdir=str(workdir),
-                         learner=learner, member=member, coordinator=coordinator,
+                         learner=learner, options=options, member=member, coordinator=coordinator,
                          processes=processes, process=process, shard_params=shard_params,
                          placement=placement, prelude=prelude)
   return [sys.executable, '-c', script]
@@ -170,16 +171,16 @@ def test_pallas_attention_runs_on_each_devices_own_sequences():
   assert result['max_difference'] < 5e-6
 
 
-GROWN_AND_BATCHNORM = {  # learner, model, arrivals (every shape grown compiles anew)
-    'vgg': ('finetune', dict(name='vgg', width=8, blocks=(1, 1, 1, 1, 1)), 3),  # BatchNorm
-    'gmoe': ('gmoe', dict(name='moe_mlp', hidden=16), 2),  # a mixture that grows experts
-    'firefly': ('firefly', dict(name='mlp', hidden=16), 2),  # a tree that grows widths
+GROWN_AND_BATCHNORM = {  # learner, its options, model, arrivals (every shape grown compiles anew)
+    'vgg': ('finetune', {}, dict(name='vgg', width=8, blocks=(1, 1, 1, 1, 1)), 3),  # BatchNorm
+    'gmoe': ('gmoe', {}, dict(name='moe_mlp', hidden=16), 2),  # a mixture that grows experts
+    'firefly': ('firefly', {'new_neurons': 8}, dict(name='mlp', hidden=16), 2),  # grows widths
 }
 
 
 def grown_or_batchnorm_config(idx_dir: str, case: str, shard_params: bool):
   """GROWN_AND_BATCHNORM[case], growing before every round after the first."""
-  learner, model, arrivals = GROWN_AND_BATCHNORM[case]
+  learner, options, model, arrivals = GROWN_AND_BATCHNORM[case]
   config = tiny_config(idx_dir)
   config.model = ml_collections.ConfigDict(model)
   if model['name'] == 'vgg':  # as test_conv: SGD with momentum
@@ -187,7 +188,7 @@ def grown_or_batchnorm_config(idx_dir: str, case: str, shard_params: bool):
     # (at test_conv's 0.01 this VGG stays at chance for 3 arrivals, its loss rising, and the
     # runs' sums in another order part by 1e-3 when compiled unoptimized, as the tests are)
     config.optimizer.update(name='sgd', learning_rate=0.05, momentum=0.9)
-  config.learner.update(name=learner, grow_every=1, new_neurons=8)
+  config.learner.update(name=learner, **options)
   config.stream.num_megabatches = arrivals
   config.train.update(max_epochs=2, patience=2)
   config.mesh.shard_params = shard_params

@@ -22,13 +22,15 @@ class Registration:
   models: the member models it can train (None: any); refuses: models it cannot; why: said
   when a pair is refused. train_defaults(model name) -> {train key: value} for the keys a
   config leaves None. warm_optimizer: its plan's work continues the members' optimizer states
-  (`Work.opt_state`) where `learner.reset_optimizer=False` asks (others refuse that setting)."""
+  (`Work.opt_state`) where `learner.reset_optimizer=False` asks (others refuse that setting).
+  reads: the `OPTIONS` its plan reads (None: all); the others must stay at their defaults."""
   plan: Callable[..., members.Plan]
   models: tuple[str, ...] | None = None
   why: str = ''
   train_defaults: Callable[[str], dict] = lambda model: {}
   refuses: tuple[str, ...] = ()
   warm_optimizer: bool = False
+  reads: tuple[str, ...] | None = None
 
 
 _LEARNERS: dict[str, Registration] = {}
@@ -37,13 +39,22 @@ _LEARNERS: dict[str, Registration] = {}
 TRAIN_DEFAULTS = {'patience': 25, 'patience_delta': 0.001}
 
 
+# The `learner` keys that only some learners read (name and reset_optimizer concern all).
+OPTIONS = ('num_members', 'new_member', 'prediction', 'grow_every', 'growth', 'growth_rate',
+           'new_neurons')
+
+
 def register(name: str, plan, models=None, why: str = '', train_defaults=None,
-             refuses=(), warm_optimizer: bool = False) -> None:
+             refuses=(), warm_optimizer: bool = False, reads=None) -> None:
   """Makes `config.learner.name=name` train with `plan` (see Registration)."""
   defaults = train_defaults if callable(train_defaults) else (
       lambda model, d=dict(train_defaults or {}): d)
+  unknown = set(reads or ()) - set(OPTIONS)
+  if unknown:
+    raise ValueError(f'learner {name!r} reads {sorted(unknown)}: not among {OPTIONS}')
   _LEARNERS[name] = Registration(plan, tuple(models) if models else None, why, defaults,
-                                 tuple(refuses), warm_optimizer)
+                                 tuple(refuses), warm_optimizer,
+                                 None if reads is None else tuple(reads))
 
 
 def names() -> tuple[str, ...]:
@@ -54,6 +65,13 @@ def warm_optimizer(name: str) -> bool:
   """Whether learner `name` can continue its members' optimizer states across rounds."""
   entry = _LEARNERS.get(name)
   return bool(entry and entry.warm_optimizer)
+
+
+def unread_options(name: str) -> tuple[str, ...]:
+  """The `OPTIONS` that learner `name` does not read."""
+  entry = _LEARNERS.get(name)
+  reads = OPTIONS if entry is None or entry.reads is None else entry.reads
+  return tuple(k for k in OPTIONS if k not in reads)
 
 
 def check(c) -> None:
@@ -83,6 +101,12 @@ def check(c) -> None:
     fail('learner.growth_rate', c.growth_rate, 'must be > 0')
   if c.new_neurons < 0:
     fail('learner.new_neurons', c.new_neurons, 'must be >= 0')
+  defaults = alma_config.base().learner
+  for key in unread_options(c.name):
+    if c[key] != defaults[key]:
+      readers = sorted(n for n in _LEARNERS if key not in unread_options(n))
+      fail(f'learner.{key}', c[key], f'{c.name} does not use it (leave it at '
+           f'{defaults[key]!r}); the learners that do: {", ".join(readers)}')
 
 
 def check_model(learner: str, model: str) -> None:
@@ -130,17 +154,18 @@ def create(config, dataset, data, mesh):
 ALL_EPOCHS = {'patience': 100, 'patience_delta': 0.0}
 register('finetune', single.finetune,
          train_defaults=lambda model: {'patience': 100} if model == 'moe_mlp' else {},
-         warm_optimizer=True)
-register('from_scratch', single.from_scratch)
-register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS, warm_optimizer=True)
-register('gens', gens.gens)
-register('bagging', bagging.bagging, train_defaults=ALL_EPOCHS)
+         warm_optimizer=True, reads=())
+register('from_scratch', single.from_scratch, reads=())
+register('k_ensemble', k_ensemble.k_ensemble, train_defaults=ALL_EPOCHS, warm_optimizer=True,
+         reads=('num_members', 'prediction'))
+register('gens', gens.gens, reads=('new_member', 'prediction'))
+register('bagging', bagging.bagging, train_defaults=ALL_EPOCHS, reads=('num_members',))
 register('boosting', boosting.boosting, why='SAMME weighs classification mistakes',
-         refuses=('transformer',))
+         refuses=('transformer',), reads=('new_member',))
 register('agg_ensemble', agg_ensemble.agg_ensemble, None,
          'its members are copies of one Flax module, summed', ALL_EPOCHS,
-         refuses=tuple(models.MIXTURES), warm_optimizer=True)
+         refuses=tuple(models.MIXTURES), warm_optimizer=True, reads=('num_members',))
 register('gmoe', moe.gmoe, tuple(models.MIXTURES), 'it grows the experts of a mixture model',
-         warm_optimizer=True)
+         warm_optimizer=True, reads=('grow_every', 'growth'))
 register('firefly', firefly.firefly, ('mlp', 'vgg'), 'it grows the neurons of a chain of layers',
-         warm_optimizer=True)
+         warm_optimizer=True, reads=('grow_every', 'growth_rate', 'new_neurons'))
