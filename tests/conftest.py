@@ -1,7 +1,11 @@
 """Shared fixtures: a small synthetic idx data set and a tiny config over it."""
 import gzip
 import os
+import re
+import signal
+import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -23,6 +27,29 @@ def devices_env(count: int) -> dict:
                                     f'--xla_force_host_platform_device_count={count}')
 
 from alma_jax import config as alma_config  # noqa: E402
+
+
+def kill_during_round(command: list[str], arrival: int, timeout: float = 240) -> None:
+  """Runs `command` (a `python -m alma_jax.main` call) and SIGKILLs it while the round of
+  `arrival` trains: at that round's first epoch line, which follows the row (or the resume)
+  of the arrival before."""
+  process = subprocess.Popen(command + ['--config.log.epochs=True'], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  watchdog = threading.Timer(timeout, process.kill)
+  watchdog.start()
+  done = 0
+  for line in process.stdout:
+    fields = line.split()
+    resumed = re.match(r'Resuming .* after arrival (\d+) ', line)
+    if fields and fields[0].isdigit():
+      done = int(fields[0])
+    elif resumed:
+      done = int(resumed[1])
+    elif fields[:1] == ['epoch'] and done == arrival - 1:
+      process.send_signal(signal.SIGKILL)
+      break
+  process.wait()
+  watchdog.cancel()
 
 
 def write_idx(path: str, array: np.ndarray) -> None:

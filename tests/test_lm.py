@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from alma_jax import workdir as workdirs
 from alma_jax.data import text
 from alma_jax.models import Transformer
 from alma_jax.models.transformer import CausalSelfAttention
-from conftest import REPO
+from conftest import REPO, kill_during_round
 from test_run import write_config
 
 LM_CONFIG = os.path.join(REPO, 'configs', 'lm.py')
@@ -605,14 +604,8 @@ def test_tiny_lm_run_learns_and_resumes_after_a_kill_mid_round(corpus, tmp_path,
   straight = losses(tmp_path / 'straight')
   assert straight[-1] < straight[0] < math.log(256)  # it learns
   killed = tmp_path / 'killed'
-  process = subprocess.Popen(command + [f'--workdir={killed}'], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while time.time() < deadline and not (killed / 'checkpoints' / '2').is_dir():
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)  # during round 3, or just after its checkpoint
-  process.wait()
-  assert not (killed / run.SUMMARY_FILE).exists() and len(losses(killed)) < 4  # it was stopped
+  kill_during_round(command + [f'--workdir={killed}'], 3)
+  assert len(losses(killed)) == 2  # it was stopped in round 3
   resumed = subprocess.run(command + [f'--workdir={killed}'], cwd=REPO, check=True,
                            capture_output=True, text=True, timeout=300)
   assert 'Resuming' in resumed.stdout

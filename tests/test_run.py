@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alma_jax import checkpoint, data, metrics, run, stream as alma_stream, workdir as workdirs
-from conftest import REPO, make_idx_dataset
+from conftest import REPO, kill_during_round, make_idx_dataset
 
 
 def errors(workdir):
@@ -526,19 +526,9 @@ def test_kill_and_resume_gives_the_same_anytime_errors(config, tmp_path, learner
                  capture_output=True, timeout=300)
 
   killed = tmp_path / 'killed'
-  for stop_after in (2, 4):  # kill twice, at different points of the stream
-    process = subprocess.Popen(command + [f'--workdir={killed}'], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-      steps = [int(s) for s in os.listdir(killed / 'checkpoints')
-               if s.isdigit()] if os.path.isdir(killed / 'checkpoints') else []
-      if steps and max(steps) >= stop_after:
-        break
-      time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-  assert len(errors(killed)) < 6  # it really was stopped mid-stream
+  for arrival in (3, 5):  # kill twice, in different rounds of the stream
+    kill_during_round(command + [f'--workdir={killed}'], arrival)
+    assert len(errors(killed)) == arrival - 1  # it was stopped in that round
   subprocess.run(command + [f'--workdir={killed}'], cwd=REPO, check=True, capture_output=True,
                  timeout=300)
   assert errors(killed) == errors(tmp_path / 'straight')
