@@ -160,6 +160,8 @@ def nondeterministic(demo: str, tmp: str, profile: str = '',
 def torch_demo() -> dict:
   if importlib.util.find_spec('torch') is None:
     return {'skipped': 'torch is not importable here'}
+  if jax.default_backend() not in ('cpu', 'gpu'):
+    return {'skipped': f'PyTorch has no {jax.default_backend()} device here to compare on'}
   import benchmark_torch
   device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
   config = benchmark_torch.load_config('')

@@ -105,6 +105,21 @@ def test_fresh_members_and_trained_ones_share_their_compiled_programs(config):
   assert learner.tester.sums._cache_size() == learner.validator.sums._cache_size() == 1
 
 
+def test_a_timed_region_that_compiles_fails_the_measurement():
+  """The benchmarks' guard (`backend.no_compilation`) sees a compilation, and lets a call of a
+  program already compiled pass."""
+  scaled = jax.jit(lambda x: x * 3.0 + 1.0)
+  x = jnp.arange(5.0)
+  with pytest.raises(backend.CompiledInTimedRegion, match=r'the step: 1 program\(s\) compiled'):
+    with backend.no_compilation('the step'):
+      scaled(x).block_until_ready()
+  with backend.no_compilation('the step'):
+    scaled(x).block_until_ready()
+  with pytest.raises(backend.CompiledInTimedRegion):
+    with backend.no_compilation('the step'):
+      scaled(jnp.arange(6.0)).block_until_ready()  # a new shape compiles anew
+
+
 def test_a_profiled_program_is_summarized_by_its_operations_each_counted_once(tmp_path):
   """experiments/profile_summary.py over a real jax.profiler trace (on CPUs, XLA's operations on
   the host threads), and over a made-up one where an operation encloses another."""

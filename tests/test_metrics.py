@@ -91,8 +91,26 @@ def test_flops_are_counted_where_the_lowered_program_has_no_analysis(config, tmp
   used, within 1% of the lowered count for matrix products (XLA:CPU here)."""
   lowered = _train_flops(config, tmp_path / 'lowered')
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
-  compiled = _train_flops(config, tmp_path / 'compiled')
+  with pytest.warns(UserWarning, match='compiled for cpu: XLA gave no analysis of the CPU'):
+    compiled = _train_flops(config, tmp_path / 'compiled')
   assert lowered > 0 and compiled == pytest.approx(lowered, rel=0.01)
+
+
+def test_flops_counted_without_a_cpu_device_say_whose_analysis_they_are(monkeypatch):
+  """(as under JAX_PLATFORMS=cuda: no CPU device to lower for)"""
+  f = jax.jit(lambda x, y: jnp.tanh(x @ y))
+  x = jnp.ones((64, 32))
+  expected = metrics.cost_flops(f, x, x.T)
+  devices = jax.devices
+
+  def no_cpu(backend=None):
+    if backend == 'cpu':
+      raise RuntimeError('Unknown backend cpu')
+    return devices(backend)
+
+  monkeypatch.setattr(jax, 'devices', no_cpu)
+  with pytest.warns(UserWarning, match=r'no CPU lowering \(RuntimeError: Unknown backend cpu\)'):
+    assert metrics.cost_flops(f, x, x.T) == pytest.approx(expected, rel=0.01)
 
 
 def test_a_backend_without_any_flop_count_says_so(config, tmp_path, monkeypatch, capsys):
