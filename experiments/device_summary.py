@@ -38,6 +38,9 @@ def targets(sections: dict, cpu_sections: dict) -> list[tuple[str, object]]:
       ('demo training FLOPs per example / CPU run\'s (target within 0.01 of 1)', lambda: (
           f"{_per_example(demo) / _per_example(cpu_sections['demo']):.6f} "
           f"({_per_example(demo):,.0f} FLOPs)")),
+      ('default LM step\'s training FLOPs per token / CPU run\'s (target within 0.01 of 1)',
+       lambda: (f"{_per_token(sections) / _per_token(cpu_sections):.6f} "
+                f"({_per_token(sections):,.0f} FLOPs)")),
       ('cost of determinism: GPT-2-small step ms, deterministic / not', lambda: (
           f"{sections['lm_gpt2']['auto']['step_ms']:.1f} / "
           f"{sections['nondeterministic']['lm']['step_ms']:.1f}")),
@@ -52,6 +55,10 @@ def targets(sections: dict, cpu_sections: dict) -> list[tuple[str, object]]:
 def _mfu(r: dict) -> str:
   return (f"{r['mfu_xla']:.3f} ({r['step_ms']:.1f} ms a step; {r.get('attention_kernel', '?')}"
           f" attention kernel, deterministic kernels: {r.get('deterministic_gpu_kernels', '?')})")
+
+
+def _per_token(sections: dict) -> float:
+  return sections['lm_default']['xla_train_flops_per_token']
 
 
 def _per_example(demo: dict) -> float:
