@@ -238,6 +238,21 @@ def test_firefly_grows_the_best_scoring_candidates(config, monkeypatch):
   np.testing.assert_allclose(after['Linear_2']['kernel'][h:], head[[3, 7]] / 2, rtol=1e-6)
 
 
+def test_firefly_over_a_vgg_whose_head_reads_a_larger_map_is_refused_before_training(config,
+                                                                                      tmp_path):
+  """(12x12 images through two halvings leave a 3x3 map: the head reads 9 values a channel, so
+  no neuron of the last convolution can be split; this failed at the first growth, after
+  training)"""
+  config = conv_config(config)
+  config.model.blocks = (1, 1)
+  config.data.pad_to = 0
+  alma_config.growing('firefly')(config)
+  with pytest.raises(ValueError, match=r"learner\.name='firefly': layer .* reads 36 inputs, not "
+                                       r"the 4 outputs of ConvBlock_1/Conv_0"):
+    run.run(config, str(tmp_path))
+  assert not (tmp_path / run.METRICS_FILE).exists()
+
+
 def test_firefly_vgg_run_grows_in_the_metrics(config, tmp_path):
   config = conv_config(config)
   config.model.blocks = (1, 1, 1)  # 3 convolutions, so that few grown programs compile

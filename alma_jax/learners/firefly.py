@@ -114,4 +114,5 @@ def firefly(config) -> members.Plan:
                 key, config)
 
   return members.Plan(1, single.growing(config.grow_every, grow_model), members.replace,
-                      members.mean_logits)
+                      members.mean_logits, check=lambda learner, member: (
+                          firefly_model.check_chain(member, learner.model.neuron_layers())))

@@ -64,6 +64,8 @@ class Plan:
   model(module) -> module: the member model built from the config's model (default: itself).
   penalty(params, anchor) -> scalar: added to the training loss of every batch, with the
     round's `Work.anchor` (one member's slice); for regularization-based continual learning.
+  check(learner, member) -> None: raises ValueError where the plan cannot work with the model
+    and data (`member`: one member's variables, abstract); run when the learner is built.
   """
   initial_members: int
   work: Callable
@@ -71,6 +73,7 @@ class Plan:
   combine: Callable
   model: Callable = lambda module: module
   penalty: Callable | None = None
+  check: Callable | None = None
 
 
 # How members combine. `weights` (M,) are the members' weights in the prediction; padding
@@ -126,7 +129,10 @@ class MemberLearner:
     # Preprocessed and keyed inside traced code only: run eagerly, each operation is a program
     # that every run traces, lowers and loads before its first arrival.
     init = lambda key: self.model.init(key, dataset.preprocess(self.example))
-    collections = [c for c in jax.eval_shape(lambda: init(jax.random.key(0))) if c != 'params']
+    member = jax.eval_shape(lambda: init(jax.random.key(0)))
+    if plan.check is not None:
+      plan.check(self, member)
+    collections = [c for c in member if c != 'params']
 
     def apply_fn(variables, images):
       """A member's logits in evaluation mode (BatchNorm uses its running statistics)."""

@@ -38,15 +38,25 @@ def neurons(variables, layers: Layers) -> int:
   return sum(k.shape[-1] for k in _kernels(variables, layers)[:-1])
 
 
+def check_chain(variables, layers: Layers) -> None:
+  """Raises ValueError unless each layer reads exactly the previous layer's outputs (a VGG's
+  head reads a 1x1 map); `variables` may be abstract."""
+  kernels = _kernels(variables, layers)
+  for l, (kernel, following) in enumerate(zip(kernels[:-1], kernels[1:])):
+    if following.shape[-2] != kernel.shape[-1]:
+      raise ValueError(f"config.learner.name='firefly': layer {'/'.join(layers[l + 1][0])} "
+                       f"reads {following.shape[-2]} inputs, not the {kernel.shape[-1]} outputs "
+                       f"of {'/'.join(layers[l][0])} that Firefly grows (a VGG's last map must "
+                       f"be 1x1: 32x32 inputs for 5 blocks)")
+
+
 def candidates(key, variables, layers: Layers, new_neurons: int) -> list[dict]:
   """Per growable layer: split perturbations ~ U(-0.1, 0.1) shaped like its kernel, and
   `new_neurons` new neurons' input weights ~ N(0, 0.1^2) and outgoing weights ~ U(-0.01, 0.01)."""
+  check_chain(variables, layers)
   kernels = _kernels(variables, layers)
   out = []
   for l, (kernel, following) in enumerate(zip(kernels[:-1], kernels[1:])):
-    if following.shape[-2] != kernel.shape[-1]:
-      raise ValueError(f'Firefly needs layer {layers[l + 1][0]} to read exactly the '
-                       f'{kernel.shape[-1]} outputs of {layers[l][0]} (VGG: 32x32 inputs)')
     split_key, in_key, out_key = jax.random.split(jax.random.fold_in(key, l), 3)
     out.append({
         'split': jax.random.uniform(split_key, kernel.shape, minval=-0.1, maxval=0.1),
