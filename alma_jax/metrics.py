@@ -22,7 +22,7 @@ HISTORY_FIELDS = {
     'trained': np.float64,          # 1 if a training round ran after this arrival
     'test_error': np.float64,       # E_t: 1 - accuracy on the full test set (per token for LMs)
     'test_loss': np.float64,        # mean test cross-entropy (nats per example, or per token)
-    'train_flops': np.float64,      # this round: compiled train step FLOPs x steps run
+    'train_flops': np.float64,      # this round: train step FLOPs x steps run, + growth's work
     'valid_flops': np.float64,      # this round: forward FLOPs x validation examples evaluated
     'reference_flops': np.float64,  # the reference's convention: forward FLOPs x examples seen
     'train_examples': np.float64,   # examples seen in training this round (all epochs)

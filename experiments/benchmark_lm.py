@@ -20,9 +20,8 @@ import time
 import common
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from alma_jax import backend, learners, placement, sharding, steps
+from alma_jax import backend, learners, placement, sharding
 from alma_jax.models import transformer
 
 
@@ -69,15 +68,8 @@ def throughput(config, dataset, num_steps: int, peak: float, profile: str = '',
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, placement.device_data(dataset, mesh), mesh)
   batch, length = config.train.batch_size, config.data.sequence_length
-  n = min(num_steps * batch, len(dataset.train_labels))
-  indices, n = steps.pad_indices(np.arange(n)[None], batch)
-  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
-  variables = learner.new_members(jax.random.key(0), 1)
-  opt_state = learner.start_round(learner.init_optimizer(variables), n)
-  keys = jax.random.split(jax.random.key(1), 1)
-  epoch = lambda v, o, e, examples=n: learner.trainer.train_epoch(  # one program for any
-      v, o, learner.data.train_images, learner.data.train_labels, indices, weights, examples,
-      keys, e)
+  epoch, variables, opt_state, n = common.member_epoch(
+      learner, min(num_steps * batch, len(dataset.train_labels)))
   (variables, opt_state), first = common.first_call(epoch, variables, opt_state, 0)
   began = time.perf_counter()
   with backend.no_compilation('the timed epoch'):

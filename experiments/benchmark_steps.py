@@ -16,13 +16,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
-from alma_jax import backend, config as alma_config, data, learners, sharding, steps  # noqa: E402
+from alma_jax import backend, config as alma_config, data, learners, sharding  # noqa: E402
 from alma_jax.placement import device_data  # noqa: E402
 
 CONFIGS = {'mlp (h=64)': 'fashion_mnist.py', 'vgg (c=16)': 'fashion_mnist_conv.py'}
@@ -34,14 +33,7 @@ def examples_per_second(config_file: str, examples: int, epochs: int, compiled_e
   dataset = data.load(config.data)
   mesh = sharding.make_mesh()
   learner = learners.create(config, dataset, device_data(dataset, mesh), mesh)
-  variables = learner.new_members(jax.random.key(0), 1)
-  indices, n = steps.pad_indices(np.arange(examples)[None], config.train.batch_size)
-  opt_state = learner.start_round(learner.init_optimizer(variables), n)
-  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
-  keys = jax.random.split(jax.random.key(1), 1)
-  images, labels = learner.data.train_images, learner.data.train_labels
-  epoch = lambda v, o, e: learner.trainer.train_epoch(v, o, images, labels, indices, weights, n,
-                                                      keys, e)
+  epoch, variables, opt_state, n = common.member_epoch(learner, examples)
   variables, opt_state = epoch(variables, opt_state, 0)  # compiles
   jax.block_until_ready(variables)
   began = time.perf_counter()

@@ -16,9 +16,8 @@ import time
 
 import common
 import jax
-import numpy as np
 
-from alma_jax import backend, learners, placement, sharding, steps
+from alma_jax import backend, learners, placement, sharding
 
 
 def epochs(config, dataset, where: str, num_steps: int):
@@ -29,18 +28,13 @@ def epochs(config, dataset, where: str, num_steps: int):
           placement.DataArrays(dataset.train_images, dataset.train_labels, dataset.test_images,
                                dataset.test_labels))
   learner = learners.create(config, dataset, data, mesh)
-  n = min(num_steps * config.train.batch_size, len(dataset.train_labels))
-  indices, n = steps.pad_indices(np.arange(n)[None], config.train.batch_size)
-  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
-  variables = learner.new_members(jax.random.key(0), 1)
-  opt_state = learner.start_round(learner.init_optimizer(variables), n)
+  epoch, variables, opt_state, n = common.member_epoch(
+      learner, min(num_steps * config.train.batch_size, len(dataset.train_labels)))
   state = list(learner.trainer.place(variables, opt_state))
-  keys = jax.random.split(jax.random.key(1), 1)
 
-  def run(epoch: int) -> float:
+  def run(e: int) -> float:
     began = time.perf_counter()
-    state[:] = learner.trainer.train_epoch(*state, data.train_images, data.train_labels,
-                                           indices, weights, n, keys, epoch)
+    state[:] = epoch(*state, e)
     jax.block_until_ready(state)
     return time.perf_counter() - began
 

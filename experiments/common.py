@@ -1,4 +1,5 @@
-"""What the language-model scripts share: their command line and their JSON result."""
+"""What the benchmark scripts share: the language-model scripts' command line, a member's
+epoch to time, the environment, and their JSON result."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +110,27 @@ def first_call(fn, *args):
     out = jax.block_until_ready(fn(*args))
   return out, {'seconds': time.perf_counter() - began, 'compilations': compiled.count,
                'from_cache': compiled.loaded, 'compile_seconds': compiled.seconds}
+
+
+def member_epoch(learner, examples: int):
+  """A fresh member of `learner` (variables, optimizer state with its round started) and
+  `epoch(variables, opt_state, e, count=n)`: epoch e of that member over the first `examples`
+  training examples (n of them, padded to a bucket; `count` fewer, with the same program)."""
+  import jax
+  import numpy as np
+
+  from alma_jax import steps
+  indices, n = steps.pad_indices(np.arange(examples)[None], learner.trainer.batch_size)
+  weights = (np.arange(indices.shape[1]) < n).astype(np.float32)[None]
+  variables = learner.new_members(jax.random.key(0), 1)
+  opt_state = learner.start_round(learner.init_optimizer(variables), n)
+  keys = jax.random.split(jax.random.key(1), 1)
+
+  def epoch(variables, opt_state, e, count=n):
+    return learner.trainer.train_epoch(variables, opt_state, learner.data.train_images,
+                                       learner.data.train_labels, indices, weights, count, keys, e)
+
+  return epoch, variables, opt_state, n
 
 
 def error(error: Exception) -> dict:

@@ -7,6 +7,7 @@ A learner is a set of pure functions over its own state (a pytree of arrays):
   train_round(state, round, key) -> (state, RoundReport)
   evaluate(state[, images, labels]) -> {'error', 'loss'}   on the test set, or on given data
   params(state), inference_flops(state)  what the predictor costs to hold and to use
+  flops([variables]) -> {'step', ...}   one member's FLOPs: its train step, forward per example
   restore(tree) -> state                 rebuild the state from a checkpointed tree
 
 The object holding these functions keeps only what never changes over a run (the model, the
