@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -400,7 +401,7 @@ def test_processes_that_need_one_token_cache_at_once_tokenize_the_corpus_once(tm
 
 
 def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, capsys):
   corpus = tmp_path / 'corpus'
   (corpus / 'part').mkdir(parents=True)
   for i in range(10):  # a directory is read whole, subfolders too
@@ -410,6 +411,9 @@ def test_a_text_directory_is_tokenized_once_into_a_cache_that_later_runs_map(
   first = data.load(c.data)
   folders = cache_folders(tmp_path / 'cache')
   assert len(folders) == 1 and not folders[0].count('.tmp-')
+  logged = capsys.readouterr().err  # (not a terminal: a line a split, where a log shows them)
+  assert re.search(r'tokenizing the train split \(\d documents\) into .*\n'
+                   r'tokenized the train split: [\d,]+ tokens in \d+ s', logged)
   # A cache cut short (the machine crashed before its files reached the disk) is built again.
   train_file = tmp_path / 'cache' / folders[0] / 'train.bin'
   whole, expected = train_file.read_bytes(), np.array(first.train_images)

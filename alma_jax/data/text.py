@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 import zlib
 
@@ -204,9 +205,15 @@ def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, descriptio
   building = f'{folder}.tmp-{uuid.uuid4().hex[:8]}'
   os.makedirs(building)
   counts, crcs = {}, {}
+  # A progress bar on a terminal; in a log (a pod's, a cluster job's), a line a split.
+  lines = not sys.stderr.isatty()
   try:
     for split, (count, documents) in splits.items():
       counts[split], crcs[split] = 0, 0
+      began = time.perf_counter()
+      if lines:
+        print(f'tokenizing the {split} split ({count:,} documents) into {folder}',
+              file=sys.stderr, flush=True)
       with open(os.path.join(building, f'{split}.bin'), 'wb') as out:
         for document in tqdm.tqdm(documents(), total=count, unit='doc', file=sys.stderr,
                                   desc=f'tokenizing {split}', disable=None, leave=False):
@@ -214,6 +221,9 @@ def _build(folder: str, splits: dict, encode, vocabulary: int, dtype, descriptio
           out.write(tokens)
           crcs[split] = zlib.crc32(tokens, crcs[split])
           counts[split] += len(tokens) // np.dtype(dtype).itemsize
+      if lines:
+        print(f'tokenized the {split} split: {counts[split]:,} tokens in '
+              f'{time.perf_counter() - began:.0f} s', file=sys.stderr, flush=True)
     with open(os.path.join(building, 'tokens.json'), 'w') as f:
       json.dump({'dtype': np.dtype(dtype).name, 'vocabulary': vocabulary, 'tokens': counts,
                  'crc32': crcs, 'corpus': description}, f, indent=2)
