@@ -95,7 +95,8 @@ def learning_rate(c):
 
 
 def _adadelta(c, rate):
-  # PyTorch's Adadelta defaults, which the reference used: rho 0.9, eps 1e-6.
+  # PyTorch's Adadelta defaults, which the reference used (configs/mnist/test_finetune_mlp.yaml:
+  # 41-43, lr 1.0): rho 0.9, eps 1e-6.
   return optax.adadelta(rate, rho=0.9, eps=1e-6, weight_decay=c.weight_decay)
 
 

@@ -1,7 +1,8 @@
 """The stream of mega-batches: arrivals, waiting time, replay. Indices only, no data.
 
 The training set is cut once into T mega-batches by one seeded permutation and an equal split
-(the reference's `numpy.random.seed(432)`, `permutation`, `array_split`). Every mega-batch holds
+(the reference's `numpy.random.seed(432)`, `permutation`, `array_split`:
+crlapi/sl/streams/mnist.py:51-54, the seed in configs/mnist/*.yaml). Every mega-batch holds
 out a fixed `validation_fraction` of its examples for early stopping, so a replayed example keeps
 its role. The stream state (`StreamState`) is plain data (counters and a mask) inside the run state.
 """

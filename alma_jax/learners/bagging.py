@@ -1,8 +1,10 @@
 """Bagging: every round adds k members, each trained on bootstrap resamples of the round's data.
 
 Every epoch, each new member draws as many examples as the round has, with replacement
-(reference). New members start as copies of the last k members. Validation stays the round's
-held-out split. Prediction: mean of the members' logits (reference).
+(reference: crlapi/sl/clmodels/bagging.py:55, its `subsample_p` 1.0 in
+configs/mnist/bagging.yaml:25). New members start as copies of the last k members
+(bagging.py:92). Validation stays the round's held-out split. Prediction: mean of the members'
+logits (bagging.py:77).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The MNIST multi-layer perceptron of the ALMA reference: input -> (Linear h, ReLU) x n -> classes."""
+"""The MNIST multi-layer perceptron of the ALMA reference: input -> (Linear h, ReLU) x n -> classes
+(crlapi/sl/architectures/mlp.py:12-33)."""
 from __future__ import annotations
 
 import flax.linen as nn

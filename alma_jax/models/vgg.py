@@ -1,4 +1,5 @@
-"""The VGG of the ALMA reference: VGG-19's layout with every convolution `width` channels wide.
+"""The VGG of the ALMA reference: VGG-19's layout with every convolution `width` channels wide
+(crlapi/sl/architectures/vgg.py:55-90).
 
 16 convolutions (3x3, padding 1, with bias), each followed by BatchNorm and ReLU, and 5 max-pools
 (after convolutions 2, 4, 8, 12 and 16), then Linear(width, classes) on the 1x1 map that a 32x32
