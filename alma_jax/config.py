@@ -182,11 +182,10 @@ def growing(learner: str):
   CIFAR-10 settings for it (Nesterov momentum; growth every 2 of 10 mega-batches): 'moe'
   (finetune over the mixture version of the model), 'gmoe' (growing that mixture), 'firefly'."""
   def variant(c: ml_collections.ConfigDict) -> None:
-    if learner in ('moe', 'gmoe'):
+    if learner in ('moe', 'gmoe') and not c.model.name.startswith('moe_'):
       c.model.name = f'moe_{c.model.name}'
     c.learner.name = 'finetune' if learner == 'moe' else learner
-    if learner != 'moe':
-      c.learner.grow_every = 2
+    c.learner.grow_every = base().learner.grow_every if learner == 'moe' else 2
     c.optimizer.nesterov = True
   return variant
 

@@ -25,6 +25,16 @@ def test_every_config_file_loads_and_validates(path, variant):
   validate(load_config_file(f'{path}:{variant}'))
 
 
+@pytest.mark.parametrize('variants, learner, model, grow_every', [
+    ('gmoe,moe', 'finetune', 'moe_vgg', 1), ('moe,gmoe', 'gmoe', 'moe_vgg', 2),
+    ('firefly,moe', 'finetune', 'moe_vgg', 1), ('moe,tiny', 'finetune', 'moe_vgg', 1)])
+def test_growing_variants_combine_the_last_one_winning(variants, learner, model, grow_every):
+  """(gmoe,moe named model 'moe_moe_vgg'; firefly,moe left finetune a grow_every it ignores)"""
+  c = load_config_file(os.path.join(REPO, 'configs', f'fashion_mnist_conv.py:{variants}'))
+  assert (c.learner.name, c.model.name, c.learner.grow_every) == (learner, model, grow_every)
+  validate(c)
+
+
 def test_config_files_exist():
   names = {os.path.basename(p) for p in CONFIG_FILES}
   assert {'mnist.py', 'fashion_mnist.py'} <= names

@@ -3,8 +3,8 @@
 SAMME, over the members in order, from uniform example weights w: eps_m = sum(w * miss_m) /
 sum(w), alpha_m = log((1 - eps_m) / eps_m) + log(C - 1), w *= exp(alpha_m * miss_m). The new
 member trains on the round's data drawn by the weights SAMME leaves on it (sampling; reference:
-crlapi/sl/clmodels/boosting.py:214-232 for SAMME, 285-292 for the sampler); then every member's
-alpha is recomputed by SAMME on the round's validation split (boosting.py:269-275). Prediction:
+crlapi/sl/clmodels/boosting.py:214-232 for SAMME, 35-52 for the draw); then every member's
+alpha is recomputed by SAMME on the round's validation split (boosting.py:398-411). Prediction:
 the alpha-weighted sum of the members' logits. The new member starts as a copy of the last, or
 fresh (`learner.new_member`).
 SAMME's passes (every member forward over the round's training data, then over its validation

@@ -46,8 +46,8 @@ def check_chain(variables, layers: Layers) -> None:
     if following.shape[-2] != kernel.shape[-1]:
       raise ValueError(f"config.learner.name='firefly': layer {'/'.join(layers[l + 1][0])} "
                        f"reads {following.shape[-2]} inputs, not the {kernel.shape[-1]} outputs "
-                       f"of {'/'.join(layers[l][0])} that Firefly grows (a VGG's last map must "
-                       f"be 1x1: 32x32 inputs for 5 blocks)")
+                       f"of {'/'.join(layers[l][0])} that Firefly grows (a VGG's halvings must "
+                       f"leave a 1x1 map, as 32x32 inputs do for 5 blocks)")
 
 
 def candidates(key, variables, layers: Layers, new_neurons: int) -> list[dict]:
