@@ -101,12 +101,12 @@ def _arrival(t, config, stream, dataset, learner, key, stream_state, learner_sta
   return stream_state, learner_state, history
 
 
-def _split_over_data(config, mesh, learner_state) -> float:
+def _split_over_data(config, mesh, learner, learner_state) -> float:
   """With mesh.shard_params, the share of the learner's parameters FSDP splits over the data
   axis (the rest is whole on every device); 0 without."""
   if not config.mesh.shard_params:
     return 0.0
-  return sharding.split_fraction(learner_state.variables['params'], mesh.shape[sharding.DATA])
+  return sharding.split_fraction(learner.parameters(learner_state), mesh.shape[sharding.DATA])
 
 
 def _fingerprint(config, stream, data_checksums: dict) -> int:
@@ -261,7 +261,7 @@ def plan(config) -> dict:
       'params_at_start': learner.params(state),
       # FSDP: the share of the parameters split over the data axis (the rest is whole on
       # every device); 0 without mesh.shard_params.
-      'params_split_over_data': _split_over_data(config, mesh, state),
+      'params_split_over_data': _split_over_data(config, mesh, learner, state),
       'train_step_flops': flops['step'], 'forward_flops_per_example': flops['forward'],
       'data_placement': where,
       'data_bytes': placement.data_bytes(dataset),
@@ -320,7 +320,7 @@ def _run_locked(config, workdir: str, began: float,
            else f'Resuming {workdir} after arrival {start} of {num_arrivals}.')
 
     startup = time.perf_counter() - began
-    split = _split_over_data(config, mesh, learner_state)
+    split = _split_over_data(config, mesh, learner, learner_state)
     with sharding.on_every_process('starting the outputs', lambda: _Writers(
         workdir, config.log.tensorboard, history)) as writers:
       for t in range(start + 1, num_arrivals + 1):
@@ -329,7 +329,7 @@ def _run_locked(config, workdir: str, began: float,
           raise Interrupted(stopping)
         stream_state, learner_state, history = _arrival(
             t, config, stream, dataset, learner, key, stream_state, learner_state, history)
-        grown = _split_over_data(config, mesh, learner_state)
+        grown = _split_over_data(config, mesh, learner, learner_state)
         if grown < split - 0.005:  # growth added leaves the data axis does not divide
           _say(f'FSDP: after arrival {t} the data axis splits {grown:.1%} of the parameters '
                f'(was {split:.1%}): grown leaves none of whose sizes its '

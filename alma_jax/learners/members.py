@@ -302,9 +302,13 @@ class MemberLearner:
       within(images, 'values', np.iinfo(held.dtype).min, np.iinfo(held.dtype).max)
     return images if images.dtype == held.dtype else images.astype(held.dtype)
 
+  def parameters(self, state):
+    """The predictor's parameters (all members, stacked; BatchNorm statistics are not)."""
+    return state.variables['params']
+
   def params(self, state) -> int:
-    """Parameters of the predictor (all members; BatchNorm statistics are not parameters)."""
-    return metrics.num_params(state.variables['params'])
+    """How many parameters the predictor has."""
+    return metrics.num_params(self.parameters(state))
 
   def inference_flops(self, state) -> float:
     forward = self.flops(state.variables)['forward']
