@@ -405,16 +405,20 @@ def test_two_processes_match_one_and_resume_after_both_are_killed(idx_dir, tmp_p
 
 
 def test_two_processes_streaming_their_halves_of_each_batch_match_one(idx_dir, tmp_path):
-  """Data on the hosts: 2 processes of 2 devices, the data axis across both (each process
-  reading only its devices' rows of every batch and block), give the one-device run."""
+  """A pod's setting: data on the hosts, parameters sharded (FSDP), 2 processes of 2 devices,
+  the data axis across both (each process reading only its devices' rows of every batch and
+  block, holding only its shards), give the one-device run; the checkpoint both processes
+  wrote evaluates here, on one device, as logged."""
   one = run_with_devices(1, idx_dir, tmp_path / 'one', learner='k_ensemble')
   processes = start_processes(idx_dir, tmp_path / 'two', learner='k_ensemble',
-                              placement='host')
+                              placement='host', shard_params=True)
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   assert all(p.returncode == 0 for p in processes)
   two = json.loads(outputs[0].strip().splitlines()[-1])
   assert two['devices'] == 4
   assert_same_run(one, two)
+  written = analyze.Run(str(tmp_path / 'two'))
+  assert written.evaluate(3)['loss'] == pytest.approx(two['losses'][-1], rel=1e-5)
 
 
 def test_processes_that_disagree_on_the_stream_stop_with_a_clear_error(idx_dir, tmp_path):
