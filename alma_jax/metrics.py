@@ -64,17 +64,16 @@ def num_params(tree) -> int:
 def cost_flops(fn, *args) -> float | None:
   """FLOPs of `fn(*args)` (args may be abstract; `fn` jitted or not) by XLA's cost analysis.
 
-  The count is of the program lowered for this process's CPU device, before optimization,
-  whatever the backend that runs it: the same number on CPU, GPU and TPU, and a count of the
-  math where an accelerator runs a library kernel (cuDNN attention, cuBLAS) that its own analysis
-  does not see or undercounts (on an H200 the compiled program's analysis read GPT-2 small's
-  step 4x low with XLA's attention, 10x with cuDNN's). Where no CPU analysis can be had, the program compiled for this backend is
-  analyzed, with a warning (it can read low). None when neither gives a count: callers record
-  NaN, never 0. XLA counts a loop's
-  body once, whatever its trip count: count programs without loops (one step, one forward);
-  models' scanned layers are traced unrolled here (`layers.unrolled_scans`), `fn`'s Python
-  function afresh (JAX's trace cache does not see that setting: a trace it shared with running
-  code would be stale either way).
+  The count is of the program lowered for this process's CPU device, before optimization, whatever
+  the backend that runs it: the same number on CPU, GPU and TPU, and a count of the math where an
+  accelerator runs a library kernel (cuDNN attention, cuBLAS) that its own analysis does not see
+  or undercounts (on an H200 the compiled program's analysis read GPT-2 small's step 4x low with
+  XLA's attention, 10x with cuDNN's). Where no CPU analysis can be had, the program compiled for
+  this backend is analyzed, with a warning (it can read low). None when neither gives a count:
+  callers record NaN, never 0. XLA counts a loop's body once, whatever its trip count: count
+  programs without loops (one step, one forward); models' scanned layers are traced unrolled here
+  (`layers.unrolled_scans`), `fn`'s Python function afresh (JAX's trace cache does not see that
+  setting: a trace it shared with running code would be stale either way).
   """
   jitted = jax.jit(functools.partial(getattr(fn, '__wrapped__', fn)))  # a partial: a new key
   with layers.unrolled_scans():

@@ -3,10 +3,10 @@
 A training or evaluation set is a vector of indices into the data set's arrays. Arrays on the
 devices (`placement`) are gathered by index inside the compiled loops; arrays on the hosts are
 gathered there a few batches ahead and fed to compiled calls of a few steps each, in the same
-order and with the same keys. Index vectors are padded to a few bucket sizes (`pad_indices`) so that a
-stream whose rounds differ in size compiles a handful of programs, not one per round; `n` says how
-many entries are real. A whole epoch of device-resident data runs as one compiled loop over
-batches, and the host decides only between epochs (`compiled_epoch=False`: a call a step).
+order and with the same keys. Index vectors are padded to a few bucket sizes (`pad_indices`) so
+that a stream whose rounds differ in size compiles a handful of programs, not one per round; `n`
+says how many entries are real. A whole epoch of device-resident data runs as one compiled loop
+over batches, and the host decides only between epochs (`compiled_epoch=False`: a call a step).
 
 Learners train a stack of members (Flax variables with a leading member axis, one member for a
 single model): the epoch is `vmap`ped over members, each with its own indices, example weights and
