@@ -238,8 +238,18 @@ def _exit_past_stuck_threads(main_fn):
   return wrapped
 
 
+_FLAGS = (_CONFIG, _WORKDIR, _DRY_RUN, _VERBOSE, _MULTIHOST, _COORDINATOR, _NUM_PROCESSES,
+          _PROCESS_ID)
+
+
 def cli():
-  """The `alma-jax` console script."""
+  """The `alma-jax` console script. absl's --help describes the main module (the script that
+  pip wrote, with no docstring and no flags): this module's usage and flags are made its."""
+  script = sys.modules['__main__']
+  if script.__doc__ is None:
+    script.__doc__ = __doc__
+  for holder in _FLAGS:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
   app.run(_exit_past_stuck_threads(main), flags_parser=_parse)
 
 

@@ -334,6 +334,19 @@ def test_a_full_or_unwritable_disk_is_one_line(tmp_path, code, said):
   assert said in out.stderr and str(tmp_path) in out.stderr
 
 
+def test_the_console_script_help_shows_the_usage_and_flags():
+  """As pip's `alma-jax` script calls it: a main module with no docstring and no flags (its
+  --help showed only "USAGE: alma-jax [flags]")."""
+  code = ('import sys; from alma_jax import main\n'
+          'sys.argv = ["/somewhere/bin/alma-jax", "--help"]\n'
+          'main.cli()\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  shown = out.stdout + out.stderr
+  assert 'Runs the ALMA protocol' in shown
+  assert all(f'--{flag}' in shown for flag in ('config', 'workdir', 'dry_run', 'multihost'))
+
+
 def test_a_mixture_run_saved_by_0_4_reads_back_as_a_mixture_model():
   """0.4.0 saved mixtures as learners ('moe', 'gmoe' over 'mlp' or 'vgg', learner.num_experts)."""
   saved = alma_config.base().to_dict()
