@@ -1,9 +1,13 @@
 """The targets of #12 and #13, read off the JSONs that `device_checks.sh run` wrote:
 
     python experiments/device_summary.py DIR [--cpu=experiments/results/accelerator_cpu.json]
+    python experiments/device_summary.py experiments/results/h100 --prefix=run7_
 
 One line per target (a missing file or section says so), so that the device call's output
 alone says how the run went. The training FLOPs are compared with the CPU run's in `--cpu`.
+The sections of every `<prefix>accelerator*_<backend>.json` are read as one run's (a second
+call that ran the sections a first one's time limit cut, `benchmark_accelerator.py --only=...
+--out=accelerator_rest_gpu.json`, completes it; a later file's section wins).
 """
 from __future__ import annotations
 
@@ -68,28 +72,34 @@ def _per_example(demo: dict) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('folder')
+  parser.add_argument('--prefix', default='', help="the files' prefix: run7_ for run7_*.json")
   parser.add_argument('--cpu', default=os.path.join(ROOT, 'experiments', 'results',
                                                     'accelerator_cpu.json'))
   args = parser.parse_args()
   read = lambda path: json.load(open(path)) if os.path.exists(path) else {}
-  written = [os.path.join(args.folder, f'accelerator_{backend}.json')  # (what `run` writes)
-             for backend in ('gpu', 'tpu', 'cpu')]
-  result = next((read(path) for path in written if os.path.exists(path)), {})
-  print(f"device: {result.get('device', 'no accelerator_*.json')}")
-  for what, value in targets(result.get('sections', {}), read(args.cpu).get('sections', {})):
+  files = lambda pattern: sorted(glob.glob(os.path.join(args.folder, args.prefix + pattern)))
+  backend = next((b for b in ('gpu', 'tpu', 'cpu') if files(f'accelerator*_{b}.json')), 'gpu')
+  result = {'device': 'no accelerator_*.json', 'sections': {}, 'section_seconds': {}}
+  for path in files(f'accelerator*_{backend}.json'):
+    written = read(path)
+    result['device'] = written.get('device', result['device'])
+    for key in ('sections', 'section_seconds'):
+      result[key].update(written.get(key, {}))
+  print(f"device: {result['device']}")
+  for what, value in targets(result['sections'], read(args.cpu).get('sections', {})):
     try:
       shown = value()
     except (KeyError, TypeError, ZeroDivisionError) as missing:
       shown = f'not measured ({type(missing).__name__}: {missing})'
     print(f'{what}: {shown}')
-  seconds = result.get('section_seconds', {})
+  seconds = result['section_seconds']
   print('seconds a section: ' + (', '.join(f'{k} {v:.0f}' for k, v in seconds.items())
                                  or 'not recorded'))
-  for path in sorted(glob.glob(os.path.join(args.folder, 'streaming_*.json'))):
+  for path in files('streaming_*.json'):
     ratio = read(path).get('host_over_device')
     print(f'{os.path.basename(path)}: streamed / resident throughput (target >= 0.90): '
           + (f'{ratio:.3f}' if ratio else 'not measured'))
-  for path in sorted(glob.glob(os.path.join(args.folder, 'attention_*.json'))):
+  for path in files('attention_*.json'):
     kernels = read(path).get('kernels', {})
     print(f'{os.path.basename(path)}: attention forward and backward, ms a block: '
           + (', '.join(f"{k} {r['ms']:.3f}" + ('' if r['bitwise_repeatable'] else ' (varies)')

@@ -151,3 +151,19 @@ def test_a_profiled_program_is_summarized_by_its_operations_each_counted_once(tm
   assert summary['by_kind_ms'] == pytest.approx({'other': 0.006, 'matrix multiply': 0.007,
                                                  'attention': 0.004, 'other fusion': 0.001,
                                                  'sort': 0.002})
+
+
+def test_the_device_summary_reads_a_run_split_over_two_calls_as_one():
+  """Run 7 on the H100: the first call's time limit cut three sections, which a second call
+  (`--only=peak,steps,lm_default,lm_gpt2_medium`) measured into accelerator_rest_gpu.json."""
+  summary = subprocess.run(
+      [sys.executable, 'experiments/device_summary.py', 'experiments/results/h100',
+       '--prefix=run7_'], capture_output=True, text=True, cwd=REPO, timeout=60, check=True).stdout
+  line = lambda what: next(l[len(what) + 2:] for l in summary.splitlines() if l.startswith(what))
+  assert line('device') == 'NVIDIA H100 80GB HBM3'
+  assert line('matmul peak, TFLOP/s') == '768 (bfloat16)'  # the second call's section wins
+  assert line('GPT-2-small MFU, auto attention (target >= 0.40)').startswith('0.449 ')
+  assert line("GPT-2-medium MFU (blocks recomputed: PaLM's count is the model's)").startswith(
+      '0.413, ')  # only in the second call's file
+  assert line('demo rows identical: again, resumed') == 'True, True'
+  assert 'not measured' not in summary
