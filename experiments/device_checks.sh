@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks that #12 and #13 leave open, as one call of the device tool (600 s at most).
+# The GPU checks that #12 and #13 leave open, as one call of the device tool (its limit: 600 s).
 # The steps are ordered so that what matters most comes first, and what a stopped call wrote
-# still comes back; the last step, the attention kernels, gets what is left of 570 s and is
-# skipped when that is under 80 s. On an H100 (run 7 of experiments/results/h100, 0.9.8) the
-# benchmark's sections took about 460 s in all, the streamed path about 30 s and the attention
-# kernels about 70 s. Two steps:
+# still comes back. The last step, the attention kernels (a diagnostic: runs 4, 5 and 7 of
+# experiments/results/h100 measured them), gets what is left of 570 s counted from this
+# script's start (setup.sh's installs before it are not counted) and is skipped when that is
+# under 80 s. On run 7's H100 (0.9.8) the benchmark's sections took about 460 s in all and the
+# streamed path about 45 s, so the attention kernels (about 70 s) would be skipped there; on
+# run 5's machine, about 100 s faster, they would run. Two steps:
 #
 #   bash experiments/device_checks.sh prepare     # here, after `bash install.sh`: packs .device/
 #   # device tool, carry [".device"], timeout_s 600:
@@ -53,7 +55,7 @@ case "${1:-}" in
       --out="$out/accelerator_$backend.json" --profile="$profile" || stopped benchmark_accelerator $?
     python3 experiments/device_summary.py "$out"  # the targets, early in the call's output
     timeout 60 python3 experiments/benchmark_streaming.py --steps=100 --repeats=3 \
-      --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (GPU: ~30 s)
+      --out="$out/streaming_$backend.json" || stopped benchmark_streaming $?  # (H100: ~45 s)
     python3 experiments/device_summary.py "$out" | grep -i stream
     # Where a GPT-2-small step's time goes (3 steps traced after the timed ones), with
     # deterministic kernels and without, and the traces.
@@ -72,7 +74,7 @@ case "${1:-}" in
       timeout "$left" python3 experiments/benchmark_attention.py --steps=0 \
         --out="$out/attention_$backend.json" || stopped benchmark_attention $?
     else
-      echo "benchmark_attention skipped: ${left} s left of the call's 570"
+      echo "benchmark_attention skipped: ${left} s left of this script's 570"
     fi
     ;;
   *)

@@ -7,7 +7,8 @@ One line per target (a missing file or section says so), so that the device call
 alone says how the run went. The training FLOPs are compared with the CPU run's in `--cpu`.
 The sections of every `<prefix>accelerator*_<backend>.json` are read as one run's (a second
 call that ran the sections a first one's time limit cut, `benchmark_accelerator.py --only=...
---out=accelerator_rest_gpu.json`, completes it; a later file's section wins).
+--out=accelerator_rest_gpu.json`, completes it; where two files have a section, the one later
+by name wins); each file's commit is printed.
 """
 from __future__ import annotations
 
@@ -82,9 +83,11 @@ def main():
   result = {'device': 'no accelerator_*.json', 'sections': {}, 'section_seconds': {}}
   for path in files(f'accelerator*_{backend}.json'):
     written = read(path)
+    print(f"{os.path.basename(path)}: commit {written.get('commit', '?')}, "
+          f"sections {', '.join(written.get('sections') or {}) or 'none'}")
     result['device'] = written.get('device', result['device'])
     for key in ('sections', 'section_seconds'):
-      result[key].update(written.get(key, {}))
+      result[key].update(written.get(key) or {})
   print(f"device: {result['device']}")
   for what, value in targets(result['sections'], read(args.cpu).get('sections', {})):
     try:
