@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import zlib
 
 from absl import logging
@@ -38,6 +39,23 @@ from alma_jax import sharding
 CHECKSUM = 'checksum'
 MEMBER_STACKS = ('variables', 'opt_state')  # of the run state's 'learner'
 ITEM = 'default'  # the folder of a step where a manager of one unnamed item keeps it
+
+
+def _drop_closed_loop_reports() -> None:
+  """From now on, drops the unraisable 'Event loop is closed' errors that a failed read leaves:
+  Orbax closes its event loop while tensorstore still has reads in flight, and each of them,
+  as it completes (after the failure is raised), reports one (dozens of tracebacks on stderr a
+  checkpoint). Other unraisable errors are reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
 
 
 class CorruptCheckpointError(ValueError):
@@ -144,8 +162,10 @@ class Checkpointer:
       tree, error = self._read(step, parts), None
     except Exception as e:  # classified below, the same way on every process
       tree, error = None, e
-      logging.warning('checkpoint %d could not be read on process %d: %s: %s', step,
-                      jax.process_index(), type(e).__name__, e)
+      _drop_closed_loop_reports()
+      if jax.process_count() > 1:  # (the others learn only that it failed here)
+        logging.warning('checkpoint %d could not be read on process %d: %s: %s', step,
+                        jax.process_index(), type(e).__name__, e)
     status = 0 if error is None else 1 if is_corruption(error) else 2
     worst = sharding.worst(status)
     if worst == 2 and status != 2:
