@@ -44,8 +44,9 @@ ITEM = 'default'  # the folder of a step where a manager of one unnamed item kee
 def _drop_closed_loop_reports() -> None:
   """From now on, drops the unraisable 'Event loop is closed' errors that a failed read leaves:
   Orbax closes its event loop while tensorstore still has reads in flight, and each of them,
-  as it completes (after the failure is raised), reports one (dozens of tracebacks on stderr a
-  checkpoint). Other unraisable errors are reported as before."""
+  as it completes (while the failure is raised, or after), reports one (dozens of tracebacks on
+  stderr a checkpoint). Installed before a read, since some complete before the failure is
+  caught. Other unraisable errors are reported as before."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_reports', False):
     return
@@ -158,11 +159,11 @@ class Checkpointer:
     """The tree saved at `step` (with `parts`, only those of its keys: the others are not
     read), checked against its checksums. Every process calls it and learns the same outcome:
     the tree, or an error of the same kind (corrupt or not)."""
+    _drop_closed_loop_reports()
     try:
       tree, error = self._read(step, parts), None
     except Exception as e:  # classified below, the same way on every process
       tree, error = None, e
-      _drop_closed_loop_reports()
       if jax.process_count() > 1:  # (the others learn only that it failed here)
         logging.warning('checkpoint %d could not be read on process %d: %s: %s', step,
                         jax.process_index(), type(e).__name__, e)

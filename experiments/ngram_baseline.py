@@ -86,8 +86,8 @@ def main():
   nll = -np.log(model.probabilities(histories, test[k]))
   loss = float(nll.mean())
   result = {**common.environment(), 'config': args.config, 'order': args.order,
-            'train_bytes': int(len(train)), 'test_targets': int(len(k)), 'test_loss': loss, 'bits_per_byte': loss / math.log(2),
-            'perplexity': math.exp(loss)}
+            'train_bytes': int(len(train)), 'test_targets': int(len(k)), 'test_loss': loss,
+            'bits_per_byte': loss / math.log(2), 'perplexity': math.exp(loss)}
   common.write_result(result, args.out)
 
 

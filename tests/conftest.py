@@ -52,6 +52,22 @@ def kill_during_round(command: list[str], arrival: int, timeout: float = 240) ->
   watchdog.cancel()
 
 
+def checkpoint_data_files(checkpoint_dir) -> list[str]:
+  """The files holding a checkpoint's array data (Orbax OCDBT), largest first."""
+  found = [os.path.join(root, name) for root, _, names in os.walk(checkpoint_dir)
+           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  return sorted(found, key=os.path.getsize, reverse=True)
+
+
+def flip_a_bit(path) -> None:
+  """Flips one bit in the middle of the file at `path`."""
+  with open(path, 'r+b') as f:
+    content = bytearray(f.read())
+    content[len(content) // 2] ^= 0x10
+    f.seek(0)
+    f.write(content)
+
+
 def write_idx(path: str, array: np.ndarray) -> None:
   header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
       int(d).to_bytes(4, 'big') for d in array.shape)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from alma_jax import analyze, checkpoint, config as alma_config, data, run
-from conftest import REPO
+from conftest import REPO, checkpoint_data_files, flip_a_bit
 
 
 @pytest.fixture(scope='module')
@@ -157,14 +157,8 @@ def test_damaged_files_of_a_run_are_named_in_one_line_and_nothing_is_moved(runs,
 
 def _damage_arrays(checkpoint_dir) -> None:
   """Flips a bit in the middle of every array file of a checkpoint."""
-  for root, _, names in os.walk(checkpoint_dir):
-    for name in names:
-      if os.sep + 'd' + os.sep in os.path.join(root, name):
-        with open(os.path.join(root, name), 'r+b') as f:
-          content = bytearray(f.read())
-          content[len(content) // 2] ^= 0x10
-          f.seek(0)
-          f.write(content)
+  for path in checkpoint_data_files(checkpoint_dir):
+    flip_a_bit(path)
 
 
 def test_a_damaged_checkpoint_costs_the_cli_one_line_of_stderr(runs, tmp_path):

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alma_jax import checkpoint, data, metrics, run, stream as alma_stream, workdir as workdirs
-from conftest import REPO, kill_during_round, make_idx_dataset
+from conftest import (REPO, checkpoint_data_files, flip_a_bit, kill_during_round,
+                      make_idx_dataset)
 
 
 def errors(workdir):
@@ -383,23 +384,11 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(config, tmp_path):
   assert errors(workdir) == errors(tmp_path / 'a')
 
 
-def _data_files(checkpoint_dir):
-  """The files holding a checkpoint's array data (Orbax OCDBT), largest first."""
-  found = [os.path.join(root, name) for root, _, names in os.walk(checkpoint_dir)
-           for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
-  return sorted(found, key=os.path.getsize, reverse=True)
-
-
 def test_a_flipped_bit_is_found_and_the_checkpoint_before_used(config, tmp_path):
   reference = run.run(config, str(tmp_path / 'a'))
   workdir = tmp_path / 'b'
   run.run(config, str(workdir))
-  data_file = _data_files(workdir / 'checkpoints' / '5')[0]
-  with open(data_file, 'r+b') as f:
-    content = bytearray(f.read())
-    content[len(content) // 2] ^= 0x10
-    f.seek(0)
-    f.write(content)
+  flip_a_bit(checkpoint_data_files(workdir / 'checkpoints' / '5')[0])
   summary = run.run(config, str(workdir))
   assert os.listdir(workdir / 'checkpoints_corrupt') == ['5']
   assert summary['cer'] == pytest.approx(reference['cer'], abs=1e-7)
@@ -445,7 +434,7 @@ def test_a_truncated_data_file_is_corruption(config, tmp_path):
   """Orbax wraps a failed read of an array in a bare Exception; what it wraps decides."""
   config.stream.num_megabatches = 2
   run.run(config, str(tmp_path))
-  with open(_data_files(tmp_path / 'checkpoints' / '2')[0], 'r+b') as f:
+  with open(checkpoint_data_files(tmp_path / 'checkpoints' / '2')[0], 'r+b') as f:
     f.truncate(7)
   with checkpoint.Checkpointer(str(tmp_path / 'checkpoints')) as checkpointer:
     with pytest.raises(Exception, match='Encountered error while reading') as raised:
