@@ -1,3 +1,3 @@
 """alma_jax: anytime learning at macroscale in JAX."""
 
-__version__ = '0.9.9'
+__version__ = '0.9.10'

@@ -52,9 +52,19 @@ def targets(sections: dict, cpu_sections: dict) -> list[tuple[str, object]]:
       ('cost of determinism: demo rounds s (empty cache), deterministic / not', lambda: (
           f"{demo['first']['rounds_s']:.1f} / "
           f"{sections['nondeterministic']['demo']['rounds_s']:.1f}")),
-      ('demo first arrival, empty / filled cache', lambda: (
-          f"{demo['first']['first_arrival_s']:.1f} s / {demo['again']['first_arrival_s']:.1f} s")),
+      ('demo to its first arrival, empty / filled cache (target: 2x sooner)',
+       lambda: _first_arrival(demo)),
   ]
+
+
+def _first_arrival(demo: dict) -> str:
+  """Seconds to the row of arrival 1 in both runs, and before that to reaching it (start-up:
+  recorded since 0.9.10)."""
+  times = lambda key: (f"{demo['first'][key]:.1f} s / {demo['again'][key]:.1f} s "
+                       f"({demo['first'][key] / demo['again'][key]:.2f}x)")
+  reached = (f"reached {times('startup_wall_s')}, "
+             if demo['first'].get('startup_wall_s') is not None else '')
+  return f"{reached}its row {times('first_arrival_s')}"
 
 
 def _mfu(r: dict) -> str:
