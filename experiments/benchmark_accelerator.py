@@ -64,8 +64,9 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
   decoded data (gunzipped idx files, tokenized corpora) beside it: seconds from the command to
   the run reaching its first arrival (`startup_wall_s`: the interpreter, the imports and the
   run's start-up, until the table's header is printed) and to that arrival's row
-  (`first_arrival_s`: also its round, test evaluation and checkpoint), wall time, its summary;
-  with `kill_after`, SIGKILLed once that arrival's row is printed."""
+  (`first_arrival_s`: also its round, test evaluation and checkpoint; a resumed run prints the
+  rows it restored with the header), wall time, its summary; with `kill_after`, SIGKILLed once
+  that arrival's row is printed."""
   command = [sys.executable, '-m', 'alma_jax.main', f'--config={config}',
              f'--workdir={workdir}', '--config.log.tensorboard=False',
              f'--config.backend.compilation_cache={cache}',
@@ -87,9 +88,13 @@ def main_run(config: str, workdir: str, cache: str, kill_after: int = 0,
   stderr = process.stderr.read()
   if process.wait():
     raise _failed(command, stderr)
+  if reached is None or first is None:
+    raise RuntimeError(f'{" ".join(command)} printed no table header or no row (the header '
+                       f'the benchmark waits for: {metrics.TABLE_HEADER!r})')
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
-  return {'startup_wall_s': reached, 'first_arrival_s': first, 'wall_s': time.perf_counter() - began,
+  return {'startup_wall_s': reached, 'first_arrival_s': first,
+          'wall_s': time.perf_counter() - began,
           'startup_s': summary['startup_seconds'], 'compile_s': summary['compile_seconds'],
           'compilations': summary['compilations'],
           'compilations_from_cache': summary['compilations_from_cache'],

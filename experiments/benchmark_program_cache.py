@@ -12,7 +12,9 @@ ready to run in a fresh process, three ways, with every cache filled:
 
 Each child process builds the demo's learner (configs/fashion_mnist.py) and a member's epoch
 over 5400 examples as a round of it trains, then times the epoch's first call and its second:
-the difference is what making the program ready cost. Medians over the repeats; writes
+the difference is what making the program ready cost. The program is the run's epoch called
+through a jit over its flattened arguments (what export and serialization take), which
+donates none of them; the ways take turns going first. Medians over the repeats; writes
 experiments/results/program_cache_<backend>.json. Why alma_jax keeps no cache of traced
 programs or executables: docs/performance.md, Start-up.
 """
@@ -116,9 +118,10 @@ def _can_export() -> bool:
 def run_child(way: str, folder: str) -> dict:
   out = subprocess.run([sys.executable, __file__, f'--child={way}', f'--folder={folder}'],
                        capture_output=True, text=True, cwd=ROOT)
-  if out.returncode:
-    raise RuntimeError(f'{way} failed:\n{out.stderr[-3000:]}')
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  lines = out.stdout.strip().splitlines()
+  if out.returncode or not lines:
+    raise RuntimeError(f'{way} failed (exit status {out.returncode}):\n{out.stderr[-3000:]}')
+  return json.loads(lines[-1])
 
 
 def main():
@@ -136,8 +139,9 @@ def main():
   with tempfile.TemporaryDirectory() as folder:
     run_child('write', folder)
     runs = {way: [] for way in WAYS if way != 'exported' or _can_export()}
-    for _ in range(args.repeats):
-      for way in runs:
+    ways = list(runs)
+    for repeat in range(args.repeats):
+      for way in ways[repeat % len(ways):] + ways[:repeat % len(ways)]:
         runs[way].append(run_child(way, folder))
   for way, measured in runs.items():
     if any(r['programs_compiled'] for r in measured):
