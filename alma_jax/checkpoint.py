@@ -41,22 +41,31 @@ MEMBER_STACKS = ('variables', 'opt_state')  # of the run state's 'learner'
 ITEM = 'default'  # the folder of a step where a manager of one unnamed item keeps it
 
 
-def _drop_closed_loop_reports() -> None:
-  """From now on, drops the unraisable 'Event loop is closed' errors that a failed read leaves:
-  Orbax closes its event loop while tensorstore still has reads in flight, and each of them,
-  as it completes (while the failure is raised, or after), reports one (dozens of tracebacks on
-  stderr a checkpoint). Installed before a read, since some complete before the failure is
-  caught. Other unraisable errors are reported as before."""
+def _drop_failed_read_reports() -> None:
+  """From now on, drops the unraisable errors that a failed read leaves behind, and only
+  those: Orbax closes its event loop while tensorstore still has reads in flight, and each of
+  them, as it completes (while the failure is raised, or after), reports 'Event loop is closed'
+  (dozens of tracebacks on stderr a checkpoint); and Orbax's read that was left unfinished
+  raises when the garbage collector closes it, whenever that happens (a traceback for each
+  failed read, long after it was handled). Installed before a read, since some complete before
+  the failure is caught. Other unraisable errors are reported as before."""
   previous = sys.unraisablehook
-  if getattr(previous, 'drops_closed_loop_reports', False):
+  if getattr(previous, 'drops_failed_read_reports', False):
     return
 
   def hook(unraisable):
-    if not (unraisable.exc_type is RuntimeError
-            and str(unraisable.exc_value) == 'Event loop is closed'):
+    if not _left_by_a_failed_read(unraisable):
       previous(unraisable)
-  hook.drops_closed_loop_reports = True
+  hook.drops_failed_read_reports = True
   sys.unraisablehook = hook
+
+
+def _left_by_a_failed_read(unraisable) -> bool:
+  if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed':
+    return True
+  code = getattr(unraisable.object, 'cr_code', None)  # a coroutine, closed unfinished
+  return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+          and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit))
 
 
 class CorruptCheckpointError(ValueError):
@@ -159,7 +168,7 @@ class Checkpointer:
     """The tree saved at `step` (with `parts`, only those of its keys: the others are not
     read), checked against its checksums. Every process calls it and learns the same outcome:
     the tree, or an error of the same kind (corrupt or not)."""
-    _drop_closed_loop_reports()
+    _drop_failed_read_reports()
     try:
       tree, error = self._read(step, parts), None
     except Exception as e:  # classified below, the same way on every process

@@ -1,4 +1,5 @@
 """End-to-end runs of the driver on the synthetic data set: protocol, resume, bad workdirs."""
+import gc
 import json
 import os
 import shutil
@@ -442,6 +443,25 @@ def test_a_truncated_data_file_is_corruption(config, tmp_path):
     assert checkpoint.is_corruption(raised.value)
     assert checkpointer.restore_latest()[0] == 1
   assert os.listdir(tmp_path / 'checkpoints_corrupt') == ['2']
+
+
+def test_a_failed_read_leaves_no_traceback_for_later(config, tmp_path, monkeypatch):
+  """Orbax's read of the damaged array, left unfinished, raises when the garbage collector
+  closes it: in a notebook a traceback on stderr whenever that happens, for every failed read."""
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  with open(checkpoint_data_files(tmp_path / 'checkpoints' / '2')[0], 'r+b') as f:
+    f.truncate(7)
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  with checkpoint.Checkpointer(str(tmp_path / 'checkpoints')) as checkpointer:
+    for _ in range(3):
+      try:
+        checkpointer.restore(2)
+      except Exception as error:  # (the error, its traceback and the read, dropped)
+        assert checkpoint.is_corruption(error)
+  gc.collect()
+  assert [(u.exc_type, u.exc_value, u.object) for u in reported] == []
 
 
 @pytest.mark.parametrize('failure', [
