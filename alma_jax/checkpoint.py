@@ -21,9 +21,12 @@ ever.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import sys
+import traceback
 import zlib
 
 from absl import logging
@@ -54,7 +57,11 @@ def _drop_failed_read_reports() -> None:
     return
 
   def hook(unraisable):
-    if not _left_by_a_failed_read(unraisable):
+    try:
+      dropped = _left_by_a_failed_read(unraisable)
+    except Exception:  # (a report this cannot read is reported)
+      dropped = False
+    if not dropped:
       previous(unraisable)
   hook.drops_failed_read_reports = True
   sys.unraisablehook = hook
@@ -62,7 +69,9 @@ def _drop_failed_read_reports() -> None:
 
 def _left_by_a_failed_read(unraisable) -> bool:
   if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed':
-    return True
+    # a callback scheduled on the closed loop (a transport left open reports it from __del__)
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return unraisable.object is None and bool(frames) and frames[-1].name == '_check_closed'
   code = getattr(unraisable.object, 'cr_code', None)  # a coroutine, closed unfinished
   return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
           and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit))
@@ -79,13 +88,20 @@ _CORRUPTION = (ValueError, KeyError, EOFError, FileNotFoundError, zlib.error)
 # could not be read now (permissions, an outage, memory, time), not that the files are damaged.
 _NOT_DAMAGE = ('PERMISSION_DENIED', 'UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED',
                'CANCELLED', 'ABORTED', 'UNAUTHENTICATED')
+# ... and where the operating system failed a read, its errno (EIO comes as UNKNOWN, ENODEV as
+# NOT_FOUND): a failure of the storage, unless the file is not there (ENOENT).
+_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
 
 
 def is_corruption(error: BaseException) -> bool:
   """Whether a restore failed on the files themselves (not memory, I/O, access or a library)."""
   while type(error) is Exception and error.__cause__ is not None:  # Orbax's wrap of a read
     error = error.__cause__
-  return isinstance(error, _CORRUPTION) and not str(error).startswith(_NOT_DAMAGE)
+  message = str(error)
+  os_error = _OS_ERROR.search(message)
+  if os_error and int(os_error.group(1)) != errno.ENOENT:
+    return False
+  return isinstance(error, _CORRUPTION) and not message.startswith(_NOT_DAMAGE)
 
 
 @jax.jit
@@ -239,7 +255,10 @@ class Checkpointer:
         if not is_corruption(error):
           raise
         shown = f'{type(error).__name__}: {error}'
-      if sharding.is_main_process():
+
+      def move_aside(step=step, shown=shown):  # by process 0, for all
+        if not sharding.is_main_process():
+          return
         aside = self._move_aside(step)
         logging.warning('checkpoint %d is corrupt (%s); moved it to %s and falling back to '
                         'the one before it', step, shown, aside)
@@ -247,7 +266,8 @@ class Checkpointer:
         print(f'WARNING: checkpoint {step} is corrupt ({shown[:200]}); kept it at {aside} and '
               + (f'falling back to checkpoint {before[-1]}.' if before else
                  'no checkpoint is left before it.'), flush=True)
-      sharding.barrier(f'alma_jax.checkpoint.corrupt.{step}')
+      # (which also waits until it is done: the others read the directory next)
+      sharding.on_every_process(f'moving the corrupt checkpoint {step} aside', move_aside)
       self.manager.reload()
     return 0, None
 

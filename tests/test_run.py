@@ -2,6 +2,7 @@
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -9,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -464,11 +466,48 @@ def test_a_failed_read_leaves_no_traceback_for_later(config, tmp_path, monkeypat
   assert [(u.exc_type, u.exc_value, u.object) for u in reported] == []
 
 
+def test_the_failed_read_filter_passes_every_other_report_on(monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  checkpoint._drop_failed_read_reports()
+
+  def report(error, where):
+    try:
+      raise error
+    except Exception as raised:
+      sys.unraisablehook(types.SimpleNamespace(  # (what CPython passes, field by field)
+          exc_type=type(raised), exc_value=raised, exc_traceback=raised.__traceback__,
+          err_msg=None, object=where))
+  report(RuntimeError('Event loop is closed'), object())  # a transport's __del__, say
+  report(ValueError('elsewhere'), None)
+  assert [str(u.exc_value) for u in reported] == ['Event loop is closed', 'elsewhere']
+
+
+def test_files_the_system_fails_to_read_are_not_corruption(config, tmp_path):
+  """An error of the operating system while reading (here ELOOP; on a network file system EIO,
+  which tensorstore reports as UNKNOWN) says nothing of the files: the run stops, and nothing
+  is moved aside."""
+  config.stream.num_megabatches = 2
+  run.run(config, str(tmp_path))
+  for path in checkpoint_data_files(tmp_path / 'checkpoints' / '2'):
+    os.remove(path)
+    os.symlink(path, path)
+  with pytest.raises(Exception) as raised:
+    run.run(config, str(tmp_path))
+  assert not checkpoint.is_corruption(raised.value)
+  cause = raised.value.__cause__ or raised.value
+  assert "os_error_code='40'" in str(cause), str(cause)[:300]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  assert not os.path.exists(tmp_path / 'checkpoints_corrupt')
+
+
 @pytest.mark.parametrize('failure', [
     MemoryError('injected'),
     # tensorstore's ValueErrors of storage that cannot be read now, not of damaged files
     ValueError('PERMISSION_DENIED: Error opening file: Permission denied'),
-    ValueError('UNAVAILABLE: gcs endpoint unreachable')])
+    ValueError('UNAVAILABLE: gcs endpoint unreachable'),
+    ValueError('UNKNOWN: Error reading local file "d/1f": Input/output error '
+               "[os_error_code='5']")])
 def test_a_failure_that_is_not_corruption_stops_the_run_and_moves_nothing(config, tmp_path,
                                                                           monkeypatch, failure):
   config.stream.num_megabatches = 2
@@ -476,7 +515,7 @@ def test_a_failure_that_is_not_corruption_stops_the_run_and_moves_nothing(config
   def fails(self, *args):
     raise failure
   monkeypatch.setattr(checkpoint.Checkpointer, '_read', fails)
-  with pytest.raises(type(failure), match=str(failure)):
+  with pytest.raises(type(failure), match=re.escape(str(failure))):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
   assert not os.path.exists(tmp_path / 'checkpoints_corrupt')

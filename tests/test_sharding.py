@@ -20,7 +20,7 @@ import pytest
 
 from alma_jax import analyze, checkpoint, config as alma_config, run, sharding
 from alma_jax import workdir as workdirs
-from conftest import REPO, devices_env, tiny_config
+from conftest import REPO, checkpoint_data_files, devices_env, tiny_config
 
 SCRIPT = '''
 import json, sys
@@ -459,6 +459,36 @@ def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_every_process(i
   assert 'WARNING: checkpoint 3 is corrupt' in outputs[0]
   assert os.listdir(workdir / 'checkpoints_corrupt') == ['3']
   assert json.loads(outputs[0].strip().splitlines()[-1]) == uninterrupted
+
+
+CANNOT_MOVE_ASIDE = '''
+from alma_jax import checkpoint
+def cannot(self, step):
+  raise PermissionError(13, 'Permission denied (injected)', str(step))
+checkpoint.Checkpointer._move_aside = cannot
+'''
+
+
+def test_a_corrupt_checkpoint_process_0_cannot_move_aside_stops_every_process(idx_dir,
+                                                                               tmp_path):
+  """Process 0 moves a corrupt checkpoint aside for all; where it cannot (permissions, a copy
+  to another file system that meets the damaged files), process 1 stops too, instead of
+  waiting for it at the next collective for ever."""
+  workdir = tmp_path / 'two'
+  processes = start_processes(idx_dir, workdir)
+  for p in processes:
+    p.communicate(timeout=300)
+  assert all(p.returncode == 0 for p in processes)
+  for path in checkpoint_data_files(workdir / 'checkpoints' / '3'):
+    with open(path, 'wb') as f:
+      f.write(b'garbage')
+  coordinator = f'127.0.0.1:{free_port()}'
+  errors = errors_of_failed_processes([
+      command(idx_dir, workdir, coordinator=coordinator, processes=2, process=i,
+              prelude=CANNOT_MOVE_ASIDE if i == 0 else '') for i in range(2)])
+  assert 'Permission denied (injected)' in errors[0]
+  assert 'moving the corrupt checkpoint 3 aside failed on another process' in errors[1]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
 
 
 def errors_of_failed_processes(commands: list[list[str]]) -> list[str]:
