@@ -14,10 +14,13 @@ of compiling.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
+from absl import logging
 import jax
 from jax import monitoring
+from jax.experimental.compilation_cache import compilation_cache
 
 DETERMINISTIC_GPU_FLAG = '--xla_gpu_deterministic_ops=true'
 _DETERMINISTIC_NAME = DETERMINISTIC_GPU_FLAG.partition('=')[0]
@@ -44,8 +47,28 @@ def configure(config) -> None:
       else:
         flags = os.environ.get('XLA_FLAGS', '')
         os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISTIC_GPU_FLAG}'.strip()
-  if config.compilation_cache:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
+  _keep_programs_in(config.compilation_cache)
+
+
+def _keep_programs_in(path: str) -> None:
+  """Where the programs compiled from now on are kept ('' for nowhere), in this process too:
+  JAX sets its cache up once, at its first compilation, so a change resets it. A directory
+  that cannot be written is warned about, and programs are compiled without a cache."""
+  directory = os.path.expanduser(path) if path else None
+  if directory:
+    try:
+      os.makedirs(directory, exist_ok=True)
+      if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, 'not writable', directory)
+    except OSError as error:
+      logging.warning('config.backend.compilation_cache=%r cannot hold compiled programs (%s): '
+                      "compiling without a persistent cache (set it to a writable directory, "
+                      "or to '' for none)", path, error)
+      directory = None
+  if directory != jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', directory)
+    compilation_cache.reset_cache()
+  if directory:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_CACHED_COMPILE_SECONDS)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 

@@ -54,6 +54,49 @@ def test_a_gpu_backend_started_without_determinism_is_refused(config, monkeypatc
   backend.configure(config.backend)
 
 
+def test_the_compilation_cache_a_config_names_is_the_one_used_in_the_same_process(tmp_path):
+  """JAX sets its cache up at the first compilation: a later run in the same process (a
+  notebook, a sweep in one process) with another directory, or none, used to keep the first."""
+  out = _python(
+      'import os, jax, jax.numpy as jnp\n'
+      'from alma_jax import backend, config\n'
+      'c = config.base().backend\n'
+      'def compile_in(cache, n):\n'
+      '  c.compilation_cache = cache\n'
+      '  backend.configure(c)\n'
+      '  jax.jit(lambda x: x * n)(jnp.ones(n)).block_until_ready()\n'
+      f'  print([len(os.listdir(p)) if os.path.isdir(p) else 0\n'
+      f'         for p in ({str(tmp_path / "a")!r}, {str(tmp_path / "b")!r})])\n'
+      f'compile_in({str(tmp_path / "a")!r}, 2)\n'
+      f'compile_in({str(tmp_path / "b")!r}, 3)\n'
+      'compile_in("", 4)\n'
+      'print(jax.config.jax_compilation_cache_dir)')
+  *counts, directory = out.splitlines()
+  (a, none_yet), (still_a, b), after_none = map(json.loads, counts)
+  assert a > 0 and none_yet == 0  # a's programs in a
+  assert still_a == a and b > 0   # b's in b
+  assert after_none == [a, b] and directory == 'None'  # none's nowhere
+
+
+def test_a_compilation_cache_that_cannot_be_written_is_named_and_left_out(tmp_path):
+  (tmp_path / 'file').write_text('')
+  result = subprocess.run(
+      [sys.executable, '-c',
+       'import jax, jax.numpy as jnp\n'
+       'from alma_jax import backend, config\n'
+       'c = config.base().backend\n'
+       f'c.compilation_cache = {str(tmp_path / "file" / "cache")!r}\n'
+       'backend.configure(c)\n'
+       'jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()\n'
+       'print(jax.config.jax_compilation_cache_dir)'],
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['None']
+  assert "config.backend.compilation_cache='" in result.stderr
+  assert 'compiling without a persistent cache' in result.stderr
+  assert 'Error reading persistent compilation cache' not in result.stderr
+
+
 def test_a_repeated_run_loads_its_programs_from_the_compilation_cache(config, tmp_path):
   config.stream.num_megabatches = 2
   summaries = []
