@@ -52,6 +52,9 @@ class Run:
         saved = json.load(f)
       except ValueError as error:
         raise NotARunError(f'{path} is not a readable run config ({error})') from None
+    if not alma_config.is_saved_config(saved):
+      raise NotARunError(f'{directory!r} is not an alma_jax run: its {alma_run.CONFIG_FILE} is '
+                         f'not a run\'s config')
     # The run's own learners, models and data sources register before its config is read.
     alma_config.import_extensions(ml_collections.ConfigDict({'extensions': saved.get(
         'extensions', ())}))

@@ -210,8 +210,10 @@ class Checkpointer:
     else:  # one checksum of the whole tree (0.9.5 and before)
       damaged = [] if saved is None or checksum(tree) == int(saved) else sorted(tree)
     if damaged:
-      raise CorruptCheckpointError(f'checkpoint {step}: its {", ".join(damaged)} do not match '
-                                   f'the checksum saved with them')
+      raise CorruptCheckpointError(
+          f'checkpoint {step}: its {", ".join(damaged)} '
+          + ('does not match the checksum saved with it' if len(damaged) == 1 else
+             'do not match the checksums saved with them'))
     return tree if parts is None else {part: tree[part] for part in parts}
 
   def _read(self, step: int, parts: tuple[str, ...] | None) -> dict:

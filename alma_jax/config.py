@@ -122,9 +122,29 @@ def load(spec: str) -> ml_collections.ConfigDict:
   path = resolve(path)
   source = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0] + '_config', path)
+  if source is None or not path.endswith('.py'):
+    raise ValueError(f'{path} is not a config file (a Python file whose get_config(variant) '
+                     f'returns the config; a run\'s config.json is resumed with the command that '
+                     f'started it)')
   module = importlib.util.module_from_spec(source)
   source.loader.exec_module(module)
-  return module.get_config(variant)
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'{path} defines no get_config(variant)')
+  config = module.get_config(variant)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'{path}: get_config returned a {type(config).__name__}, not an '
+                     f'ml_collections.ConfigDict (start from alma_jax.config.base())')
+  return config
+
+
+# The sections that every version's config.json holds: what tells a run's config from another
+# file of that name.
+SAVED_SECTIONS = ('data', 'stream', 'model', 'learner', 'train')
+
+
+def is_saved_config(saved) -> bool:
+  """Whether `saved`, a config.json's content, is an alma_jax run's config."""
+  return isinstance(saved, dict) and all(isinstance(saved.get(s), dict) for s in SAVED_SECTIONS)
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:

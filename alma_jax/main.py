@@ -26,6 +26,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from alma_jax import backend, config as alma_config, data, learners, models, run, sharding
+from alma_jax import workdir as workdirs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                           lock_config=True)
@@ -179,22 +180,29 @@ def main(argv):
       for key, value in _MODEL_KEYS.items():
         config.model[key] = value
     config = learners.with_defaults(config)
+    with config.unlocked():  # (a shell leaves the ~ of --config.data.path=~/x as it is)
+      for key in ('path', 'tfds_data_dir', 'cache_dir', 'tokenizer'):
+        if isinstance(config.data.get(key), str):
+          config.data[key] = os.path.expanduser(config.data[key])
+    workdir = os.path.expanduser(_WORKDIR.value or '')
     backend.configure(config.backend)  # XLA flags are read when the backend starts
     multihost = _MULTIHOST.value or _COORDINATOR.value
     if not multihost and (_NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None):
       _mistake('--num_processes and --process_id need --coordinator_address (process 0\'s '
                'HOST:PORT), or --multihost where JAX finds all three itself (TPU, SLURM)')
-    if not _DRY_RUN.value and not _WORKDIR.value:
+    if not _DRY_RUN.value and not workdir:
       _mistake('--workdir is required (a directory for the run\'s outputs and checkpoints)')
     if multihost:
       jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DRY_RUN.value:  # (every process loads the data: a dry run prepares each host's)
+      if workdir:  # what the run would refuse, without touching it
+        workdirs.check(config, workdir)
       plan = run.plan(config)
       if jax.process_index() == 0:
         print(json.dumps({'config': json.loads(config.to_json_best_effort()), 'plan': plan},
                          indent=2))
       return
-    run.run(config, _WORKDIR.value)
+    run.run(config, workdir)
   except run.Interrupted as stop:  # said on the console; the usual status of that signal
     sys.exit(128 + signal.Signals[stop.signal_name].value)
   except USER_ERRORS as error:

@@ -193,6 +193,12 @@ def _alive(pid) -> bool:
 def check(config, workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f'workdir {workdir!r} is a file, not a directory')
+  above = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise WorkdirError(f'workdir {workdir!r} cannot be created: {above!r} is a file, not a '
+                       f'directory')
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
     saved = _saved_config(path)
@@ -240,10 +246,15 @@ def _check_kept_checkpoints(saved: dict, config, workdir: str) -> None:
 def _saved_config(path: str) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
   except ValueError as error:
     raise WorkdirError(f'{path} is not a readable run config ({error}): restore it, or use a '
                        f'new --workdir') from None
+  if not alma_config.is_saved_config(saved):
+    raise WorkdirError(f'{path} is not an alma_jax run\'s config (a JSON object with the '
+                       f'sections {", ".join(alma_config.SAVED_SECTIONS)}): the workdir holds '
+                       f'other files; refusing to write into it. Use a new --workdir.')
+  return saved
 
 
 def _has_results(workdir: str) -> bool:

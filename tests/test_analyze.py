@@ -64,8 +64,11 @@ def test_evaluate_on_other_data(runs):
 def test_a_directory_that_is_not_a_run_is_named(tmp_path, capsys):
   with pytest.raises(analyze.NotARunError, match='not an alma_jax run'):
     analyze.Run(str(tmp_path))
+  (tmp_path / 'theirs').mkdir()
+  (tmp_path / 'theirs' / 'config.json').write_text('[1, 2]')  # (a traceback, before)
   for directory, message in ((tmp_path, 'not an alma_jax run'),
-                             (tmp_path / 'missing', 'no such directory')):
+                             (tmp_path / 'missing', 'no such directory'),
+                             (tmp_path / 'theirs', "its config.json is not a run's config")):
     with pytest.raises(SystemExit) as exit_:
       analyze.cli([str(directory)])
     err = capsys.readouterr().err

@@ -220,6 +220,40 @@ def test_a_config_mistake_is_one_line_naming_it_and_status_2(args, line, capsys,
   assert exit_.value.code == 2 and err.count('\n') == 1 and line in err
 
 
+def test_a_file_that_is_not_a_config_is_one_line_naming_it(tmp_path, capsys):
+  """The resume message names a run's config.json: passing it as --config used to end in a
+  traceback, as did a file without get_config or one returning a plain dict."""
+  for name, text, line in [
+      ('config.json', '{"seed": 0}', 'config.json is not a config file'),
+      ('empty.py', 'seed = 0\n', 'empty.py defines no get_config(variant)'),
+      ('plain.py', 'def get_config(variant=""):\n  return {"seed": 0}\n',
+       'plain.py: get_config returned a dict, not an ml_collections.ConfigDict')]:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+      main.check_arguments([f'--config={tmp_path / name}'])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count('\n') == 1 and line in err, err
+
+
+def test_a_dry_run_refuses_the_workdir_the_run_would_refuse(tmp_path):
+  (tmp_path / 'theirs').mkdir()
+  (tmp_path / 'theirs' / 'config.json').write_text('{"lr": 0.1}')
+  out = run_main('--config=configs/fashion_mnist.py:tiny', '--dry_run',
+                 f'--workdir={tmp_path / "theirs"}')
+  assert out.returncode == 2 and out.stderr.count('\n') == 1, out.stderr
+  assert "is not an alma_jax run's config" in out.stderr
+  assert (tmp_path / 'theirs' / 'config.json').read_text() == '{"lr": 0.1}'
+
+
+def test_a_tilde_the_shell_left_in_a_path_is_the_home_directory(tmp_path):
+  """A shell expands ~ at the start of a word only: --workdir=~/run reaches the program as is."""
+  out = subprocess.run([sys.executable, '-m', 'alma_jax.main', '--config=configs/fashion_mnist.py',
+                        '--config.data.path=~/nowhere', '--dry_run'], cwd=REPO,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'HOME': str(tmp_path)})
+  assert out.returncode == 2 and repr(str(tmp_path / 'nowhere')) in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize('args,line', [
     (('--config.stream.waiting_time=20',),
      'error: config.stream.waiting_time=20: the waiting time must be between 1 and'),

@@ -419,7 +419,7 @@ def test_each_part_of_the_run_state_is_read_and_checked_alone(config, tmp_path, 
     monkeypatch.setattr(checkpoint, 'checksum', checkpoint_sum)
     assert sorted(checkpointer.restore(3, ('learner', 'stream'))) == ['learner', 'stream']
     for parts in (None, ('history',)):
-      with pytest.raises(checkpoint.CorruptCheckpointError, match='its history do not match'):
+      with pytest.raises(checkpoint.CorruptCheckpointError, match='its history does not match'):
         checkpointer.restore(3, parts)
     # A checkpoint of 0.9.5 and before, with one checksum of the whole tree: read whole to
     # check it, whatever part is asked for.
@@ -464,6 +464,28 @@ def test_a_failed_read_leaves_no_traceback_for_later(config, tmp_path, monkeypat
         assert checkpoint.is_corruption(error)
   gc.collect()
   assert [(u.exc_type, u.exc_value, u.object) for u in reported] == []
+
+
+@pytest.mark.parametrize('theirs', ['{"lr": 0.1}', '[1, 2]', '"hello"'])
+def test_a_workdir_holding_another_config_json_is_not_written_into(config, tmp_path, theirs):
+  """A folder with a config.json of its own and no results looked like a start of ours that
+  failed: the run overwrote the file and wrote beside the user's."""
+  workdir = tmp_path / 'theirs'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  (workdir / 'config.json').write_text(theirs)
+  (workdir / 'checkpoints' / 'model.pt').write_text('weights')
+  with pytest.raises(run.WorkdirError, match="is not an alma_jax run's config"):
+    run.run(config, str(workdir))
+  assert (workdir / 'config.json').read_text() == theirs
+  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json']
+  assert os.listdir(workdir / 'checkpoints') == ['model.pt']
+
+
+def test_a_workdir_below_a_file_is_refused_naming_the_file(config, tmp_path):
+  (tmp_path / 'notes').write_text('mine')
+  with pytest.raises(run.WorkdirError, match=r"notes' is a file, not a directory"):
+    run.run(config, str(tmp_path / 'notes' / 'run'))
+  assert (tmp_path / 'notes').read_text() == 'mine'
 
 
 def test_the_failed_read_filter_passes_every_other_report_on(monkeypatch):
