@@ -263,7 +263,8 @@ def plot(runs: list, labels: list[str], out: str) -> list[str]:
   def finish(fig, ax, name, integer_x=True):
     if integer_x:
       ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if ax.get_legend_handles_labels()[0]:  # (none: every run left out, and said so)
+      ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     path = os.path.join(out, name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -379,10 +380,13 @@ def cli(argv: list[str] | None = None) -> None:
       runs, labels = ([x for x, s in zip(xs, started) if s] for xs in (runs, labels))
     _language_models(runs)
     print(table(runs, labels))
+    there = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
+    said = lambda path: print(('replaced ' if os.path.basename(path) in there else 'wrote ')
+                              + path)
     for path in plot(runs, labels, args.out):
-      print(f'wrote {path}')
+      said(path)
     write_csv(runs, labels, os.path.join(args.out, 'table.csv'))
-    print(f"wrote {os.path.join(args.out, 'table.csv')}")
+    said(os.path.join(args.out, 'table.csv'))
   except (NotARunError, ValueError) as error:  # (a damaged checkpoint's too)
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)

@@ -231,6 +231,27 @@ def test_cli_prints_a_table_and_writes_plots(runs, tmp_path):
     assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
+def test_the_cli_on_an_unfinished_run_warns_of_nothing_and_says_what_it_replaced(runs,
+                                                                                 tmp_path):
+  """With no finished run the CER-against-FLOPs plot has nothing to label (it says so on the
+  plot): matplotlib warned of an empty legend. An --out that holds earlier outputs is said to
+  be replaced, not silently."""
+  partial = tmp_path / 'partial'
+  shutil.copytree(runs['finetune'], partial)
+  for step in ('3', '4'):  # (as a run stopped after arrival 2 leaves it)
+    shutil.rmtree(partial / 'checkpoints' / step)
+  os.remove(partial / run.SUMMARY_FILE)
+  command = [sys.executable, '-W', 'error::UserWarning', '-m', 'alma_jax.analyze', str(partial),
+             f'--out={tmp_path / "out"}']
+  first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0 and 'Warning' not in first.stderr, first.stderr[-2000:]
+  assert '2/4 (partial)' in first.stdout and 'wrote ' in first.stdout
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  said = [line.split()[0] for line in again.stdout.splitlines()
+          if line.startswith(('wrote ', 'replaced '))]
+  assert said == ['replaced'] * 4, again.stdout
+
+
 def test_a_sweep_point_runs_once_then_is_read_back(idx_dir, tmp_path):
   sys.path.insert(0, os.path.join(REPO, 'experiments'))
   import sweeps
