@@ -258,7 +258,7 @@ class Checkpointer:
           raise
         shown = f'{type(error).__name__}: {error}'
 
-      def move_aside(step=step, shown=shown):  # by process 0, for all
+      def move_aside():  # by process 0, for all
         if not sharding.is_main_process():
           return
         aside = self._move_aside(step)
